@@ -1,0 +1,380 @@
+"""The public tree API: apply, wrap, merge, labels, optimizer, split, combine and summary.
+
+All of it is plain Python over parameter trees; nothing here is jitted. Users choose where to jit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from jpeft import _intercept, _tree
+from jpeft._errors import JpeftError
+from jpeft._method import Context, Method
+from jpeft._tree import RESERVED, Path, PyTree, join
+
+
+def _check_method(method: Any, where: str) -> None:
+    if not isinstance(method, Method):
+        raise JpeftError(
+            f"{where} expects a jpeft method such as jpeft.LoRA(targets=...); got "
+            f"{type(method).__name__}. Method objects come first: {where}(method, params, ...)."
+        )
+
+
+def _check_params(params: Any, where: str) -> None:
+    if not isinstance(params, Mapping):
+        raise JpeftError(
+            f"{where} expects the 'params' collection as a nested mapping of arrays; got "
+            f"{type(params).__name__}. Pass variables['params'] (for HF Flax models, model.params)."
+        )
+    if set(params) == {"params"} and isinstance(params["params"], Mapping):
+        raise JpeftError(
+            f"{where} got a variables dict {{'params': ...}}; pass variables['params'] instead."
+        )
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise JpeftError(f"Adapter name must be a non-empty str without '/'; got {name!r}.")
+
+
+def _map(fn: Callable[[Path, Any], Any], tree: PyTree, path: Path = ()) -> PyTree:
+    """Maps ``fn(path, leaf)`` over a nested mapping, keeping ``None`` holes; returns dicts."""
+    if isinstance(tree, Mapping):
+        return {k: _map(fn, v, path + (str(k),)) for k, v in tree.items()}
+    return None if tree is None else fn(path, tree)
+
+
+def _sites(tree: PyTree, path: Path = ()) -> list[Path]:
+    """Paths of the modules whose node holds the reserved delta key."""
+    if not isinstance(tree, Mapping):
+        return []
+    out = [path] if RESERVED in tree else []
+    for k, v in tree.items():
+        if k != RESERVED:
+            out.extend(_sites(v, path + (str(k),)))
+    return out
+
+
+def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "default") -> PyTree:
+    """Adds a method's delta leaves to a parameter tree.
+
+    Each target module gets ``<module>/__jpeft__/<name>/<leaf>`` beside its own leaves. The result
+    shares every base leaf with ``params`` (the same array objects) and ``params`` is not mutated.
+
+    Args:
+      method: a jpeft method, e.g. ``jpeft.LoRA(targets=("query", "value"))``.
+      params: the model's ``params`` collection.
+      key: a ``jax.random`` key for the delta initialisation. It is required: jpeft never
+        substitutes a seed.
+      name: the adapter name; several named adapters can live on one tree.
+
+    Returns:
+      The tree with delta leaves added.
+
+    Raises:
+      JpeftError: on a target that matches nothing, a rank too large for a layer, a missing key,
+        or an adapter name that already exists at a target.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> class MLP(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+      >>> params = MLP().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+      >>> peft = jpeft.apply(jpeft.LoRA(targets=["hidden"], rank=2), params, key=jax.random.key(1))
+      >>> jpeft.list_paths(peft)[:2]
+      ['hidden/__jpeft__/default/lora_a', 'hidden/__jpeft__/default/lora_b']
+      >>> peft["hidden"]["kernel"] is params["hidden"]["kernel"]
+      True
+    """
+    _check_method(method, "jpeft.apply")
+    _check_params(params, "jpeft.apply")
+    _check_name(name)
+    if key is None or not isinstance(key, jax.Array) or not (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and key.dtype == np.uint32)
+    ):
+        raise JpeftError(
+            f"jpeft.apply(key={key!r}): key must be a jax.random key, e.g. key=jax.random.key(0)."
+        )
+    targets = method.select(params)
+    ctx = Context(params)
+    out = _tree.as_dicts(params)
+    for i, path in enumerate(targets):
+        node = _tree.get(out, path)
+        store = node.get(RESERVED, {})
+        if name in store:
+            raise JpeftError(
+                f"jpeft.apply: adapter {name!r} already exists at {join(path)!r}. Pass another "
+                "name=..., or remove it first."
+            )
+        own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+        node[RESERVED] = {**store, name: method.init_module(jax.random.fold_in(key, i), path, own, ctx)}
+    return out
+
+
+def wrap(apply_fn: Callable[..., Any], method: Method, *, active: str = "default") -> Callable[..., Any]:
+    """Wraps a Flax apply function so that it runs with a method's deltas in effect.
+
+    The result has the signature of ``flax.linen.Module.apply``: ``(variables, *args, rngs=...,
+    **kwargs)``. It holds no state and works under ``jit``, ``grad``, ``nn.scan``, ``nn.remat`` and
+    ``shard_map``. Dropout inside a method draws from the ``'dropout'`` rng the caller passes.
+
+    Args:
+      apply_fn: ``model.apply`` (for HF Flax models, ``model.module.apply``).
+      method: the method whose deltas ``variables['params']`` holds.
+      active: the adapter name to run.
+
+    Returns:
+      The wrapped apply function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> model = nn.Dense(3)
+      >>> x = jnp.ones((2, 4))
+      >>> params = {"params": model.init(jax.random.key(0), x)["params"]}
+      >>> method = jpeft.LoRA(targets=".*", rank=2)
+      >>> peft = jpeft.apply(method, params["params"], key=jax.random.key(1))
+      >>> y = jpeft.wrap(model.apply, method)({"params": peft}, x)
+      >>> bool(jnp.allclose(y, model.apply(params, x)))  # B = 0 at init
+      True
+    """
+    _check_method(method, "jpeft.wrap")
+    _check_name(active)
+    if not callable(apply_fn):
+        raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
+    intercept = _intercept.interceptor(method.forward, active)
+
+    @functools.wraps(apply_fn)
+    def wrapped(variables: PyTree, *args: Any, **kwargs: Any) -> Any:
+        params = variables.get("params") if isinstance(variables, Mapping) else None
+        if not isinstance(params, Mapping) or not any(
+            active in _tree.get(params, p)[RESERVED] for p in _sites(params)
+        ):
+            raise JpeftError(
+                f"jpeft.wrap({type(method).__name__}): variables['params'] holds no deltas of adapter "
+                f"{active!r}. Call peft = jpeft.apply(method, params, key=...) and pass {{'params': peft}}."
+            )
+        with nn.intercept_methods(intercept):
+            return apply_fn(variables, *args, **kwargs)
+
+    return wrapped
+
+
+def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTree:
+    """Folds a mergeable method's deltas into the base weights.
+
+    The result has exactly the structure, shapes and dtypes of the original ``params``: every delta
+    subtree is removed, and leaves that no delta touches are the same objects.
+
+    Args:
+      method: the method that made the deltas.
+      peft_params: the tree from :func:`apply`, after training.
+      name: the adapter to fold in.
+
+    Returns:
+      Plain parameters for ``model.apply`` with zero inference overhead.
+
+    Raises:
+      JpeftError: if the method cannot be merged or the tree holds none of its deltas.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> method = jpeft.LoRA(targets=".*", rank=2)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(1))
+      >>> merged = jpeft.merge(method, peft)
+      >>> sorted(merged), merged["kernel"].shape
+      (['bias', 'kernel'], (4, 3))
+    """
+    _check_method(method, "jpeft.merge")
+    _check_params(peft_params, "jpeft.merge")
+    if not method.mergeable:
+        method.merge_module((), {}, None, Context(peft_params))  # raises the method's own message
+    ctx = Context(peft_params)
+    out = _tree.as_dicts(peft_params)
+    merged = 0
+    for path in _sites(out):
+        node = _tree.get(out, path)
+        store = node.pop(RESERVED)
+        if name in store:
+            own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+            node.update(method.merge_module(path, own, store[name], ctx))
+            merged += 1
+    if not merged:
+        raise JpeftError(
+            f"jpeft.merge({type(method).__name__}): the tree holds no deltas of adapter {name!r}. "
+            "Pass the tree returned by jpeft.apply (and trained), not the base params."
+        )
+    return out
+
+
+def labels(method: Method, tree: PyTree) -> PyTree:
+    """Returns a tree of optimizer labels, one str per leaf.
+
+    ``'frozen'`` marks leaves that do not train (the base, and LoRA-FA's A); ``'trainable'`` marks
+    the rest, with finer labels where a method needs them (``'lora_a'``/``'lora_b'`` for LoRA+).
+    ``None`` holes (from :func:`split`) stay ``None``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> jpeft.labels(method, jpeft.apply(method, params, key=jax.random.key(0)))
+      {'q': {'kernel': 'frozen', '__jpeft__': {'default': {'lora_a': 'trainable', 'lora_b': 'trainable'}}}}
+    """
+    _check_method(method, "jpeft.labels")
+
+    def label(path: Path, _: Any) -> str:
+        return method.delta_label(path[-1]) if RESERVED in path else method.base_label(path)
+
+    return _map(label, tree)
+
+
+def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyTree) -> optax.GradientTransformation:
+    """Wraps an optax transform so that only the method's trainable leaves move.
+
+    Frozen leaves get zero updates and keep no optimizer state. Works on the full tree from
+    :func:`apply` and on the ``trainable`` half of :func:`split`.
+
+    Args:
+      tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-3)``.
+      method: the method.
+      peft_params: a tree of the shape the optimizer will see (used to validate the labels).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> tx = jpeft.optimizer(optax.adam(1e-3), method, peft)
+      >>> state = tx.init(peft)
+      >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, peft), state, peft)
+      >>> float(abs(updates["q"]["kernel"]).max())
+      0.0
+    """
+    _check_method(method, "jpeft.optimizer")
+    if not isinstance(tx, optax.GradientTransformation):
+        raise JpeftError(
+            f"jpeft.optimizer expects an optax.GradientTransformation first; got {type(tx).__name__}."
+        )
+    used = {leaf for _, leaf in _tree.leaves(labels(method, peft_params))}
+    if not used - {"frozen"}:
+        raise JpeftError(
+            f"jpeft.optimizer({type(method).__name__}): no leaf of the tree is trainable. Pass the tree "
+            "returned by jpeft.apply(method, params, key=...), not the base params."
+        )
+    transforms = {"frozen": optax.set_to_zero(), **method.transforms(tx)}
+    return optax.multi_transform(transforms, functools.partial(labels, method))
+
+
+def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits a tree into ``(trainable, frozen)`` halves with ``None`` holes.
+
+    Differentiating with respect to ``trainable`` alone is the lean path: XLA computes no weight
+    gradient for frozen kernels. :func:`combine` puts the halves back together.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> trainable, frozen = jpeft.split(method, jpeft.apply(method, params, key=jax.random.key(0)))
+      >>> trainable["q"]["kernel"] is None, frozen["q"]["__jpeft__"]["default"]["lora_a"] is None
+      (True, True)
+    """
+    _check_method(method, "jpeft.split")
+    _check_params(peft_params, "jpeft.split")
+    lab = labels(method, peft_params)
+
+    def pick(frozen: bool) -> PyTree:
+        return _map(lambda p, x: x if (_tree.get(lab, p) == "frozen") == frozen else None, peft_params)
+
+    return pick(False), pick(True)
+
+
+def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
+    """Combines the halves of :func:`split` into one tree.
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.combine({"a": 1, "b": None}, {"a": None, "b": 2})
+      {'a': 1, 'b': 2}
+    """
+
+    def merge_nodes(t: Any, f: Any, path: Path) -> Any:
+        if isinstance(t, Mapping) and isinstance(f, Mapping):
+            if set(t) != set(f):
+                raise JpeftError(
+                    f"jpeft.combine: keys differ at {join(path) or '<root>'!r}: {sorted(set(t) ^ set(f))}. "
+                    "Both halves must come from one jpeft.split call."
+                )
+            return {k: merge_nodes(t[k], f[k], path + (str(k),)) for k in t}
+        if t is None:
+            return f
+        if f is None:
+            return t
+        raise JpeftError(
+            f"jpeft.combine: both halves hold a leaf at {join(path)!r}; expected exactly one. "
+            "Both halves must come from one jpeft.split call."
+        )
+
+    return merge_nodes(trainable, frozen, ())
+
+
+def _size(x: Any) -> int:
+    return int(math.prod(getattr(x, "shape", ())))
+
+
+def summary(method: Method, peft_params: PyTree) -> str:
+    """Describes what trains: trainable, total and percentage, and a per-target table.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}, "v": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> print(jpeft.summary(method, jpeft.apply(method, params, key=jax.random.key(0))))
+      LoRA(rank=2, alpha=8.0, targets=('q',))
+      trainable params: 16 || all params: 48 || trainable%: 33.3333
+      target  shape   trainable
+      q       (4, 4)  16
+    """
+    _check_method(method, "jpeft.summary")
+    _check_params(peft_params, "jpeft.summary")
+    lab = labels(method, peft_params)
+    rows: dict[Path, int] = {}
+    total = trainable = 0
+    for path, leaf in _tree.leaves(peft_params):
+        n = _size(leaf)
+        total += n
+        if _tree.get(lab, path) != "frozen":
+            trainable += n
+            module = path[: path.index(RESERVED)] if RESERVED in path else path[:-1]
+            rows[module] = rows.get(module, 0) + n
+    mods = _tree.modules(peft_params)
+
+    def shape(module: Path) -> str:
+        own = mods.get(module, {})
+        leaf = own.get("kernel", own.get("embedding"))
+        return str(tuple(leaf.shape)) if leaf is not None else ""
+
+    fields = [f"{f}={getattr(method, f)!r}" for f in ("rank", "alpha") if hasattr(method, f)]
+    if hasattr(method, "targets"):
+        fields.append(f"targets={method.targets!r}")
+    table = [("target", "shape", "trainable")] + [(join(m), shape(m), f"{n:,}") for m, n in sorted(rows.items())]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    lines = [
+        f"{type(method).__name__}({', '.join(fields)})",
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}",
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The linen interceptor machinery and the registry of linear module types.
+
+``jpeft.wrap`` enters ``flax.linen.intercept_methods`` with one interceptor. For each intercepted
+``__call__`` whose module holds delta leaves of the active adapter in its *own* scope, it hands
+control to the method. Reading deltas from the module's scope (not from a side table) is what lets
+``nn.scan``, ``nn.vmap`` and ``nn.remat`` slice them together with the layer's weights.
+
+The registry maps a linear module type to a :class:`Linear` record: its kernel layout, where its
+input is, and how to apply a down-projection ``a`` to that input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jpeft._errors import JpeftError
+from jpeft._layout import Layout
+from jpeft._tree import RESERVED, join
+
+
+def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    for name in ("inputs", "x"):
+        if name in kwargs:
+            return kwargs[name]
+    raise JpeftError(f"Cannot find the input among args {len(args)} and kwargs {sorted(kwargs)}.")
+
+
+def _matmul_down(module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:
+    return x @ a
+
+
+def _general_down(module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:
+    axes = tuple(ax % x.ndim for ax in _axes(module.axis))
+    return lax.dot_general(x, a, ((axes, tuple(range(len(axes)))), ((), ())))
+
+
+def _embed_down(module: nn.Module, ids: jax.Array, a: jax.Array) -> jax.Array:
+    return jnp.take(a, ids, axis=0)
+
+
+def _conv_down(module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:
+    conv = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, name=None)
+    return conv.apply({"params": {"kernel": a}}, x)
+
+
+def _axes(axis: Any) -> tuple[int, ...]:
+    return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+
+
+def _features(features: Any) -> tuple[int, ...]:
+    return tuple(features) if isinstance(features, (tuple, list)) else (features,)
+
+
+def _general_layout(module: nn.Module) -> Layout:
+    if _axes(module.batch_dims):
+        raise JpeftError(
+            f"{type(module).__name__} at {join(module.path)!r} has batch_dims={module.batch_dims}; "
+            "jpeft supports DenseGeneral without batch_dims only."
+        )
+    return Layout("dense_general", n_in=len(_axes(module.axis)), n_out=len(_features(module.features)))
+
+
+def _conv_layout(module: nn.Module) -> Layout:
+    if module.feature_group_count != 1:
+        raise JpeftError(
+            f"nn.Conv at {join(module.path)!r} has feature_group_count={module.feature_group_count}; "
+            "LoRA on grouped convolutions is not supported. Exclude it from targets."
+        )
+    size = module.kernel_size
+    n = 1 if isinstance(size, int) else len(size)
+    return Layout("conv", n_in=n + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """How jpeft treats one linear module type.
+
+    Attributes:
+      layout: the kernel layout, or a function of the bound module that returns it.
+      down: ``down(module, x, a) -> h`` applies the down factor ``a`` (without stack axes) to the
+        module's input ``x`` and returns ``h`` of shape ``(..., r)``.
+      inputs: ``inputs(args, kwargs) -> x`` finds the input among the call's arguments.
+    """
+
+    layout: Layout | Callable[[nn.Module], Layout]
+    down: Callable[[nn.Module, jax.Array, jax.Array], jax.Array] = _matmul_down
+    inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_arg
+
+    def layout_of(self, module: nn.Module) -> Layout:
+        return self.layout(module) if callable(self.layout) else self.layout
+
+
+_REGISTRY: dict[type, Linear] = {
+    nn.Dense: Linear(Layout("dense")),
+    nn.DenseGeneral: Linear(_general_layout, _general_down),
+    nn.Embed: Linear(Layout("embed"), _embed_down),
+    nn.Conv: Linear(_conv_layout, _conv_down),
+}
+
+
+def register_linear(module_type: type, linear: Linear) -> None:
+    """Registers how jpeft treats a custom linear module type.
+
+    Args:
+      module_type: a ``flax.linen.Module`` subclass whose ``__call__`` is a linear map of its first
+        argument through the leaf named by the layout (``kernel`` or ``embedding``).
+      linear: its :class:`Linear` record.
+
+    Example:
+      >>> import flax.linen as nn, jpeft
+      >>> class MyDense(nn.Dense):
+      ...   pass
+      >>> jpeft.register_linear(MyDense, jpeft.Linear(jpeft.Layout("dense")))
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise JpeftError(
+            f"register_linear expects a flax.linen.Module subclass; got {module_type!r}."
+        )
+    _REGISTRY[module_type] = linear
+
+
+def _hf_types() -> dict[type, Linear]:
+    """HF Flax GPT-2's Conv1D, whose kernel is stored (out, in), when transformers is installed."""
+    import sys
+
+    gpt2 = sys.modules.get("transformers.models.gpt2.modeling_flax_gpt2")
+    return {gpt2.FlaxConv1D: Linear(Layout("transposed"))} if gpt2 is not None else {}
+
+
+def linear_of(module: nn.Module) -> Linear:
+    """Returns the registry record of a module, searching its type's MRO."""
+    registry = {**_hf_types(), **_REGISTRY}
+    for cls in type(module).__mro__:
+        if cls in registry:
+            return registry[cls]
+    raise JpeftError(
+        f"Module {join(module.path)!r} of type {type(module).__module__}.{type(module).__qualname__} "
+        "holds jpeft deltas, but jpeft has no layout for this type. Register one with "
+        "jpeft.register_linear(ModuleType, jpeft.Linear(jpeft.Layout('dense'), down=...)), or exclude "
+        "the module from targets."
+    )
+
+
+Forward = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
+
+
+def interceptor(forward: Forward, active: str) -> Callable[..., Any]:
+    """Returns an ``intercept_methods`` interceptor that runs ``forward`` on modules with deltas.
+
+    ``forward(module, next_fun, args, kwargs, deltas)`` receives the intercepted module's own delta
+    leaves of adapter ``active`` (already sliced by any lifted transform).
+    """
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            context.method_name != "__call__"
+            or module.scope is None
+            or not module.has_variable("params", RESERVED)
+        ):
+            return next_fun(*args, **kwargs)
+        store = module.get_variable("params", RESERVED)
+        if active not in store:
+            return next_fun(*args, **kwargs)
+        return forward(module, next_fun, args, kwargs, store[active])
+
+    return intercept

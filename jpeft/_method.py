@@ -1,0 +1,111 @@
+"""The base class of every PEFT method.
+
+A method is a frozen, keyword-only dataclass: hashable (a static ``jit`` argument) and
+serialisable with ``dataclasses.asdict``. The public functions of ``jpeft._core`` drive it through
+the hooks below; a new method overrides the ones it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import optax
+
+from jpeft import _errors, _layout
+from jpeft._errors import JpeftError
+from jpeft._layout import Layout
+from jpeft._tree import Path, PyTree, join
+
+
+class Context:
+    """What a method sees of the whole tree while it makes or merges one module's deltas."""
+
+    def __init__(self, params: PyTree):
+        self.params = params
+
+    @functools.cached_property
+    def profile_layouts(self) -> tuple[tuple[str, str], ...]:
+        """The kernel layouts of the detected architecture profile, if any."""
+        from jpeft import profiles
+
+        profile = profiles.detect(self.params, strict=False)
+        return profile.layouts if profile is not None else ()
+
+    def layout(
+        self, owner: str, path: Path, module_params: Mapping[str, Any], overrides: tuple[tuple[str, str], ...]
+    ) -> Layout:
+        """Resolves a module's kernel layout: ``overrides`` first, then the profile, then defaults."""
+        return _layout.resolve(owner, path, module_params, tuple(overrides) + self.profile_layouts)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Method:
+    """Fields and hooks shared by all methods.
+
+    Attributes:
+      extra_trainable: a regex over '/'-joined *leaf* paths of base parameters that train fully
+        alongside the method, such as a task head (HF PEFT's ``modules_to_save``).
+    """
+
+    extra_trainable: str | None = None
+
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.extra_trainable is not None:
+            _errors.regex(self._name(), "extra_trainable", self.extra_trainable)
+
+    def _name(self) -> str:
+        return type(self).__name__
+
+    # --- structure -----------------------------------------------------------------------------
+    def select(self, params: PyTree) -> list[Path]:
+        """The module paths that receive delta leaves; raises when there are none."""
+        return []
+
+    def init_module(
+        self, key: jax.Array, path: Path, module_params: Mapping[str, Any], ctx: Context
+    ) -> dict[str, jax.Array]:
+        """Makes the delta leaves of one target module."""
+        raise NotImplementedError
+
+    def param_count(self, params: PyTree) -> int:
+        """The closed-form number of trainable parameters this method gives ``params``."""
+        raise NotImplementedError
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
+        """Runs an intercepted module call with its deltas in effect."""
+        return next_fun(*args, **kwargs)
+
+    # --- merge ---------------------------------------------------------------------------------
+    def merge_module(
+        self, path: Path, module_params: Mapping[str, Any], deltas: Any, ctx: Context
+    ) -> dict[str, Any]:
+        """Returns the base leaves of one module with its deltas folded in."""
+        raise JpeftError(
+            f"{self._name()} cannot be merged into the base weights: it changes activations, not "
+            "weights. Keep using jpeft.wrap(apply_fn, method) for inference."
+        )
+
+    # --- training ------------------------------------------------------------------------------
+    def delta_label(self, leaf: str) -> str:
+        """The optimizer label of a delta leaf; ``'frozen'`` for leaves that do not train."""
+        return "trainable"
+
+    def base_label(self, path: Path) -> str:
+        """The optimizer label of a base leaf at ``path``."""
+        if self.extra_trainable is not None and re.fullmatch(self.extra_trainable, join(path)):
+            return "trainable"
+        return "frozen"
+
+    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
+        """The optax transform for each trainable label."""
+        return {"trainable": tx}

@@ -1,0 +1,1 @@
+"""PEFT methods, one per file. The public names are re-exported from ``jpeft``."""

@@ -1,0 +1,321 @@
+"""LoRA and its variants: rsLoRA, DoRA, LoRA-FA and LoRA+.
+
+Training runs the **unmerged** path, ``y = f(x; W) + s * dropout(x) @ a @ b``: the frozen kernel
+gets no weight gradient and no merged copy is kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft import _errors, _tree
+from jpeft._errors import JpeftError
+from jpeft._intercept import linear_of
+from jpeft._layout import Layout
+from jpeft._method import Context, Method
+from jpeft._tree import Path, PyTree, join
+
+
+def _param_dtype(owner: str, path: Path, leaf: str, kernel: Any, dtype: str | None) -> jnp.dtype:
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise JpeftError(
+            f"{owner}: {join(path + (leaf,))} has dtype {kernel.dtype}, expected a float kernel. "
+            "Quantised bases need QLoRA; otherwise exclude this module from targets."
+        )
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    return jnp.promote_types(kernel.dtype, jnp.float32)
+
+
+def _broadcast_out(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a per-output-feature array ``(*out)`` to broadcast against ``(..., *out)``."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA(Method):
+    """Low-rank adaptation: ``y = x W + s * dropout(x) A B``.
+
+    ``A: (d_in, r)`` and ``B: (r, d_out)`` in Flax's (in, out) layout; ``s = alpha / r``, or
+    ``alpha / sqrt(r)`` with ``use_rslora``. ``B = 0`` at init, so training starts at the base
+    model (for embeddings, as in HF PEFT, ``A = 0`` and ``B`` is Gaussian). With ``use_dora`` the
+    weight is ``m * (W + s A B) / ||W + s A B||_c``, the column norm taken per output feature and
+    held constant in the backward pass; ``m`` starts at ``||W||_c``. Trainable parameters per
+    target: ``r (d_in + d_out)``, plus ``d_out`` for DoRA. Mergeable: ``W + s A B``.
+
+    Dropout on the LoRA input is active when the caller passes a ``'dropout'`` rng to the wrapped
+    apply, the Flax convention for training mode.
+
+    Args:
+      targets: a regex over '/'-joined module paths, matched in full (``r".*/(query|value)"``), or a
+        sequence of module-name suffixes (``("query", "value")``, like HF PEFT's
+        ``target_modules``; ``jpeft.profiles.GPT2.lora_default`` is one).
+      rank: r.
+      alpha: the scaling numerator.
+      dropout: dropout rate on the LoRA input.
+      use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+      use_dora: weight-decomposed LoRA (DoRA).
+      init: ``"kaiming"`` (A uniform in ``±1/sqrt(d_in)``, as torch's default for Linear) or
+        ``"gaussian"`` (A normal with std ``1/r``).
+      layouts: ``(regex, layout)`` pairs for kernels not in Flax's (in, out) layout, such as
+        ``(".*/conv", "conv")``; see ``jpeft.Layout``. Profiles of known families add theirs.
+      dtype: dtype of the factors; by default the kernel's, promoted to at least float32.
+      extra_trainable: regex over base leaf paths that train fully (e.g. a classifier head).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> model = nn.Dense(4)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+      >>> method = jpeft.LoRA(targets=".*", rank=2, alpha=4.0)
+      >>> peft = jpeft.apply(method, {"dense": params}, key=jax.random.key(1))["dense"]
+      >>> jax.tree.map(jnp.shape, peft["__jpeft__"])
+      {'default': {'lora_a': (6, 2), 'lora_b': (2, 4)}}
+
+    References:
+      Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021.
+      Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
+      Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024.
+    """
+
+    targets: str | tuple[str, ...]
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+    layouts: tuple[tuple[str, str], ...] = ()
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self._name()
+        object.__setattr__(self, "targets", _tree.normalize_targets(name, self.targets))
+        _errors.positive_int(name, "rank", self.rank)
+        _errors.positive_number(name, "alpha", self.alpha)
+        _errors.probability(name, "dropout", self.dropout)
+        _errors.one_of(name, "init", self.init, ("kaiming", "gaussian"))
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise JpeftError(f"{name}({flag}={getattr(self, flag)!r}): {flag} must be a bool.")
+        try:
+            layouts = tuple((str(p), str(s)) for p, s in self.layouts)
+        except (TypeError, ValueError):
+            raise JpeftError(
+                f"{name}(layouts={self.layouts!r}): layouts must be a sequence of (regex, layout) "
+                "pairs, e.g. ((r'.*/conv', 'conv'),)."
+            ) from None
+        for pattern, spec in layouts:
+            _errors.regex(name, "layouts", pattern)
+            if spec.split(":")[0] not in ("dense", "transposed", "embed", "conv", "dense_general"):
+                raise JpeftError(
+                    f"{name}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
+                    "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
+                )
+        object.__setattr__(self, "layouts", layouts)
+        if self.dtype is not None:
+            try:
+                dt = jnp.dtype(self.dtype)
+            except TypeError:
+                dt = None
+            if dt is None or not jnp.issubdtype(dt, jnp.floating):
+                raise JpeftError(f"{name}(dtype={self.dtype!r}): dtype must name a float dtype, e.g. 'float32'.")
+            object.__setattr__(self, "dtype", dt.name)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale ``s``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    # --- structure -----------------------------------------------------------------------------
+    def select(self, params: PyTree) -> list[Path]:
+        return _tree.select(self._name(), self.targets, params)
+
+    def _shapes(self, path: Path, own: Mapping[str, Any], ctx: Context) -> tuple[Layout, tuple, tuple, tuple]:
+        layout = ctx.layout(self._name(), path, own, self.layouts)
+        shape = tuple(own[layout.leaf].shape)
+        stack, d_in, d_out = layout.split(shape)
+        limit = min(math.prod(d_in), math.prod(d_out))
+        if self.rank > limit:
+            raise JpeftError(
+                f"{self._name()}(rank={self.rank}): {join(path + (layout.leaf,))} has shape {shape} "
+                f"(in {d_in}, out {d_out}); rank must be <= {limit}. Lower the rank or exclude this module."
+            )
+        if self.use_dora and layout.kind == "embed":
+            raise JpeftError(
+                f"{self._name()}(use_dora=True): {join(path)!r} is an embedding; DoRA applies to "
+                "linear kernels only. Exclude embeddings from targets."
+            )
+        return layout, stack, d_in, d_out
+
+    def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
+        layout, stack, d_in, d_out = self._shapes(path, own, ctx)
+        kernel = own[layout.leaf]
+        dtype = _param_dtype(self._name(), path, layout.leaf, kernel, self.dtype)
+        a_shape, b_shape = layout.factor_shapes(tuple(kernel.shape), self.rank)
+        ka, kb = jax.random.split(key)
+        if layout.kind == "embed":
+            a = jnp.zeros(a_shape, dtype)
+            b = jax.random.normal(kb, b_shape, dtype)
+        else:
+            if self.init == "kaiming":
+                bound = 1.0 / math.sqrt(math.prod(d_in))
+                a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
+            else:
+                a = jax.random.normal(ka, a_shape, dtype) / self.rank
+            b = jnp.zeros(b_shape, dtype)
+        deltas = {"lora_a": a, "lora_b": b}
+        if self.use_dora:
+            w = kernel.astype(dtype)
+            deltas["magnitude"] = jnp.sqrt(jnp.sum(w * w, axis=layout.reduce_axes()))
+        return deltas
+
+    def param_count(self, params: PyTree) -> int:
+        ctx = Context(params)
+        total = 0
+        for path in self.select(params):
+            _, stack, d_in, d_out = self._shapes(path, _tree.modules(params)[path], ctx)
+            per = self.rank * (self._trains_a() * math.prod(d_in) + math.prod(d_out))
+            per += math.prod(d_out) if self.use_dora else 0
+            total += math.prod(stack) * per
+        return total
+
+    def _trains_a(self) -> bool:
+        return True
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
+        linear = linear_of(module)
+        layout = linear.layout_of(module)
+        kernel = module.get_variable("params", layout.leaf)
+        a, b = deltas["lora_a"], deltas["lora_b"]
+        want = layout.factor_shapes(tuple(kernel.shape), a.shape[-1])
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            raise JpeftError(
+                f"{self._name()}: at {join(module.path)!r} ({type(module).__name__}, {layout.leaf} "
+                f"{tuple(kernel.shape)}, layout {layout.spec()!r}) lora_a/lora_b have shapes "
+                f"{tuple(a.shape)}/{tuple(b.shape)}, expected {want[0]}/{want[1]}. The deltas were made "
+                f"for another layout: pass layouts=((r'{join(module.path)}', '{layout.spec()}'),) to the "
+                "method and call jpeft.apply again."
+            )
+        y = next_fun(*args, **kwargs)
+        x = linear.inputs(args, kwargs)
+        dropped = self.dropout > 0 and layout.kind != "embed" and module.has_rng("dropout")
+        if dropped:
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+        dtype = jnp.promote_types(a.dtype, y.dtype)
+        if layout.kind != "embed":
+            x = x.astype(dtype)
+        h = linear.down(module, x, a.astype(dtype)) * jnp.asarray(self.scale, dtype)
+        delta = jnp.tensordot(h, b.astype(dtype), axes=1)
+        if not self.use_dora:
+            return y + delta.astype(y.dtype)
+        w = kernel.astype(dtype) + self.scale * layout.full_delta(a.astype(dtype), b.astype(dtype))
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=layout.reduce_axes())))
+        factor = _broadcast_out(deltas["magnitude"].astype(dtype) / norm, y.ndim)
+        bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+        if dropped:
+            base = next_fun(x.astype(y.dtype), *args[1:], **kwargs).astype(dtype)
+        else:
+            base = y.astype(dtype)
+        if bias is not None:
+            base = base - _broadcast_out(bias.astype(dtype), y.ndim)
+        return (y + ((factor - 1) * base + factor * delta).astype(y.dtype)).astype(y.dtype)
+
+    # --- merge ---------------------------------------------------------------------------------
+    def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
+        layout = ctx.layout(self._name(), path, own, self.layouts)
+        kernel = own[layout.leaf]
+        a, b = deltas["lora_a"], deltas["lora_b"]
+        dtype = jnp.promote_types(kernel.dtype, a.dtype)
+        w = kernel.astype(dtype) + self.scale * layout.full_delta(a.astype(dtype), b.astype(dtype))
+        if self.use_dora:
+            axes = layout.reduce_axes()
+            norm = jnp.sqrt(jnp.sum(w * w, axis=axes, keepdims=True))
+            w = jnp.expand_dims(deltas["magnitude"].astype(dtype), axes) * w / norm
+        return {layout.leaf: w.astype(kernel.dtype)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DoRA(LoRA):
+    """LoRA with ``use_dora=True``: weight-decomposed low-rank adaptation.
+
+    ``W' = m * (W + s A B) / ||W + s A B||_c``, the norm per output feature and held constant in
+    the backward pass. See :class:`LoRA` for the arguments.
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.DoRA(targets=("query", "value")).use_dora
+      True
+
+    References:
+      Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024.
+    """
+
+    use_dora: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAFA(LoRA):
+    """LoRA-FA: A stays frozen at its random init and only B trains.
+
+    That halves the trainable parameters, and the backward pass keeps only ``x A`` (r features),
+    not ``x``. ``jpeft.labels`` marks ``lora_a`` ``'frozen'``. See :class:`LoRA` for the arguments.
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.LoRAFA(targets=("query",)).delta_label("lora_a")
+      'frozen'
+
+    References:
+      Zhang et al., "LoRA-FA: Memory-efficient Low-rank Adaptation for LLMs Fine-tuning", 2023.
+    """
+
+    def delta_label(self, leaf: str) -> str:
+        return "frozen" if leaf == "lora_a" else "trainable"
+
+    def _trains_a(self) -> bool:
+        return False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAPlus(LoRA):
+    """LoRA+: B learns ``lr_ratio`` times faster than A.
+
+    Purely an optimizer change: ``jpeft.labels`` gives ``'lora_a'`` and ``'lora_b'``, and
+    ``jpeft.optimizer`` chains the user's transform with ``optax.scale(lr_ratio)`` for ``'lora_b'``.
+    For Adam-type rules (AdamW's decoupled decay included) that equals multiplying B's learning rate
+    by ``lr_ratio``. See :class:`LoRA` for the other arguments.
+
+    Args:
+      lr_ratio: B's learning rate over A's (the paper's lambda, about 16).
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.LoRAPlus(targets=("query",), lr_ratio=16.0).delta_label("lora_b")
+      'lora_b'
+
+    References:
+      Hayou et al., "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024.
+    """
+
+    lr_ratio: float = 16.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _errors.positive_number(self._name(), "lr_ratio", self.lr_ratio)
+
+    def delta_label(self, leaf: str) -> str:
+        return "lora_b" if leaf == "lora_b" else "lora_a"
+
+    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
+        return {"trainable": tx, "lora_a": tx, "lora_b": optax.chain(tx, optax.scale(self.lr_ratio))}
