@@ -1,0 +1,146 @@
+r"""The profiles of the reference families, and :func:`detect`, which picks one for a tree.
+
+The paths are those of ``transformers``' Flax models (4.57), bare or under a task head.
+
+Example:
+    >>> from jpeft import profiles
+    >>> [p.name for p in profiles.ALL]
+    ['bert', 'roberta', 'gpt2', 'llama', 'bart']
+    >>> profiles.BART.inputs[:4]
+    ('input_ids', 'attention_mask', 'decoder_input_ids', 'decoder_attention_mask')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from jpeft.profiles._profile import Profile, ProfileError, PyTree, leaf_paths
+
+BERT = Profile(
+    name="bert",
+    detect=r"(?!(.*/)?roberta/)(.*/)?encoder/layer/\d+/attention/self/query/kernel",
+    lora_default=("query", "value"),
+    embedding=r"(.*/)?embeddings/word_embeddings",
+    query=r"(.*/)?encoder/layer/\d+/attention/self/query",
+    key=r"(.*/)?encoder/layer/\d+/attention/self/key",
+    value=r"(.*/)?encoder/layer/\d+/attention/self/value",
+    attn_out=r"(.*/)?encoder/layer/\d+/attention/output/dense",
+    ffn_in=r"(.*/)?encoder/layer/\d+/intermediate/dense",
+    ffn_out=r"(.*/)?encoder/layer/\d+/output/dense",
+    layer_pattern=r"(?:^|/)encoder/layer/(\d+)(?=/|$)",
+    inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+)
+"""BERT (``FlaxBertModel`` and its task heads). It also claims a *bare* ``FlaxRobertaModel``,
+whose tree is indistinguishable from BERT's; every site is the same."""
+
+ROBERTA = dataclasses.replace(
+    BERT, name="roberta", detect=r"(.*/)?roberta/encoder/layer/\d+/attention/self/query/kernel"
+)
+"""RoBERTa under a task head (its tree nests ``roberta/``). Its position ids start at
+``pad_token_id + 1`` and skip padding: extended inputs need position ids computed the same way."""
+
+GPT2 = Profile(
+    name="gpt2",
+    detect=r"(.*/)?h/\d+/attn/c_attn/kernel",
+    lora_default=("c_attn",),
+    layouts=((r"(.*/)?h/\d+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)", "transposed"),),
+    embedding=r"(.*/)?wte",
+    query=r"(.*/)?h/\d+/attn/c_attn",
+    key=r"(.*/)?h/\d+/attn/c_attn",
+    value=r"(.*/)?h/\d+/attn/c_attn",
+    qkv_fused=r"(.*/)?h/\d+/attn/c_attn",
+    attn_out=r"(.*/)?h/\d+/attn/c_proj",
+    ffn_in=r"(.*/)?h/\d+/mlp/c_fc",
+    ffn_out=r"(.*/)?h/\d+/mlp/c_proj",
+    layer_pattern=r"(?:^|/)h/(\d+)(?=/|$)",
+    inputs=("input_ids", "attention_mask", "position_ids"),
+)
+"""GPT-2. Its ``FlaxConv1D`` kernels are ``(out, in)``; ``c_attn`` is ``(3 * hidden, hidden)``."""
+
+LLAMA = Profile(
+    name="llama",
+    detect=r"(.*/)?layers/\d+/mlp/gate_proj/kernel",
+    lora_default=("q_proj", "v_proj"),
+    embedding=r"(.*/)?embed_tokens",
+    query=r"(.*/)?layers/\d+/self_attn/q_proj",
+    key=r"(.*/)?layers/\d+/self_attn/k_proj",
+    value=r"(.*/)?layers/\d+/self_attn/v_proj",
+    attn_out=r"(.*/)?layers/\d+/self_attn/o_proj",
+    ffn_in=r"(.*/)?layers/\d+/mlp/(gate_proj|up_proj)",
+    ffn_out=r"(.*/)?layers/\d+/mlp/down_proj",
+    layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
+    inputs=("input_ids", "attention_mask", "position_ids"),
+)
+"""Llama-style decoders (gated FFN). With grouped-query attention, ``k_proj`` and ``v_proj``
+output ``num_key_value_heads * head_dim`` features, fewer than ``q_proj``."""
+
+BART = Profile(
+    name="bart",
+    detect=r"(.*/)?decoder/layers/\d+/encoder_attn/k_proj/kernel",
+    lora_default=("q_proj", "v_proj"),
+    embedding=r"(.*/)?shared",
+    query=r"(.*/)?layers/\d+/self_attn/q_proj",
+    key=r"(.*/)?layers/\d+/self_attn/k_proj",
+    value=r"(.*/)?layers/\d+/self_attn/v_proj",
+    attn_out=r"(.*/)?layers/\d+/self_attn/out_proj",
+    ffn_in=r"(.*/)?layers/\d+/fc1",
+    ffn_out=r"(.*/)?layers/\d+/fc2",
+    layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
+    encoder_prefix=r"(.*/)?encoder",
+    decoder_prefix=r"(.*/)?decoder",
+    cross_attention=r"(.*/)?decoder/layers/\d+/encoder_attn",
+    inputs=(
+        "input_ids",
+        "attention_mask",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "position_ids",
+        "decoder_position_ids",
+    ),
+)
+"""BART encoder-decoders. The ``shared`` embedding embeds both the encoder's and the decoder's
+tokens, so its site fires twice per forward pass."""
+
+ALL = (BERT, ROBERTA, GPT2, LLAMA, BART)
+"""The shipped profiles, in the order :func:`detect` tries them."""
+
+
+def detect(params: PyTree, *, strict: bool = True) -> Profile | None:
+    """Returns the shipped profile whose ``detect`` regex matches a leaf path of ``params``.
+
+    Args:
+      params: a nested mapping of arrays (dict or ``FrozenDict``), such as a Flax ``params``
+        collection, bare or under a task head.
+      strict: whether to raise when no family matches; otherwise return ``None``.
+
+    Returns:
+      The profile of the one family that matches, or ``None`` when none does and not ``strict``.
+
+    Raises:
+      ProfileError: if no family matches and ``strict``, or if several do.
+
+    Example:
+        >>> import numpy as np
+        >>> from jpeft import profiles
+        >>> params = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": np.zeros((96, 32))}}}}}}
+        >>> profiles.detect(params).name
+        'gpt2'
+        >>> print(profiles.detect({"dense": {"kernel": 0}}, strict=False))
+        None
+    """
+    paths = leaf_paths(params)
+    found = [p for p in ALL if any(re.fullmatch(p.detect, path) for path in paths)]
+    if len(found) > 1:
+        raise ProfileError(
+            f"jpeft.profiles.detect: the tree matches several families, {[p.name for p in found]}. "
+            "Pass the profile you mean explicitly."
+        )
+    if not found and strict:
+        raise ProfileError(
+            f"jpeft.profiles.detect: no known architecture matches the {len(paths)} parameter paths, "
+            f"such as {', '.join(repr(p) for p in paths[:3])}.\n"
+            f"Known families: {', '.join(p.name for p in ALL)}. For another family, write a "
+            "jpeft.profiles.Profile of your own and pass it explicitly."
+        )
+    return found[0] if found else None
