@@ -346,7 +346,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=2e-3, help="peak LoRA learning rate (AdamW, cosine decay)")
-    p.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak pretraining learning rate")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak pretraining learning rate")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64, help="window length in bytes")
     p.add_argument("--seed", type=int, default=0)

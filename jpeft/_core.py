@@ -5,6 +5,7 @@ All of it is plain Python over parameter trees; nothing here is jitted. Users ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -275,7 +276,11 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
             "returned by jpeft.apply(method, params, key=...), not the base params."
         )
     transforms = {"frozen": optax.set_to_zero(), **method.transforms(tx)}
-    return optax.multi_transform(transforms, functools.partial(labels, method))
+
+    def label_tree(tree: PyTree) -> PyTree:  # same pytree type as ``tree`` (dict or FrozenDict)
+        return jax.tree.unflatten(jax.tree.structure(tree), [x for _, x in _tree.leaves(labels(method, tree))])
+
+    return optax.multi_transform(transforms, label_tree)
 
 
 def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:
@@ -343,7 +348,7 @@ def summary(method: Method, peft_params: PyTree) -> str:
       >>> params = {"q": {"kernel": jnp.ones((4, 4))}, "v": {"kernel": jnp.ones((4, 4))}}
       >>> method = jpeft.LoRA(targets=["q"], rank=2)
       >>> print(jpeft.summary(method, jpeft.apply(method, params, key=jax.random.key(0))))
-      LoRA(rank=2, alpha=8.0, targets=('q',))
+      LoRA(targets=('q',), rank=2, alpha=8.0)
       trainable params: 16 || all params: 48 || trainable%: 33.3333
       target  shape   trainable
       q       (4, 4)  16
@@ -367,14 +372,16 @@ def summary(method: Method, peft_params: PyTree) -> str:
         leaf = own.get("kernel", own.get("embedding"))
         return str(tuple(leaf.shape)) if leaf is not None else ""
 
-    fields = [f"{f}={getattr(method, f)!r}" for f in ("rank", "alpha") if hasattr(method, f)]
-    if hasattr(method, "targets"):
-        fields.append(f"targets={method.targets!r}")
+    fields = [
+        f"{f.name}={getattr(method, f.name)!r}"
+        for f in dataclasses.fields(method)
+        if f.name in ("rank", "alpha", "targets") or getattr(method, f.name) != f.default
+    ]
     table = [("target", "shape", "trainable")] + [(join(m), shape(m), f"{n:,}") for m, n in sorted(rows.items())]
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     lines = [
         f"{type(method).__name__}({', '.join(fields)})",
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}",
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return "\n".join(lines)

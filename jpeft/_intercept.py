@@ -31,7 +31,11 @@ def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     for name in ("inputs", "x"):
         if name in kwargs:
             return kwargs[name]
-    raise JpeftError(f"Cannot find the input among args {len(args)} and kwargs {sorted(kwargs)}.")
+    raise JpeftError(
+        f"jpeft cannot find a linear module's input among {len(args)} positional args and kwargs "
+        f"{sorted(kwargs)}. Register the module with jpeft.register_linear(T, jpeft.Linear(layout, "
+        "inputs=lambda args, kwargs: ...)) to say where its input is."
+    )
 
 
 def _matmul_down(module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:

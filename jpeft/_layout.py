@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jpeft._errors import JpeftError
 from jpeft._tree import Path, join
 
-KINDS = ("dense", "transposed", "embed", "conv", "dense_general")
+SPELLING = r"(dense|transposed|embed)|conv(?::(\d+))?|dense_general:(\d+),(\d+)"
+"""The layout spellings :func:`parse` accepts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,10 @@ class Layout:
         stack, d_in, d_out = self.split(shape)
         return stack + d_in + (rank,), stack + (rank,) + d_out
 
+    def as_down(self, kernel: jax.Array) -> jax.Array:
+        """The kernel as a down factor ``(*in, *out)``, so that ``down(x, W) == x W``."""
+        return jnp.swapaxes(kernel, -1, -2) if self.kind == "transposed" else kernel
+
     def reduce_axes(self) -> tuple[int, ...]:
         """Negative kernel axes that hold input features (DoRA's column norm sums over them)."""
         if self.kind == "transposed":
@@ -104,7 +109,7 @@ def parse(spec: str | Layout, shape: tuple[int, ...] | None = None) -> Layout:
     """
     if isinstance(spec, Layout):
         return spec
-    m = re.fullmatch(r"(dense|transposed|embed)|conv(?::(\d+))?|dense_general:(\d+),(\d+)", str(spec))
+    m = re.fullmatch(SPELLING, str(spec))
     if m is None:
         raise JpeftError(
             f"Unknown layout {spec!r}. Expected one of 'dense', 'transposed', 'embed', 'conv', "
@@ -116,7 +121,10 @@ def parse(spec: str | Layout, shape: tuple[int, ...] | None = None) -> Layout:
         if m.group(2) is not None:
             return Layout("conv", n_in=int(m.group(2)) + 1)
         if shape is None or len(shape) < 3:
-            raise JpeftError(f"Layout 'conv' needs a kernel of rank >= 3; got shape {shape}.")
+            raise JpeftError(
+                f"Layout 'conv' needs a kernel of rank >= 3 (*window, c_in, c_out); got shape {shape}. "
+                "Fix the layouts entry for this module, or drop it from targets."
+            )
         return Layout("conv", n_in=len(shape) - 1)
     return Layout("dense_general", n_in=int(m.group(3)), n_out=int(m.group(4)))
 

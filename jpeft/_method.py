@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from jpeft import _errors, _layout
+from jpeft import _errors, _layout, _tree
 from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._tree import Path, PyTree, join
@@ -34,8 +35,9 @@ class Context:
         """The kernel layouts of the detected architecture profile, if any."""
         from jpeft import profiles
 
-        profile = profiles.detect(self.params, strict=False)
-        return profile.layouts if profile is not None else ()
+        paths = _tree.list_paths(self.params)
+        found = [p for p in profiles.ALL if any(re.fullmatch(p.detect, q) for q in paths)]
+        return tuple(pair for p in found for pair in p.layouts)
 
     def layout(
         self, owner: str, path: Path, module_params: Mapping[str, Any], overrides: tuple[tuple[str, str], ...]
@@ -68,7 +70,7 @@ class Method:
     # --- structure -----------------------------------------------------------------------------
     def select(self, params: PyTree) -> list[Path]:
         """The module paths that receive delta leaves; raises when there are none."""
-        return []
+        raise NotImplementedError(f"{self._name()} must implement select(params).")
 
     def init_module(
         self, key: jax.Array, path: Path, module_params: Mapping[str, Any], ctx: Context
@@ -79,6 +81,16 @@ class Method:
     def param_count(self, params: PyTree) -> int:
         """The closed-form number of trainable parameters this method gives ``params``."""
         raise NotImplementedError
+
+    def extra_count(self, params: PyTree) -> int:
+        """The number of base parameters that ``extra_trainable`` selects."""
+        if self.extra_trainable is None:
+            return 0
+        return sum(
+            math.prod(getattr(x, "shape", ()))
+            for p, x in _tree.leaves(params)
+            if _tree.RESERVED not in p and re.fullmatch(self.extra_trainable, join(p))
+        )
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:

@@ -58,9 +58,7 @@ class Block(nn.Module):
         o = dense(name="o")(att)
         h = h + nn.Dropout(0.1, deterministic=not self.train)(o)
         g = nn.DenseGeneral(DG_OUT, axis=-1, dtype=self.dtype, param_dtype=self.dtype, name="dg_in")(h)
-        h = h + nn.DenseGeneral(D, axis=(-2, -1), dtype=self.dtype, param_dtype=self.dtype, name="dg_out")(
-            jnp.tanh(g)
-        )
+        h = h + nn.DenseGeneral(D, axis=(-2, -1), dtype=self.dtype, param_dtype=self.dtype, name="dg_out")(jnp.tanh(g))
         conv = nn.Conv(D, (CONV_WINDOW,), padding="SAME", dtype=self.dtype, param_dtype=self.dtype, name="conv")
         return h + conv(h), None
 
@@ -89,7 +87,7 @@ def inputs(seed: int = 0) -> jax.Array:
     return jnp.asarray(np.random.RandomState(seed).randint(0, VOCAB, (BATCH, SEQ)), jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init(dtype_name: str) -> dict[str, Any]:
     # The shapes come from tracing Model.init; the values from NumPy, which compiles nothing.
     dtype = jnp.dtype(dtype_name)

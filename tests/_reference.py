@@ -65,7 +65,7 @@ def conv(x: Any, w: Any, bias: Any = None) -> np.ndarray:
     xp = np.pad(x, pads)
     y = np.zeros(x.shape[:1] + spatial + w.shape[-1:])
     for offset in itertools.product(*(range(k) for k in window)):
-        index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, spatial)) + (slice(None),)
+        index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, spatial, strict=True)) + (slice(None),)
         y += np.tensordot(xp[index], w[offset], axes=1)
     return y if bias is None else y + f64(bias)
 
@@ -104,7 +104,9 @@ def column_norm(w: Any, *, n_out: int = 1, is_transposed: bool = False) -> np.nd
 
 
 # --- forwards ----------------------------------------------------------------------------------
-def forward(kind: str, x: Any, own: dict[str, Any], deltas: dict[str, Any] | None, s: float, *, n_in: int = 1) -> np.ndarray:
+def forward(
+    kind: str, x: Any, own: dict[str, Any], deltas: dict[str, Any] | None, s: float, *, n_in: int = 1
+) -> np.ndarray:
     """A layer's output with LoRA (or DoRA, when ``deltas`` holds ``'magnitude'``) merged in.
 
     Args:

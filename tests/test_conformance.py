@@ -73,7 +73,7 @@ def modules(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], dict
 
 
 def flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    """'/'-free path tuple -> leaf, ``None`` holes skipped."""
+    """Key-path tuple -> leaf, for every leaf of ``tree`` (``None`` holes are not leaves)."""
     pairs, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {tuple(str(k.key) for k in path): leaf for path, leaf in pairs}
 
@@ -100,7 +100,7 @@ class Case:
         return jpeft.wrap(self.apply, self.method)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(model: str, name: str) -> Case:
     if model == "synthetic":
         targets = M.LINEAR_TARGETS if name == "dora" else M.ALL_TARGETS  # DoRA refuses embeddings
@@ -110,7 +110,9 @@ def case(model: str, name: str) -> Case:
         return Case(model, name, method, M.params(), lambda v, **kw: M.Model().apply(v, ids, **kw), expected)
     family = "gpt2" if model == "gpt2_all" else model
     hf = H.make(family)
-    suffixes = ("c_attn", "c_proj", "c_fc") if model == "gpt2_all" else getattr(jpeft.profiles, family.upper()).lora_default
+    suffixes = (
+        ("c_attn", "c_proj", "c_fc") if model == "gpt2_all" else getattr(jpeft.profiles, family.upper()).lora_default
+    )
     method = METHODS[name](targets=suffixes)
     expected = {}
     for path, own in modules(hf.params).items():
@@ -145,7 +147,7 @@ def randomize(peft: Any, seed: int, scale: float = 0.1) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trees(model: str, name: str) -> tuple[Any, Any]:
     """The tree right after ``jpeft.apply`` and one with random deltas."""
     c = case(model, name)
@@ -153,19 +155,19 @@ def trees(model: str, name: str) -> tuple[Any, Any]:
     return peft, randomize(peft, seed=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_fn(model: str) -> Callable[[Any], jax.Array]:
     """The base model as a function of ``params``, jitted once: merged trees reuse the compilation."""
     c = case(model, "lora")
     return jax.jit(lambda params: c.apply({"params": params}))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_output(model: str) -> np.ndarray:
     return np.asarray(base_fn(model)(case(model, "lora").params))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(model: str, name: str) -> tuple[Callable[[Any], jax.Array], list[None]]:
     """The jitted wrapped model and the list its Python body appends to on each trace."""
     traces: list[None] = []
@@ -179,7 +181,7 @@ def jitted(model: str, name: str) -> tuple[Callable[[Any], jax.Array], list[None
     return run, traces
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def wrapped_output(model: str, name: str) -> np.ndarray:
     """The eager (not jitted) wrapped output with random deltas."""
     c = case(model, name)
@@ -224,11 +226,13 @@ def test_2_each_layer_matches_numpy_reference(model, name):
         own = {k: v for k, v in get(peft, path).items() if k != jpeft.RESERVED}
         deltas = get(peft, path)[jpeft.RESERVED]["default"]
         xs, ys = get(seen, path)["x"][0], get(seen, path)["y"][0]
+        stacked = path[0] == "layers"
         for layer in range(stack):
-            pick = (lambda t: jax.tree.map(lambda v: v[layer], t)) if path[0] == "layers" else (lambda t: t)
-            x, y = (xs[layer], ys[layer]) if path[0] == "layers" else (xs, ys)
-            want = R.forward(kind, x, pick(own), pick(deltas), scale, n_in=N_IN.get(path, 1))
-            base = R.forward(kind, x, pick(own), None, scale, n_in=N_IN.get(path, 1))
+            x, y = (xs[layer], ys[layer]) if stacked else (xs, ys)
+            own_l = {k: v[layer] for k, v in own.items()} if stacked else own
+            deltas_l = {k: v[layer] for k, v in deltas.items()} if stacked else deltas
+            want = R.forward(kind, x, own_l, deltas_l, scale, n_in=N_IN.get(path, 1))
+            base = R.forward(kind, x, own_l, None, scale, n_in=N_IN.get(path, 1))
             assert not np.allclose(want, base, **TOL), f"{path}: the deltas do not change this layer"
             np.testing.assert_allclose(np.asarray(y), want, **TOL, err_msg=f"{'/'.join(path)} layer {layer}")
 
@@ -291,6 +295,7 @@ def test_6_trainable_count_is_closed_form(model, name):
     labels = flat(jpeft.labels(c.method, peft))
     counted = sum(int(np.size(leaf)) for p, leaf in flat(peft).items() if labels[p] != "frozen")
     assert counted == c.method.param_count(c.params) == closed_form(c.method, c.expected)
+    assert f"trainable params: {counted:,} ||" in jpeft.summary(c.method, peft)
 
 
 @pytest.mark.parametrize("model,name", CASES, scope="module")
@@ -434,6 +439,28 @@ def test_apply_shares_base_leaves_and_does_not_mutate(model):
     assert all(jpeft.RESERVED in p for p in set(after) - set(before))
 
 
+def test_apply_under_jit():
+    # apply is plain Python over the tree, so it also runs traced (e.g. to initialise sharded).
+    c = case("gpt2", "lora")
+    peft = jax.jit(lambda p, k: jpeft.apply(c.method, p, key=k))(c.params, jax.random.key(1))
+    eager, _ = trees("gpt2", "lora")
+    assert jax.tree.structure(peft) == jax.tree.structure(eager)
+    for p, x in flat(eager).items():
+        np.testing.assert_array_equal(flat(peft)[p], x, err_msg="/".join(p))
+
+
+def test_tree_with_two_families_gets_both_layouts():
+    # A BERT encoder with a GPT-2 decoder (as in HF's EncoderDecoderModel): both profiles' layouts
+    # apply, each to its own modules; GPT-2's c_attn is (out, in) = (3 * 32, 32).
+    tree = {"encoder": H.make("bert").params["bert"], "decoder": H.make("gpt2").params["transformer"]}
+    method = jpeft.LoRA(targets=("query", "c_attn"), rank=2)
+    peft = jpeft.apply(method, tree, key=jax.random.key(1))
+    c_attn = peft["decoder"]["h"]["0"]["attn"]["c_attn"][jpeft.RESERVED]["default"]
+    assert (c_attn["lora_a"].shape, c_attn["lora_b"].shape) == ((H.HIDDEN, 2), (2, 3 * H.HIDDEN))
+    query = peft["encoder"]["encoder"]["layer"]["0"]["attention"]["self"]["query"][jpeft.RESERVED]["default"]
+    assert (query["lora_a"].shape, query["lora_b"].shape) == ((H.HIDDEN, 2), (2, H.HIDDEN))
+
+
 class MLP(nn.Module):
     """A tiny MLP with two targets and a head."""
 
@@ -443,7 +470,7 @@ class MLP(nn.Module):
         return nn.Dense(3, name="head")(jnp.tanh(nn.Dense(5, name="down")(h)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mlp_params() -> dict[str, Any]:
     return MLP().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
 
@@ -553,12 +580,26 @@ def test_optimizer_freezes_base_without_state(name):
     arrays = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
     # Adam keeps mu and nu for the trainable leaves only; the rest are scalar step counts.
     assert sum(int(np.size(x)) for x in arrays) == 2 * n_trainable
+    trainable_shapes = {np.shape(x) for p, x in flat(peft).items() if labels[p] != "frozen"}
+    base_only = {np.shape(x) for p, x in flat(peft).items() if labels[p] == "frozen"} - trainable_shapes
+    assert base_only and not {np.shape(x) for x in arrays} & base_only, "optimizer state for a frozen leaf"
     updates, _ = tx.update(random_like(peft, seed=3), state, peft)
     for p, u in flat(updates).items():
         if labels[p] == "frozen":
             assert not np.any(u), p
         else:
             assert np.all(u != 0), p
+
+
+def test_optimizer_on_a_frozen_dict_tree():
+    # Flax and HF code still hand out FrozenDict trees; the label tree must follow their node types.
+    import flax
+
+    method = jpeft.LoRA(targets=("up",), rank=2)
+    peft = flax.core.freeze(jpeft.apply(method, mlp_params(), key=jax.random.key(1)))
+    tx = jpeft.optimizer(optax.adam(1e-2), method, peft)
+    updates, _ = tx.update(random_like(peft, seed=3), tx.init(peft), peft)
+    assert not np.any(updates["up"]["kernel"]) and np.all(updates["up"][jpeft.RESERVED]["default"]["lora_a"] != 0)
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_fa", "lora_plus"])
@@ -689,7 +730,9 @@ def test_dropout_on_the_scan_model():
     assert not np.allclose(one, two)
     np.testing.assert_array_equal(wrapped(peft, jax.random.key(1)), one)
     # No rng: deterministic, and equal to the model without LoRA dropout.
-    np.testing.assert_allclose(jpeft.wrap(c.apply, method)({"params": peft}), wrapped_output("synthetic", "lora"), **TOL)
+    np.testing.assert_allclose(
+        jpeft.wrap(c.apply, method)({"params": peft}), wrapped_output("synthetic", "lora"), **TOL
+    )
 
 
 @pytest.mark.parametrize("name", ["lora", "dora"])

@@ -80,17 +80,23 @@ def test_dropout_must_be_a_probability(dropout):
 
 
 def test_init_must_be_a_known_choice():
-    with pytest.raises(JpeftError, match=re.escape("LoRA(init='x'): init must be one of ('kaiming', 'gaussian'); got 'x'.")):
+    with pytest.raises(
+        JpeftError, match=re.escape("LoRA(init='x'): init must be one of ('kaiming', 'gaussian'); got 'x'.")
+    ):
         lora(init="x")
 
 
 def test_extra_trainable_must_be_a_regex_str():
-    with pytest.raises(JpeftError, match=re.escape("LoRA(extra_trainable=5): extra_trainable must be a regex str; got int.")):
+    with pytest.raises(
+        JpeftError, match=re.escape("LoRA(extra_trainable=5): extra_trainable must be a regex str; got int.")
+    ):
         lora(extra_trainable=5)
 
 
 def test_extra_trainable_must_compile():
-    with pytest.raises(JpeftError, match=r"LoRA\(extra_trainable='\('\): not a valid regular expression .*re\.escape\(\)"):
+    with pytest.raises(
+        JpeftError, match=r"LoRA\(extra_trainable='\('\): not a valid regular expression .*re\.escape\(\)"
+    ):
         lora(extra_trainable="(")
 
 
@@ -167,13 +173,18 @@ def test_dora_refuses_embeddings():
 def test_forward_layout_mismatch_names_layouts():
     # nn.Conv's kernel (3, 4, 5) defaults to 'dense' in the tree (a stack of 3 dense kernels); at the
     # forward pass the module says 'conv', and the message names the layouts= fix.
-    with pytest.raises(JpeftError, match=r"at 'layer' \(Conv, kernel \(3, 4, 5\), layout 'conv:1'\).*layouts=\(\(r'layer', 'conv:1'\),\)"):
+    with pytest.raises(
+        JpeftError,
+        match=r"at 'layer' \(Conv, kernel \(3, 4, 5\), layout 'conv:1'\).*layouts=\(\(r'layer', 'conv:1'\),\)",
+    ):
         forward(nn.Conv(5, (3,)), jpeft.LoRA(targets=("layer",), rank=2), jnp.ones((2, 6, 4)))
 
 
 # --- jpeft/_tree.py ----------------------------------------------------------------------------
 def test_list_paths_needs_a_mapping():
-    with pytest.raises(JpeftError, match=r"list_paths expects a nested mapping of arrays; got list\. Pass variables\['params'\]"):
+    with pytest.raises(
+        JpeftError, match=r"list_paths expects a nested mapping of arrays; got list\. Pass variables\['params'\]"
+    ):
         jpeft.list_paths([jnp.ones(3)])
 
 
@@ -189,7 +200,10 @@ def test_targets_must_be_regex_or_suffixes(targets):
 
 
 def test_target_matching_nothing_names_the_count_and_an_example():
-    params = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.ones((4, 12))}}}}}, "ln_f": {"scale": jnp.ones(4)}}
+    params = {
+        "transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.ones((4, 12))}}}}},
+        "ln_f": {"scale": jnp.ones(4)},
+    }
     with pytest.raises(JpeftError) as info:
         jpeft.apply(jpeft.LoRA(targets=".*/qkv"), params, key=KEY)
     message = str(info.value)
@@ -209,17 +223,21 @@ def test_target_without_kernel():
 
 
 def test_layout_needs_its_leaf():
-    with pytest.raises(JpeftError, match=r"layout 'embed' for 'q' needs a 'embedding' leaf; the module has \['bias', 'kernel'\]"):
+    with pytest.raises(
+        JpeftError, match=r"layout 'embed' for 'q' needs a 'embedding' leaf; the module has \['bias', 'kernel'\]"
+    ):
         jpeft.apply(lora(layouts=(("q", "embed"),)), tree(), key=KEY)
 
 
 def test_bare_conv_layout_needs_rank_3():
-    with pytest.raises(JpeftError, match=re.escape("Layout 'conv' needs a kernel of rank >= 3; got shape (4, 4).")):
+    with pytest.raises(JpeftError, match=re.escape("Layout 'conv' needs a kernel of rank >= 3 (*window, c_in, c_out); got shape (4, 4).")):
         jpeft.apply(lora(layouts=(("q", "conv"),)), tree(), key=KEY)
 
 
 def test_layout_needs_enough_axes():
-    with pytest.raises(JpeftError, match=re.escape("q/kernel has shape (4, 4), but layout 'dense_general:2,2' needs at least 4 axes")):
+    with pytest.raises(
+        JpeftError, match=re.escape("q/kernel has shape (4, 4), but layout 'dense_general:2,2' needs at least 4 axes")
+    ):
         jpeft.apply(lora(layouts=(("q", "dense_general:2,2"),)), tree(), key=KEY)
 
 
@@ -237,18 +255,25 @@ def test_layout_needs_enough_axes():
     ],
 )
 def test_method_must_be_a_method(call, where):
-    with pytest.raises(JpeftError, match=re.escape(f"{where} expects a jpeft method such as jpeft.LoRA(targets=...); got str.")):
+    with pytest.raises(
+        JpeftError, match=re.escape(f"{where} expects a jpeft method such as jpeft.LoRA(targets=...); got str.")
+    ):
         call("lora")
 
 
 @pytest.mark.parametrize("params", [[1, 2], jnp.ones(3), None])
 def test_params_must_be_a_mapping(params):
-    with pytest.raises(JpeftError, match=r"jpeft.apply expects the 'params' collection as a nested mapping of arrays; got"):
+    with pytest.raises(
+        JpeftError, match=r"jpeft.apply expects the 'params' collection as a nested mapping of arrays; got"
+    ):
         jpeft.apply(lora(), params, key=KEY)
 
 
 def test_variables_dict_instead_of_params():
-    with pytest.raises(JpeftError, match=re.escape("jpeft.apply got a variables dict {'params': ...}; pass variables['params'] instead.")):
+    with pytest.raises(
+        JpeftError,
+        match=re.escape("jpeft.apply got a variables dict {'params': ...}; pass variables['params'] instead."),
+    ):
         jpeft.apply(lora(), {"params": tree()}, key=KEY)
     with pytest.raises(JpeftError, match=r"jpeft.merge got a variables dict"):
         jpeft.merge(lora(), {"params": tree()})
@@ -267,7 +292,9 @@ def test_wrap_active_name():
 
 @pytest.mark.parametrize("key", [0, None, np.zeros(2, np.uint32), jnp.ones(2), jnp.zeros(3, jnp.uint32)])
 def test_key_must_be_a_jax_random_key(key):
-    with pytest.raises(JpeftError, match=r"jpeft.apply\(key=.*\): key must be a jax.random key, e.g. key=jax.random.key\(0\)."):
+    with pytest.raises(
+        JpeftError, match=r"jpeft.apply\(key=.*\): key must be a jax.random key, e.g. key=jax.random.key\(0\)."
+    ):
         jpeft.apply(lora(), tree(), key=key)
 
 
@@ -297,7 +324,9 @@ def test_wrap_needs_a_callable():
 def test_wrap_without_deltas():
     params = nn.Dense(4).init(KEY, X)["params"]
     wrapped = jpeft.wrap(nn.Dense(4).apply, jpeft.LoRA(targets=".*", rank=2))
-    message = r"jpeft.wrap\(LoRA\): variables\['params'\] holds no deltas of adapter 'default'\. Call peft = jpeft.apply"
+    message = (
+        r"jpeft.wrap\(LoRA\): variables\['params'\] holds no deltas of adapter 'default'\. Call peft = jpeft.apply"
+    )
     with pytest.raises(JpeftError, match=message):
         wrapped({"params": params}, X)
     peft = jpeft.apply(jpeft.LoRA(targets=".*", rank=2), params, key=KEY)
@@ -308,7 +337,10 @@ def test_wrap_without_deltas():
 
 
 def test_merge_without_deltas():
-    with pytest.raises(JpeftError, match=r"jpeft.merge\(LoRA\): the tree holds no deltas of adapter 'default'\. Pass the tree returned by jpeft.apply"):
+    with pytest.raises(
+        JpeftError,
+        match=r"jpeft.merge\(LoRA\): the tree holds no deltas of adapter 'default'\. Pass the tree returned by jpeft.apply",
+    ):
         jpeft.merge(lora(), tree())
     peft = jpeft.apply(lora(), tree(), key=KEY)
     with pytest.raises(JpeftError, match=r"holds no deltas of adapter 'other'"):
@@ -334,7 +366,10 @@ def test_optimizer_needs_an_optax_transform():
 
 
 def test_optimizer_with_no_trainable_leaf():
-    with pytest.raises(JpeftError, match=r"jpeft.optimizer\(LoRA\): no leaf of the tree is trainable\. Pass the tree returned by jpeft.apply"):
+    with pytest.raises(
+        JpeftError,
+        match=r"jpeft.optimizer\(LoRA\): no leaf of the tree is trainable\. Pass the tree returned by jpeft.apply",
+    ):
         jpeft.optimizer(optax.adam(1e-3), lora(), tree())
     # LoRA-FA on a tree whose only trainable leaf would be B, after split, is fine:
     method = jpeft.LoRAFA(targets=("q",), rank=2)
@@ -343,14 +378,18 @@ def test_optimizer_with_no_trainable_leaf():
 
 
 def test_combine_keys_differ():
-    with pytest.raises(JpeftError, match=re.escape("jpeft.combine: keys differ at '<root>': ['a', 'b']. Both halves must come")):
+    with pytest.raises(
+        JpeftError, match=re.escape("jpeft.combine: keys differ at '<root>': ['a', 'b']. Both halves must come")
+    ):
         jpeft.combine({"a": 1}, {"b": 2})
     with pytest.raises(JpeftError, match=re.escape("keys differ at 'm/n': ['y']")):
         jpeft.combine({"m": {"n": {"x": 1, "y": None}}}, {"m": {"n": {"x": None}}})
 
 
 def test_combine_both_halves_hold_a_leaf():
-    with pytest.raises(JpeftError, match=re.escape("jpeft.combine: both halves hold a leaf at 'm/x'; expected exactly one.")):
+    with pytest.raises(
+        JpeftError, match=re.escape("jpeft.combine: both halves hold a leaf at 'm/x'; expected exactly one.")
+    ):
         jpeft.combine({"m": {"x": 1}}, {"m": {"x": 2}})
 
 
@@ -388,7 +427,10 @@ class Unregistered(nn.Module):
 
 
 def test_unknown_module_type_names_register_linear():
-    with pytest.raises(JpeftError, match=r"Module 'layer' of type .*Unregistered holds jpeft deltas, but jpeft has no layout .*jpeft.register_linear\("):
+    with pytest.raises(
+        JpeftError,
+        match=r"Module 'layer' of type .*Unregistered holds jpeft deltas, but jpeft has no layout .*jpeft.register_linear\(",
+    ):
         forward(Unregistered(), jpeft.LoRA(targets=("layer",), rank=2), X)
 
 
@@ -404,7 +446,7 @@ jpeft.register_linear(KeywordOnly, jpeft.Linear(jpeft.Layout("dense")))
 
 
 def test_input_not_found():
-    with pytest.raises(JpeftError, match=re.escape("Cannot find the input among args 0 and kwargs ['z'].")):
+    with pytest.raises(JpeftError, match=re.escape("cannot find a linear module's input among 0 positional args and kwargs ['z']. Register")):
         forward(KeywordOnly(), jpeft.LoRA(targets=("layer",), rank=2), z=X)
 
 
@@ -426,11 +468,16 @@ def test_register_linear_needs_a_module_class(module_type):
 
 def test_dense_general_batch_dims_is_refused():
     layer = nn.DenseGeneral(3, axis=-1, batch_dims=(0,))
-    with pytest.raises(JpeftError, match=r"DenseGeneral at 'layer' has batch_dims=\(0,\); jpeft supports DenseGeneral without batch_dims only"):
+    with pytest.raises(
+        JpeftError,
+        match=r"DenseGeneral at 'layer' has batch_dims=\(0,\); jpeft supports DenseGeneral without batch_dims only",
+    ):
         forward(layer, jpeft.LoRA(targets=("layer",), rank=2), jnp.ones((2, 5, 4)))
 
 
 def test_grouped_conv_is_refused():
     method = jpeft.LoRA(targets=("layer",), rank=2, layouts=(("layer", "conv"),))
-    with pytest.raises(JpeftError, match=r"nn.Conv at 'layer' has feature_group_count=2; LoRA on grouped convolutions is not supported"):
+    with pytest.raises(
+        JpeftError, match=r"nn.Conv at 'layer' has feature_group_count=2; LoRA on grouped convolutions is not supported"
+    ):
         forward(nn.Conv(4, (3,), feature_group_count=2), method, jnp.ones((2, 6, 4)))

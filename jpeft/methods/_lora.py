@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jpeft import _errors, _tree
+from jpeft import _errors, _layout, _tree
 from jpeft._errors import JpeftError
 from jpeft._intercept import linear_of
 from jpeft._layout import Layout
@@ -115,7 +116,7 @@ class LoRA(Method):
             ) from None
         for pattern, spec in layouts:
             _errors.regex(name, "layouts", pattern)
-            if spec.split(":")[0] not in ("dense", "transposed", "embed", "conv", "dense_general"):
+            if re.fullmatch(_layout.SPELLING, spec) is None:
                 raise JpeftError(
                     f"{name}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
                     "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
@@ -180,7 +181,7 @@ class LoRA(Method):
 
     def param_count(self, params: PyTree) -> int:
         ctx = Context(params)
-        total = 0
+        total = self.extra_count(params)
         for path in self.select(params):
             _, stack, d_in, d_out = self._shapes(path, _tree.modules(params)[path], ctx)
             per = self.rank * (self._trains_a() * math.prod(d_in) + math.prod(d_out))
@@ -223,12 +224,12 @@ class LoRA(Method):
         norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=layout.reduce_axes())))
         factor = _broadcast_out(deltas["magnitude"].astype(dtype) / norm, y.ndim)
         bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-        if dropped:
-            base = next_fun(x.astype(y.dtype), *args[1:], **kwargs).astype(dtype)
+        if dropped:  # x W on the dropped-out input, as HF PEFT's DoRA does
+            base = linear.down(module, x, layout.as_down(kernel).astype(dtype))
         else:
             base = y.astype(dtype)
-        if bias is not None:
-            base = base - _broadcast_out(bias.astype(dtype), y.ndim)
+            if bias is not None:
+                base = base - _broadcast_out(bias.astype(dtype), y.ndim)
         return (y + ((factor - 1) * base + factor * delta).astype(y.dtype)).astype(y.dtype)
 
     # --- merge ---------------------------------------------------------------------------------

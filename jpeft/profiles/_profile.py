@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from jpeft import _tree
 from jpeft._errors import JpeftError
 
 PyTree = Any
@@ -143,11 +144,9 @@ class Profile:
             ) from None
 
 
-def leaf_paths(tree: PyTree, prefix: str = "") -> list[str]:
+def leaf_paths(tree: PyTree) -> list[str]:
     """Returns the '/'-joined path of every leaf of a nested mapping (dict or ``FrozenDict``)."""
-    if isinstance(tree, Mapping):
-        return [p for k in tree for p in leaf_paths(tree[k], f"{prefix}{k}/")]
-    return [prefix[:-1]] if prefix else []
+    return _tree.list_paths(tree) if isinstance(tree, Mapping) else []
 
 
 def module_paths(tree: PyTree) -> list[str]:
