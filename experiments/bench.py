@@ -19,6 +19,7 @@ and the median wall time; for the LoRA step it also reads XLA's buffer assignmen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -92,15 +93,22 @@ def parse_buffer_assignment(text: str) -> dict[str, dict[str, Any]]:
         if m:
             flags = m.group(3)
             kind = "temp"
-            for key, name in (("parameter", "parameter"), ("maybe-live-out", "output"), ("output shape", "output"),
-                              ("constant", "constant"), ("thread-local", "thread-local")):
+            for key, name in (
+                ("parameter", "parameter"),
+                ("maybe-live-out", "output"),
+                ("output shape", "output"),
+                ("constant", "constant"),
+                ("thread-local", "thread-local"),
+            ):
                 if key in flags:
                     kind = name
                     break
             continue
         m = _VALUE.match(line)
         if m:
-            values.setdefault(_base(m.group(2)), {"kind": kind, "shape": m.group(6).split("{")[0], "bytes": int(m.group(4))})
+            values.setdefault(
+                _base(m.group(2)), {"kind": kind, "shape": m.group(6).split("{")[0], "bytes": int(m.group(4))}
+            )
     return values
 
 
@@ -185,7 +193,11 @@ def temp_breakdown(dump_dir: str, fn_name: str, dims_of: Mapping[str, int], top:
     summed by category. The largest temp values overall (live at any time) are listed too.
     """
     files = {}
-    for key, suffix in (("ba", "buffer-assignment.txt"), ("live", "live-range.txt"), ("hlo", "after_optimizations.txt")):
+    for key, suffix in (
+        ("ba", "buffer-assignment.txt"),
+        ("live", "live-range.txt"),
+        ("hlo", "after_optimizations.txt"),
+    ):
         path = dump_file(dump_dir, fn_name, "after_optimizations-" + suffix if key != "hlo" else suffix)
         if path is None:
             return None
@@ -235,7 +247,7 @@ def temp_breakdown(dump_dir: str, fn_name: str, dims_of: Mapping[str, int], top:
 def build_model(layers: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Builds FlaxGPT2LMHeadModel from GPT2Config() alone (random weights, float32, no download)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import GPT2Config, FlaxGPT2LMHeadModel
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
     config = GPT2Config(n_layer=layers)
     model = FlaxGPT2LMHeadModel(config, dtype=jnp.float32, _do_init=False)
@@ -331,46 +343,63 @@ def _ready(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def measure(
-    name: str,
-    fn: Callable[..., Any],
-    args: list[Any],
-    donate: tuple[int, ...],
-    steps: int,
-    profile_dir: str | None = None,
-) -> dict[str, Any]:
-    """Compiles ``fn`` on ``args``, reads XLA's analyses, then times 1 warm-up + ``steps`` steps."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    result: dict[str, Any] = {"compile_s": compile_s, "flops": flops_of(compiled), "bytes": memory_of(compiled)}
+class Program:
+    """One benchmarked program: compiled once, XLA's analyses read, then stepped on its own state."""
 
-    def call(args):
-        out = _ready(compiled(*args))
-        if name == "forward":
-            return args, out
-        new_args = list(args)
-        new_args[0], new_args[1] = out[0], out[1]
-        return new_args, out[2]
+    def __init__(self, name: str, fn: Callable[..., Any], args: list[Any], donate: tuple[int, ...]):
+        self.name, self.args = name, list(args)
+        t0 = time.perf_counter()
+        self.compiled = jax.jit(fn, donate_argnums=donate).lower(*self.args).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.flops = flops_of(self.compiled)
+        self.bytes = memory_of(self.compiled)
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.losses: list[float] = []
 
-    args, loss = call(args)  # warm-up
-    losses = [float(loss)]
-    times = []
-    if profile_dir is not None:
-        with jax.profiler.trace(profile_dir):
-            for _ in range(steps):
-                t = time.perf_counter()
-                args, loss = call(args)
-                times.append(time.perf_counter() - t)
-                losses.append(float(loss))
-    else:
+    def step(self, record: bool = True) -> None:
+        """Runs one step to completion; records its wall and process CPU time when ``record``."""
+        w, c = time.perf_counter(), time.process_time()
+        with jax.profiler.TraceAnnotation(f"{self.name}_step"):
+            out = jax.block_until_ready(self.compiled(*self.args))
+        w, c = time.perf_counter() - w, time.process_time() - c
+        if self.name == "forward":
+            loss = out
+        else:  # (state, opt_state, loss): the donated inputs are dead, carry the outputs
+            self.args[0], self.args[1], loss = out
+        self.losses.append(float(loss))
+        if record:
+            self.walls.append(w)
+            self.cpus.append(c)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "compile_s": self.compile_s,
+            "flops": self.flops,
+            "bytes": self.bytes,
+            "wall_s_median": statistics.median(self.walls),
+            "cpu_s_median": statistics.median(self.cpus),
+            "wall_s_all": self.walls,
+            "cpu_s_all": self.cpus,
+            "losses": self.losses,
+        }
+
+
+def time_interleaved(programs: Mapping[str, Program], steps: int, profile_dir: str | None) -> None:
+    """One warm-up step each, then ``steps`` rounds that run every program once, in turn.
+
+    Interleaving spreads slow drifts of a shared machine's load over all variants alike, so the
+    ratios stay fair even when the absolute times move. With ``profile_dir`` the timed rounds run
+    inside ``jax.profiler.trace``; each step is annotated ``<variant>_step`` (``lora_step`` for
+    the LoRA steps).
+    """
+    for prog in programs.values():
+        prog.step(record=False)
+    ctx = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+    with ctx:
         for _ in range(steps):
-            t = time.perf_counter()
-            args, loss = call(args)
-            times.append(time.perf_counter() - t)
-            losses.append(float(loss))
-    result.update(wall_s_median=statistics.median(times), wall_s_all=times, losses=losses)
-    return result
+            for prog in programs.values():
+                prog.step()
 
 
 def _copy(tree: Any) -> Any:
@@ -384,13 +413,26 @@ def _mb(n: float | None) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def results_table(res: Mapping[str, Mapping[str, Any]]) -> str:
-    head = ["variant", "GFLOP", "arg MiB", "out MiB", "temp MiB", "alias MiB", "code MiB", "total MiB", "wall ms"]
+    head = [
+        "variant",
+        "GFLOP",
+        "arg MiB",
+        "out MiB",
+        "temp MiB",
+        "alias MiB",
+        "code MiB",
+        "total MiB",
+        "wall ms",
+        "CPU ms",
+    ]
     rows = [head]
     for v in VARIANTS:
         r = res[v]
@@ -401,6 +443,7 @@ def results_table(res: Mapping[str, Mapping[str, Any]]) -> str:
                 "-" if r["flops"] is None else f"{r['flops'] / 1e9:,.2f}",
                 *(_mb(b.get(k)) for k in ("argument", "output", "temp", "alias", "generated_code", "total")),
                 f"{1e3 * r['wall_s_median']:,.1f}",
+                f"{1e3 * r['cpu_s_median']:,.1f}",
             ]
         )
     return _table(rows)
@@ -421,6 +464,8 @@ def ratios_of(res: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
         "full_flops_over_2fwd": div(res["full"]["flops"], fwd2),
         "lora_wall_over_full": div(res["lora"]["wall_s_median"], res["full"]["wall_s_median"]),
         "merged_wall_over_full": div(res["merged"]["wall_s_median"], res["full"]["wall_s_median"]),
+        "lora_cpu_over_full": div(res["lora"]["cpu_s_median"], res["full"]["cpu_s_median"]),
+        "merged_cpu_over_full": div(res["merged"]["cpu_s_median"], res["full"]["cpu_s_median"]),
         "lora_bytes_over_full": div(total("lora"), total("full")),
         "merged_bytes_over_full": div(total("merged"), total("full")),
     }
@@ -485,26 +530,26 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
-    res: dict[str, dict[str, Any]] = {}
+    programs: dict[str, Program] = {}
     for v in VARIANTS:
-        t = time.perf_counter()
         if v == "forward":
-            r = measure(v, steps[v], [params, batch], (), args.steps)
+            programs[v] = Program(v, steps[v], [params, batch], ())
         elif v == "full":
-            p = _copy(params)
-            r = measure(v, steps[v], [p, tx_full.init(p), batch], (0, 1), args.steps)
+            p = _copy(params)  # donated: the other variants keep the original
+            programs[v] = Program(v, steps[v], [p, tx_full.init(p), batch], (0, 1))
             del p
         else:
-            t0 = _copy(trainable)
-            prof = args.profile if v == "lora" else None
-            r = measure(v, steps[v], [t0, tx_lora.init(t0), frozen, batch], (0, 1), args.steps, prof)
-            del t0
-        res[v] = r
-        print(
-            f"  {v:8s} compiled in {r['compile_s']:.1f}s, median step {1e3 * r['wall_s_median']:.1f} ms "
-            f"({time.perf_counter() - t:.1f}s)",
-            flush=True,
-        )
+            t = _copy(trainable)
+            programs[v] = Program(v, steps[v], [t, tx_lora.init(t), frozen, batch], (0, 1))
+            del t
+        print(f"  {v:8s} compiled in {programs[v].compile_s:.1f}s", flush=True)
+    load_before = os.getloadavg()
+    t = time.perf_counter()
+    time_interleaved(programs, args.steps, args.profile)
+    load_after = os.getloadavg()
+    print(f"  timed {args.steps} interleaved rounds in {time.perf_counter() - t:.1f}s", flush=True)
+    res = {v: prog.result() for v, prog in programs.items()}
+    del programs
 
     ratios = ratios_of(res)
     loss_gap = float(np.max(np.abs(np.array(res["lora"]["losses"]) - np.array(res["merged"]["losses"]))))
@@ -516,14 +561,22 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
     print()
     print("ratios (acceptance in brackets):")
     for k, val in ratios.items():
-        bound = f"  [<= {ACCEPT[k]}: {'PASS' if val is not None and val <= ACCEPT[k] else 'FAIL'}]" if k in ACCEPT else ""
+        bound = (
+            f"  [<= {ACCEPT[k]}: {'PASS' if val is not None and val <= ACCEPT[k] else 'FAIL'}]" if k in ACCEPT else ""
+        )
         print(f"  {k:24s} {'-' if val is None else f'{val:.3f}'}{bound}")
+    print(
+        "  (wall: median of interleaved steps; CPU: process CPU time per step, all threads; load average "
+        f"{load_before[0]:.2f} before timing, {load_after[0]:.2f} after)"
+    )
     print(f"  lora vs merged loss trajectories: max |diff| = {loss_gap:.2e} (same function, different program)")
     bd = breakdowns["lora"]
     if bd is None:
         print(f"\nno XLA buffer assignment found in {dump_dir}; was the backend started before enable_dump?")
     else:
-        print(f"\nwhere LoRA's temp bytes go: the temp values live at XLA's memory peak (program point {bd['peak_time']}):")
+        print(
+            f"\nwhere LoRA's temp bytes go: the temp values live at XLA's memory peak (program point {bd['peak_time']}):"
+        )
         print(breakdown_text(bd))
         print("\ntemp bytes by category, all variants (MiB):")
         cats = sorted({c for b in breakdowns.values() if b for c in b["by_category"]})
@@ -534,7 +587,9 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nwall clock of the whole run: {elapsed:.1f}s")
 
     return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments.bench", *sys.argv[1:]]),
+        "command": " ".join(
+            shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments.bench", *sys.argv[1:]]
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "jax": jax.__version__,
@@ -550,7 +605,10 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
             "device_kind": jax.devices()[0].device_kind,
             "machine": platform.platform(),
             "cpu_count": os.cpu_count(),
+            "loadavg_before_timing": list(load_before),
+            "loadavg_after_timing": list(load_after),
         },
+        "jpeft_git": _git_state(),
         "config": {
             "model": "FlaxGPT2LMHeadModel(GPT2Config(n_layer=layers)), random init, float32",
             "layers": cfg.n_layer,
@@ -566,17 +624,35 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer": "optax.adam(1e-4)",
             "timed_steps": args.steps,
             "warmup_steps": 1,
+            "timing": "1 warm-up step per variant, then --steps rounds running each variant once in turn; "
+            "median per variant; wall = perf_counter, cpu = process_time (all threads); block_until_ready",
         },
         "results": res,
         "ratios": ratios,
         "acceptance": {
-            k: {"bound": b, "value": ratios[k], "pass": ratios[k] is not None and ratios[k] <= b} for k, b in ACCEPT.items()
+            k: {"bound": b, "value": ratios[k], "pass": ratios[k] is not None and ratios[k] <= b}
+            for k, b in ACCEPT.items()
         },
         "lora_vs_merged_max_loss_diff": loss_gap,
         "temp_breakdown": breakdowns,
         "xla_dump_dir": dump_dir,
         "elapsed_s": elapsed,
     }
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit of the checkout and the files that differ from it: figures depend on both."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jpeft.__file__)))
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "--", "jpeft").splitlines()}
 
 
 def _steps_arg(s: str) -> int:
@@ -596,7 +672,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12 = GPT-2-small; 2 for a quick check)")
     p.add_argument("--out", default="experiments/results/bench_lora.json")
-    p.add_argument("--profile", metavar="DIR", default=None, help="wrap the timed LoRA steps in jax.profiler.trace(DIR)")
+    p.add_argument(
+        "--profile", metavar="DIR", default=None, help="wrap the timed LoRA steps in jax.profiler.trace(DIR)"
+    )
     p.add_argument("--dump-dir", default=None, help="where XLA dumps HLO and buffer assignments (default: a temp dir)")
     args = parser.parse_args(argv)
     report = run_lora(args)
