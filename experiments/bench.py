@@ -569,6 +569,11 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
         "  (wall: median of interleaved steps; CPU: process CPU time per step, all threads; load average "
         f"{load_before[0]:.2f} before timing, {load_after[0]:.2f} after)"
     )
+    if load_before[0] > 1.5 or load_after[0] > 3.0:
+        print(
+            "  WARNING: other processes were using the CPU while timing (load average above); the wall and CPU "
+            "figures are unreliable, rerun on an idle machine."
+        )
     print(f"  lora vs merged loss trajectories: max |diff| = {loss_gap:.2e} (same function, different program)")
     bd = breakdowns["lora"]
     if bd is None:

@@ -93,25 +93,18 @@ class Linear:
       down: ``down(module, x, a) -> h`` applies the down factor ``a`` (without stack axes) to the
         module's input ``x`` and returns ``h`` of shape ``(..., r)``.
       inputs: ``inputs(args, kwargs) -> x`` finds the input among the call's arguments.
-      plain: whether the module computes exactly ``x W (+ bias)`` with a standard dot product, or a
-        function of the module that says so. LoRA then takes the fast path, which computes the
-        input gradient as one product ``dY (W + s A B)^T`` (see ``jpeft.methods._lora``).
     """
 
     layout: Layout | Callable[[nn.Module], Layout]
     down: Callable[[nn.Module, jax.Array, jax.Array], jax.Array] = _matmul_down
     inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_arg
-    plain: bool | Callable[[nn.Module], bool] = False
-
-    def is_plain(self, module: nn.Module) -> bool:
-        return self.plain(module) if callable(self.plain) else self.plain
 
     def layout_of(self, module: nn.Module) -> Layout:
         return self.layout(module) if callable(self.layout) else self.layout
 
 
 _REGISTRY: dict[type, Linear] = {
-    nn.Dense: Linear(Layout("dense"), plain=lambda m: m.dot_general is None and m.dot_general_cls is None),
+    nn.Dense: Linear(Layout("dense")),
     nn.DenseGeneral: Linear(_general_layout, _general_down),
     nn.Embed: Linear(Layout("embed"), _embed_down),
     nn.Conv: Linear(_conv_layout, _conv_down),
@@ -144,7 +137,7 @@ def _hf_types() -> dict[type, Linear]:
     import sys
 
     gpt2 = sys.modules.get("transformers.models.gpt2.modeling_flax_gpt2")
-    return {gpt2.FlaxConv1D: Linear(Layout("transposed"), plain=True)} if gpt2 is not None else {}
+    return {gpt2.FlaxConv1D: Linear(Layout("transposed"))} if gpt2 is not None else {}
 
 
 def linear_of(module: nn.Module) -> Linear:

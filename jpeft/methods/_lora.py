@@ -7,7 +7,6 @@ gets no weight gradient and no merged copy is kept for the backward pass.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from collections.abc import Mapping
@@ -35,40 +34,6 @@ def _param_dtype(owner: str, path: Path, leaf: str, kernel: Any, dtype: str | No
     if dtype is not None:
         return jnp.dtype(dtype)
     return jnp.promote_types(kernel.dtype, jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lora_delta(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float, transposed: bool) -> jax.Array:
-    """``s (x a) b``, whose backward also returns the *whole* layer's input gradient.
-
-    The caller runs the base layer on ``stop_gradient(x)``, so the input gradient of
-    ``x W + s x a b`` is computed here as one product, ``dY (W + s a b)^T``, instead of the base
-    layer's ``dY W^T`` plus LoRA's ``((dY b^T) s) a^T`` and their sum: the small rank-r products are
-    memory-bound, and on CPU those extra passes over ``dY`` and ``dx`` cost more than forming the
-    ``(d_in, d_out)`` sum. No gradient flows to ``w`` (the caller passes it under stop_gradient),
-    and nothing merged is kept for the backward pass: ``W + s a b`` is formed inside it.
-    """
-    return ((x @ a) * scale) @ b
-
-
-def _lora_delta_fwd(x, w, a, b, scale, transposed):
-    h = x @ a
-    return (h * scale) @ b, (x, w, a, b, h)
-
-
-def _lora_delta_bwd(scale, transposed, res, dy):
-    x, w, a, b, h = res
-    w_io = jnp.swapaxes(w, -1, -2) if transposed else w
-    merged = w_io + scale * (a @ b)
-    lead = tuple(range(dy.ndim - 1))
-    dx = dy @ merged.T
-    dh = (dy @ b.T) * scale
-    da = jnp.tensordot(x, dh, axes=(lead, lead))
-    db = jnp.tensordot(h * scale, dy, axes=(lead, lead))
-    return dx, jnp.zeros_like(w), da, db
-
-
-_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def _broadcast_out(v: jax.Array, ndim: int) -> jax.Array:
@@ -242,21 +207,9 @@ class LoRA(Method):
                 f"for another layout: pass layouts=((r'{join(module.path)}', '{layout.spec()}'),) to the "
                 "method and call jpeft.apply again."
             )
+        y = next_fun(*args, **kwargs)
         x = linear.inputs(args, kwargs)
         dropped = self.dropout > 0 and layout.kind != "embed" and module.has_rng("dropout")
-        if args and not (dropped or self.use_dora) and linear.is_plain(module):
-            y = next_fun(jax.lax.stop_gradient(args[0]), *args[1:], **kwargs)
-            dtype = jnp.promote_types(a.dtype, y.dtype)
-            delta = _lora_delta(
-                x.astype(dtype),
-                jax.lax.stop_gradient(kernel).astype(dtype),
-                a.astype(dtype),
-                b.astype(dtype),
-                self.scale,
-                layout.kind == "transposed",
-            )
-            return y + delta.astype(y.dtype)
-        y = next_fun(*args, **kwargs)
         if dropped:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
