@@ -35,9 +35,7 @@ class Context:
         """The kernel layouts of the detected architecture profile, if any."""
         from jpeft import profiles
 
-        paths = _tree.list_paths(self.params)
-        found = [p for p in profiles.ALL if any(re.fullmatch(p.detect, q) for q in paths)]
-        return tuple(pair for p in found for pair in p.layouts)
+        return tuple(pair for p in profiles.matching(self.params) for pair in p.layouts)
 
     def layout(
         self, owner: str, path: Path, module_params: Mapping[str, Any], overrides: tuple[tuple[str, str], ...]

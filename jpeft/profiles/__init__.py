@@ -7,6 +7,7 @@ from jpeft.profiles._families import GPT2 as GPT2
 from jpeft.profiles._families import LLAMA as LLAMA
 from jpeft.profiles._families import ROBERTA as ROBERTA
 from jpeft.profiles._families import detect as detect
+from jpeft.profiles._families import matching as matching
 from jpeft.profiles._profile import Profile as Profile
 from jpeft.profiles._profile import ProfileError as ProfileError
 from jpeft.profiles._profile import check as check
@@ -22,4 +23,5 @@ __all__ = [
     "ProfileError",
     "check",
     "detect",
+    "matching",
 ]

@@ -106,6 +106,21 @@ ALL = (BERT, ROBERTA, GPT2, LLAMA, BART)
 """The shipped profiles, in the order :func:`detect` tries them."""
 
 
+def matching(params: PyTree) -> tuple[Profile, ...]:
+    """Returns every shipped profile whose ``detect`` regex matches a leaf path of ``params``.
+
+    A tree can hold several families (say, a BERT encoder beside a GPT-2 decoder).
+
+    Example:
+        >>> import numpy as np
+        >>> from jpeft import profiles
+        >>> [p.name for p in profiles.matching({"h": {"0": {"attn": {"c_attn": {"kernel": np.zeros(1)}}}}})]
+        ['gpt2']
+    """
+    paths = leaf_paths(params)
+    return tuple(p for p in ALL if any(re.fullmatch(p.detect, path) for path in paths))
+
+
 def detect(params: PyTree, *, strict: bool = True) -> Profile | None:
     """Returns the shipped profile whose ``detect`` regex matches a leaf path of ``params``.
 
@@ -129,14 +144,14 @@ def detect(params: PyTree, *, strict: bool = True) -> Profile | None:
         >>> print(profiles.detect({"dense": {"kernel": 0}}, strict=False))
         None
     """
-    paths = leaf_paths(params)
-    found = [p for p in ALL if any(re.fullmatch(p.detect, path) for path in paths)]
+    found = matching(params)
     if len(found) > 1:
         raise ProfileError(
             f"jpeft.profiles.detect: the tree matches several families, {[p.name for p in found]}. "
             "Pass the profile you mean explicitly."
         )
     if not found and strict:
+        paths = leaf_paths(params)
         raise ProfileError(
             f"jpeft.profiles.detect: no known architecture matches the {len(paths)} parameter paths, "
             f"such as {', '.join(repr(p) for p in paths[:3])}.\n"
