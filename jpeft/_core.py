@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -336,10 +335,6 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
     return merge_nodes(trainable, frozen, ())
 
 
-def _size(x: Any) -> int:
-    return int(math.prod(getattr(x, "shape", ())))
-
-
 def summary(method: Method, peft_params: PyTree) -> str:
     """Describes what trains: trainable, total and percentage, and a per-target table.
 
@@ -359,7 +354,7 @@ def summary(method: Method, peft_params: PyTree) -> str:
     rows: dict[Path, int] = {}
     total = trainable = 0
     for path, leaf in _tree.leaves(peft_params):
-        n = _size(leaf)
+        n = _tree.size(leaf)
         total += n
         if _tree.get(lab, path) != "frozen":
             trainable += n

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -32,7 +31,7 @@ class Context:
 
     @functools.cached_property
     def profile_layouts(self) -> tuple[tuple[str, str], ...]:
-        """The kernel layouts of the detected architecture profile, if any."""
+        """The kernel layouts of every shipped profile whose family the tree holds."""
         from jpeft import profiles
 
         return tuple(pair for p in profiles.matching(self.params) for pair in p.layouts)
@@ -85,7 +84,7 @@ class Method:
         if self.extra_trainable is None:
             return 0
         return sum(
-            math.prod(getattr(x, "shape", ()))
+            _tree.size(x)
             for p, x in _tree.leaves(params)
             if _tree.RESERVED not in p and re.fullmatch(self.extra_trainable, join(p))
         )

@@ -7,6 +7,7 @@ mappings; nothing is traced.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,6 +60,11 @@ def list_paths(params: PyTree) -> list[str]:
                 "Pass variables['params'], not the variables dict or a model object."
         )
     return [join(p) for p, _ in leaves(params)]
+
+
+def size(leaf: Any) -> int:
+    """The number of elements of an array leaf."""
+    return int(math.prod(getattr(leaf, "shape", ())))
 
 
 def get(tree: PyTree, path: Path) -> Any:

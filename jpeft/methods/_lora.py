@@ -182,8 +182,9 @@ class LoRA(Method):
     def param_count(self, params: PyTree) -> int:
         ctx = Context(params)
         total = self.extra_count(params)
+        modules = _tree.modules(params)
         for path in self.select(params):
-            _, stack, d_in, d_out = self._shapes(path, _tree.modules(params)[path], ctx)
+            _, stack, d_in, d_out = self._shapes(path, modules[path], ctx)
             per = self.rank * (self._trains_a() * math.prod(d_in) + math.prod(d_out))
             per += math.prod(d_out) if self.use_dora else 0
             total += math.prod(stack) * per
