@@ -6,6 +6,7 @@ from jpeft._core import combine as combine
 from jpeft._core import labels as labels
 from jpeft._core import merge as merge
 from jpeft._core import optimizer as optimizer
+from jpeft._core import regularizer as regularizer
 from jpeft._core import split as split
 from jpeft._core import summary as summary
 from jpeft._core import wrap as wrap
@@ -41,6 +42,7 @@ __all__ = [
     "optimizer",
     "profiles",
     "register_linear",
+    "regularizer",
     "split",
     "summary",
     "wrap",

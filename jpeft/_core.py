@@ -109,6 +109,8 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
     targets = method.select(params)
     ctx = Context(params)
     out = _tree.as_dicts(params)
+    if not method.has_deltas:  # BitFit, Freeze, Full: select() validated; the labels do the rest
+        return out
     for i, path in enumerate(targets):
         node = _tree.get(out, path)
         store = node.get(RESERVED, {})
@@ -152,6 +154,8 @@ def wrap(apply_fn: Callable[..., Any], method: Method, *, active: str = "default
     _check_name(active)
     if not callable(apply_fn):
         raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
+    if not method.has_deltas:
+        return apply_fn
     intercept = _intercept.interceptor(method.forward, active)
 
     @functools.wraps(apply_fn)
@@ -201,6 +205,8 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
     _check_params(peft_params, "jpeft.merge")
     if not method.mergeable:
         method.merge_module((), {}, None, Context(peft_params))  # raises the method's own message
+    if not method.has_deltas:  # the trained base leaves are already in place
+        return _tree.as_dicts(peft_params)
     ctx = Context(peft_params)
     out = _tree.as_dicts(peft_params)
     merged = 0
@@ -217,6 +223,31 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
             "Pass the tree returned by jpeft.apply (and trained), not the base params."
         )
     return out
+
+
+def regularizer(method: Method, peft_params: PyTree, *, name: str = "default") -> jax.Array:
+    """The method's loss term summed over the tree: AdaLoRA's orthogonality, diff pruning's L0.
+
+    Traceable; add it to the loss inside the training step. It is ``0.0`` for methods without one.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> float(jpeft.regularizer(method, jpeft.apply(method, params, key=jax.random.key(0))))
+      0.0
+    """
+    _check_method(method, "jpeft.regularizer")
+    _check_params(peft_params, "jpeft.regularizer")
+    terms = []
+    for path in _sites(peft_params):
+        node = _tree.get(peft_params, path)
+        if name in node[RESERVED]:
+            own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+            term = method.penalty(path, own, node[RESERVED][name])
+            if term is not None:
+                terms.append(term)
+    return functools.reduce(lambda a, b: a + b, terms) if terms else jax.numpy.zeros((), "float32")
 
 
 def labels(method: Method, tree: PyTree) -> PyTree:

@@ -56,6 +56,9 @@ class Method:
 
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    #: False for methods that only choose which *base* leaves train (BitFit, Freeze, Full): they
+    #: add no delta leaves, ``wrap`` runs the model unchanged and ``merge`` is the identity.
+    has_deltas: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.extra_trainable is not None:
@@ -105,6 +108,14 @@ class Method:
         )
 
     # --- training ------------------------------------------------------------------------------
+    def penalty(self, path: Path, module_params: Mapping[str, Any], deltas: Any) -> jax.Array | None:
+        """A loss term for one module's deltas (AdaLoRA's orthogonality, diff pruning's L0).
+
+        ``jpeft.regularizer`` sums it over the tree; ``None`` means no term. Traceable: it runs
+        inside the user's loss function.
+        """
+        return None
+
     def delta_label(self, leaf: str) -> str:
         """The optimizer label of a delta leaf; ``'frozen'`` for leaves that do not train."""
         return "trainable"
