@@ -218,7 +218,9 @@ class LoRA(Method):
         if layout.kind != "embed":
             x = x.astype(dtype)
         h = linear.down(module, x, a.astype(dtype)) * jnp.asarray(self.scale, dtype)
-        delta = jnp.tensordot(h, b.astype(dtype), axes=1)
+        # Token-major 2-D product: with the 3-D ``tensordot`` XLA:CPU computes dB from a
+        # transposed, re-fused copy of dY (a (d_out, tokens) buffer per layer, ~14% of the step).
+        delta = (h.reshape(-1, h.shape[-1]) @ b.reshape(b.shape[0], -1).astype(dtype)).reshape(h.shape[:-1] + b.shape[1:])
         if not self.use_dora:
             return y + delta.astype(y.dtype)
         w = kernel.astype(dtype) + self.scale * layout.full_delta(a.astype(dtype), b.astype(dtype))
