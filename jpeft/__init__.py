@@ -1,5 +1,6 @@
 """jpeft: parameter-efficient fine-tuning for JAX and Flax, as pure functions on parameter trees."""
 
+from jpeft import models as models
 from jpeft import profiles as profiles
 from jpeft._core import apply as apply
 from jpeft._core import combine as combine
@@ -15,17 +16,59 @@ from jpeft._intercept import Linear as Linear
 from jpeft._intercept import register_linear as register_linear
 from jpeft._layout import Layout as Layout
 from jpeft._method import Method as Method
+from jpeft._named import adapters as adapters
+from jpeft._named import add_weighted as add_weighted
+from jpeft._named import remove as remove
+from jpeft._sharding import partition_specs as partition_specs
 from jpeft._tree import RESERVED as RESERVED
 from jpeft._tree import list_paths as list_paths
+from jpeft.io._hf_peft import export_hf as export_hf
+from jpeft.io._hf_peft import import_hf as import_hf
+from jpeft.methods._adapters import HoulsbyAdapter as HoulsbyAdapter
+from jpeft.methods._adapters import MultiHeadParallelAdapter as MultiHeadParallelAdapter
+from jpeft.methods._adapters import ParallelAdapter as ParallelAdapter
+from jpeft.methods._adapters import PfeifferAdapter as PfeifferAdapter
+from jpeft.methods._adapters import ScaledParallelAdapter as ScaledParallelAdapter
+from jpeft.methods._bitfit import BitFit as BitFit
+from jpeft.methods._diff_pruning import DiffPruning as DiffPruning
+from jpeft.methods._freeze import Freeze as Freeze
+from jpeft.methods._freeze import Full as Full
+from jpeft.methods._ia3 import IA3 as IA3
+from jpeft.methods._adalora import AdaLoRA as AdaLoRA
+from jpeft.methods._adalora import adalora_ranks as adalora_ranks
 from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
 from jpeft.methods._lora import LoRAPlus as LoRAPlus
+from jpeft.methods._qlora import QLoRA as QLoRA
+from jpeft.quant._nf4 import NF4 as NF4
+from jpeft.quant._nf4 import NF4Array as NF4Array
+from jpeft.quant._nf4 import dequantize as dequantize
+from jpeft.quant._nf4 import quantize as quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "export_hf",
+    "import_hf",
+    "models",
+    "NF4",
+    "NF4Array",
+    "QLoRA",
+    "dequantize",
+    "quantize",
     "RESERVED",
+    "BitFit",
+    "DiffPruning",
+    "Freeze",
+    "Full",
+    "IA3",
+    "HoulsbyAdapter",
+    "MultiHeadParallelAdapter",
+    "ParallelAdapter",
+    "PfeifferAdapter",
+    "ScaledParallelAdapter",
+    "AdaLoRA",
     "DoRA",
     "JpeftError",
     "Layout",
@@ -34,15 +77,20 @@ __all__ = [
     "LoRAFA",
     "LoRAPlus",
     "Method",
+    "adapters",
+    "add_weighted",
+    "adalora_ranks",
     "apply",
     "combine",
     "labels",
     "list_paths",
     "merge",
     "optimizer",
+    "partition_specs",
     "profiles",
     "register_linear",
     "regularizer",
+    "remove",
     "split",
     "summary",
     "wrap",

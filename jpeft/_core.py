@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -124,17 +124,24 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
     return out
 
 
-def wrap(apply_fn: Callable[..., Any], method: Method, *, active: str = "default") -> Callable[..., Any]:
+def wrap(
+    apply_fn: Callable[..., Any], method: Method, *, active: str | Sequence[str] = "default"
+) -> Callable[..., Any]:
     """Wraps a Flax apply function so that it runs with a method's deltas in effect.
 
     The result has the signature of ``flax.linen.Module.apply``: ``(variables, *args, rngs=...,
     **kwargs)``. It holds no state and works under ``jit``, ``grad``, ``nn.scan``, ``nn.remat`` and
     ``shard_map``. Dropout inside a method draws from the ``'dropout'`` rng the caller passes.
 
+    A mixed batch: pass ``adapter_index=`` (an int array with one entry per example) to the
+    wrapped function, and each example runs only adapter ``active[adapter_index[i]]`` (``-1``: the
+    base model), as if it ran alone.
+
     Args:
       apply_fn: ``model.apply`` (for HF Flax models, ``model.module.apply``).
       method: the method whose deltas ``variables['params']`` holds.
-      active: the adapter name to run.
+      active: the adapter name to run, or a list of names: stacked (their changes add up), or the
+        choices of a mixed batch.
 
     Returns:
       The wrapped apply function.
@@ -151,27 +158,61 @@ def wrap(apply_fn: Callable[..., Any], method: Method, *, active: str = "default
       True
     """
     _check_method(method, "jpeft.wrap")
-    _check_name(active)
+    names = (active,) if isinstance(active, str) else tuple(active) if isinstance(active, Sequence) else (active,)
+    if not names or len(set(names)) != len(names):
+        raise JpeftError(f"jpeft.wrap(active={active!r}): active must name one adapter or distinct adapters.")
+    for n in names:
+        _check_name(n)
     if not callable(apply_fn):
         raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
     if not method.has_deltas:
         return apply_fn
-    intercept = _intercept.interceptor(method.forward, active)
 
     @functools.wraps(apply_fn)
     def wrapped(variables: PyTree, *args: Any, **kwargs: Any) -> Any:
         params = variables.get("params") if isinstance(variables, Mapping) else None
-        if not isinstance(params, Mapping) or not any(
-            active in _tree.get(params, p)[RESERVED] for p in _sites(params)
-        ):
+        held = set()
+        if isinstance(params, Mapping):
+            for p in _sites(params):
+                held.update(_tree.get(params, p)[RESERVED])
+        missing = [n for n in names if n not in held]
+        if missing:
             raise JpeftError(
                 f"jpeft.wrap({type(method).__name__}): variables['params'] holds no deltas of adapter "
-                f"{active!r}. Call peft = jpeft.apply(method, params, key=...) and pass {{'params': peft}}."
+                f"{missing[0]!r} (it holds {sorted(held) or 'none'}). Call peft = jpeft.apply(method, params, "
+                "key=..., name=...) and pass {'params': peft}."
             )
+        index = kwargs.pop("adapter_index", None)
+        if index is not None:
+            _check_adapter_index(index, names, args, kwargs)
+        intercept = _intercept.interceptor(method.forward, names, index)
         with nn.intercept_methods(intercept):
-            return apply_fn(variables, *args, **kwargs)
+            return method.call(apply_fn, variables, args, kwargs, active=active)
 
     return wrapped
+
+
+def _check_adapter_index(index: Any, names: tuple[str, ...], args: tuple, kwargs: dict) -> None:
+    shape = getattr(index, "shape", None)
+    dtype = getattr(index, "dtype", None)
+    if shape is None or len(shape) != 1 or not jax.numpy.issubdtype(dtype, jax.numpy.integer):
+        raise JpeftError(
+            f"jpeft.wrap: adapter_index must be a 1-D int array, one entry per example (-1 for the base "
+            f"model); got {type(index).__name__} with shape {shape} and dtype {dtype}."
+        )
+    first = next((a for a in (*args, *kwargs.values()) if hasattr(a, "shape") and len(a.shape) >= 1), None)
+    if first is not None and first.shape[0] != shape[0]:
+        raise JpeftError(
+            f"jpeft.wrap: adapter_index has {shape[0]} entries but the batch has {first.shape[0]} examples "
+            f"(first input shape {tuple(first.shape)}). Pass one adapter index per example."
+        )
+    if not isinstance(index, jax.core.Tracer):
+        bad = sorted({int(i) for i in np.asarray(index) if not -1 <= int(i) < len(names)})
+        if bad:
+            raise JpeftError(
+                f"jpeft.wrap: adapter_index holds {bad}; valid are -1 (base) and 0..{len(names) - 1} "
+                f"for active={list(names)}."
+            )
 
 
 def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTree:
@@ -203,6 +244,9 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
     """
     _check_method(method, "jpeft.merge")
     _check_params(peft_params, "jpeft.merge")
+    folded = method.merge_tree(peft_params, name)
+    if folded is not None:  # a whole-tree fold, such as prefix tuning's MLP into plain prefixes
+        return folded
     if not method.mergeable:
         method.merge_module((), {}, None, Context(peft_params))  # raises the method's own message
     if not method.has_deltas:  # the trained base leaves are already in place
@@ -266,8 +310,10 @@ def labels(method: Method, tree: PyTree) -> PyTree:
     """
     _check_method(method, "jpeft.labels")
 
+    base_label = method.base_labeller(tree)
+
     def label(path: Path, _: Any) -> str:
-        return method.delta_label(path[-1]) if RESERVED in path else method.base_label(path)
+        return method.delta_label(path[-1]) if RESERVED in path else base_label(path)
 
     return _map(label, tree)
 
@@ -308,7 +354,9 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
     transforms = {"frozen": optax.set_to_zero(), **method.transforms(tx)}
 
     def label_tree(tree: PyTree) -> PyTree:  # same pytree type as ``tree`` (dict or FrozenDict)
-        return jax.tree.unflatten(jax.tree.structure(tree), [x for _, x in _tree.leaves(labels(method, tree))])
+        # A non-mapping pytree node (a quantised kernel) is one labelled leaf, as in _tree.leaves.
+        struct = jax.tree.structure(tree, is_leaf=lambda x: x is not None and not isinstance(x, Mapping))
+        return jax.tree.unflatten(struct, [x for _, x in _tree.leaves(labels(method, tree))])
 
     return optax.multi_transform(transforms, label_tree)
 

@@ -12,6 +12,7 @@ input is, and how to apply a down-projection ``a`` to that input.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -157,12 +158,16 @@ def linear_of(module: nn.Module) -> Linear:
 Forward = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
 
 
-def interceptor(forward: Forward, active: str) -> Callable[..., Any]:
+def interceptor(forward: Forward, active: str | tuple[str, ...], index: Any = None) -> Callable[..., Any]:
     """Returns an ``intercept_methods`` interceptor that runs ``forward`` on modules with deltas.
 
     ``forward(module, next_fun, args, kwargs, deltas)`` receives the intercepted module's own delta
-    leaves of adapter ``active`` (already sliced by any lifted transform).
+    leaves (already sliced by any lifted transform). With several ``active`` names the adapters
+    stack: each one's ``forward`` wraps the previous one's. With ``index`` (one int per example,
+    ``-1`` for the base model) each row of the batch runs only adapter ``active[index[row]]``: the
+    base output is computed once and each adapter's ``forward`` adds its own change to it.
     """
+    names = (active,) if isinstance(active, str) else tuple(active)
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -173,8 +178,23 @@ def interceptor(forward: Forward, active: str) -> Callable[..., Any]:
         ):
             return next_fun(*args, **kwargs)
         store = module.get_variable("params", RESERVED)
-        if active not in store:
+        present = [(i, n) for i, n in enumerate(names) if n in store]
+        if not present:
             return next_fun(*args, **kwargs)
-        return forward(module, next_fun, args, kwargs, store[active])
+        if index is None:
+
+            def run(k: int, *a: Any, **kw: Any) -> Any:
+                if k == 0:
+                    return next_fun(*a, **kw)
+                return forward(module, functools.partial(run, k - 1), a, kw, store[present[k - 1][1]])
+
+            return run(len(present), *args, **kwargs)
+        base = next_fun(*args, **kwargs)
+        out = base
+        for i, n in present:
+            y = forward(module, lambda *a, **kw: base, args, kwargs, store[n])
+            rows = (index == i).reshape((-1,) + (1,) * (y.ndim - 1))
+            out = jnp.where(rows, y, out)
+        return out
 
     return intercept

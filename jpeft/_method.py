@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -97,7 +97,23 @@ class Method:
         """Runs an intercepted module call with its deltas in effect."""
         return next_fun(*args, **kwargs)
 
+    def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
+        """Runs the wrapped ``apply_fn``; ``jpeft.wrap`` calls it inside the interceptor context.
+
+        The default calls through. Prompt and prefix methods override it to extend the inputs by
+        their virtual positions and to slice the outputs back to the caller's length.
+        """
+        return apply_fn(variables, *args, **kwargs)
+
     # --- merge ---------------------------------------------------------------------------------
+    def merge_tree(self, peft_params: PyTree, name: str) -> PyTree | None:
+        """A whole-tree ``jpeft.merge``, or ``None`` (the default) for the per-module path.
+
+        For folds that move deltas between modules, such as prefix tuning's MLP, which lives at the
+        embedding, into plain per-layer prefixes at the key and value projections.
+        """
+        return None
+
     def merge_module(
         self, path: Path, module_params: Mapping[str, Any], deltas: Any, ctx: Context
     ) -> dict[str, Any]:
@@ -125,6 +141,32 @@ class Method:
         if self.extra_trainable is not None and re.fullmatch(self.extra_trainable, join(path)):
             return "trainable"
         return "frozen"
+
+    def base_labeller(self, tree: PyTree) -> Callable[[Path], str]:
+        """``path -> label`` for the base leaves of ``tree``; by default :meth:`base_label`.
+
+        Methods whose labels depend on the whole tree (Freeze's last l layers, BitFit's profile
+        sites) override it. ``tree`` may be a half of ``jpeft.split``: its ``None`` holes keep the
+        paths (see ``_tree.all_paths``).
+        """
+        return self.base_label
+
+    def partition_spec(
+        self,
+        path: Path,
+        leaf: str,
+        shape: tuple[int, ...],
+        module_params: Mapping[str, Any],
+        module_specs: Mapping[str, tuple[Any, ...]],
+        ctx: Context,
+    ) -> tuple[Any, ...] | None:
+        """The sharding of one delta leaf for ``jpeft.partition_specs``: one mesh axis (or None) per axis.
+
+        ``module_specs`` holds the specs of the module's own base leaves, one entry per axis.
+        ``None`` (the default) lets jpeft decide: LoRA factors and per-output vectors follow the
+        kernel; other leaves are replicated except for the kernel's leading stack axes.
+        """
+        return None
 
     def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
         """The optax transform for each trainable label."""

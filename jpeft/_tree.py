@@ -40,6 +40,17 @@ def leaves(tree: PyTree, prefix: Path = ()) -> list[tuple[Path, Any]]:
     return out
 
 
+def all_paths(tree: PyTree, prefix: Path = ()) -> list[Path]:
+    """Like :func:`leaves`, but returns only paths and keeps those of ``None`` holes.
+
+    A half of :func:`jpeft.split` keeps the whole structure, so methods that label by the whole
+    tree (how many layers, which family) see the same paths on it as on the full tree.
+    """
+    if isinstance(tree, Mapping):
+        return [p for k in sorted(tree, key=str) for p in all_paths(tree[k], prefix + (str(k),))]
+    return [prefix]
+
+
 def list_paths(params: PyTree) -> list[str]:
     """Lists the '/'-joined path of every leaf of a parameter tree.
 

@@ -138,3 +138,137 @@ def forward(
     if kind == "conv":
         return conv(x, w, bias)
     raise ValueError(f"forward(kind={kind!r}): unknown kind.")
+
+
+# --- (IA)^3 and diff pruning -------------------------------------------------------------------
+def ia3_forward(
+    kind: str, x: Any, own: dict[str, Any], *, out: Any = None, inp: Any = None, n_in: int = 1
+) -> np.ndarray:
+    """A layer with (IA)^3 applied to its activations: ``out * f(x)`` or ``f(inp * x)``.
+
+    ``out`` runs over the output features (the last axes of ``y``); ``inp`` over the input
+    features: the last ``n_in`` axes of ``x`` for ``'dense_general'``, else the last axis (the
+    channels of a convolution).
+    """
+    x = f64(x)
+    if inp is not None:
+        v = f64(inp)
+        x = x * v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+    y = forward(kind, x, own, None, 0.0, n_in=n_in)
+    if out is not None:
+        v = f64(out)
+        y = y * v.reshape((1,) * (y.ndim - v.ndim) + v.shape)
+    return y
+
+
+def hard_concrete_gate(log_alpha: Any, gamma: float = -0.1, zeta: float = 1.1) -> np.ndarray:
+    """The deterministic hard-concrete gate ``clip(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``."""
+    s = 1.0 / (1.0 + np.exp(-f64(log_alpha)))
+    return np.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def l0_penalty(log_alpha: Any, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1) -> float:
+    """The expected L0 norm of hard-concrete gates, ``sum sigmoid(log_alpha - beta log(-gamma / zeta))``."""
+    return float(np.sum(1.0 / (1.0 + np.exp(-(f64(log_alpha) - beta * np.log(-gamma / zeta))))))
+
+
+def diff_pruning_forward(kind: str, x: Any, own: dict[str, Any], w: Any, log_alpha: Any, *, n_in: int = 1) -> np.ndarray:
+    """A layer whose kernel is ``W + z w``, ``z`` the deterministic gate (``w`` in the kernel's layout)."""
+    leaf = "embedding" if kind == "embed" else "kernel"
+    own = {**own, leaf: f64(own[leaf]) + hard_concrete_gate(log_alpha) * f64(w)}
+    return forward(kind, x, own, None, 0.0, n_in=n_in)
+
+
+# --- bottleneck adapters (Houlsby, Pfeiffer, parallel, multi-head parallel) --------------------
+def activation(name: str, x: Any) -> np.ndarray:
+    """An adapter nonlinearity in float64: relu, swish, gelu (erf), gelu_new (tanh), tanh, identity."""
+    x = f64(x)
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "swish":
+        return x / (1.0 + np.exp(-x))
+    if name == "gelu":
+        return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    if name == "gelu_new":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"activation(name={name!r}): unknown nonlinearity.")
+
+
+def bottleneck(u: Any, deltas: dict[str, Any], f: str) -> np.ndarray:
+    """``f(u W_down + b_down) W_up + b_up``."""
+    h = activation(f, dense(u, deltas["down_kernel"], deltas["down_bias"]))
+    return dense(h, deltas["up_kernel"], deltas["up_bias"])
+
+
+def multi_head_parallel(q: Any, pk: Any, pv: Any, f: str) -> np.ndarray:
+    """``f(q_i P_k^(i)T) P_v^(i)`` per head, merged back to ``(..., heads * d_h)``, by a loop over heads."""
+    q, pk, pv = f64(q), f64(pk), f64(pv)
+    heads, _, d_h = pk.shape
+    out = [activation(f, q[..., i * d_h : (i + 1) * d_h] @ pk[i].T) @ pv[i] for i in range(heads)]
+    return np.concatenate(out, axis=-1)
+
+
+def layer_norm(x: Any, scale: Any, bias: Any, eps: float) -> np.ndarray:
+    x = f64(x)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * f64(scale) + f64(bias)
+
+
+def bert_layer(
+    x: Any,
+    mask: Any,
+    p: dict[str, Any],
+    *,
+    heads: int,
+    eps: float = 1e-12,
+    attn_adapter: tuple[dict[str, Any], str] | None = None,
+    ffn_adapter: tuple[dict[str, Any], str] | None = None,
+    parallel: tuple[dict[str, Any], str, Any] | None = None,
+    multi_head: tuple[Any, Any, str] | None = None,
+) -> np.ndarray:
+    """One post-LN BERT layer (HF ``FlaxBertLayer``, eval mode, exact GELU) with adapters inserted.
+
+    ``p`` is the layer's parameter dict (``attention/self/query``, ...); ``mask: (batch, seq)``
+    masks keys. Adapters, each where its paper puts it:
+
+    * ``attn_adapter = (deltas, f)``: Houlsby's, ``o <- o + g(o)`` on the attention output projection;
+    * ``ffn_adapter = (deltas, f)``: Houlsby's second / Pfeiffer's, ``h <- h + g(h)`` on the FFN output;
+    * ``parallel = (deltas, f, s)``: ``h <- h + s g(a)``, ``a`` the FFN input;
+    * ``multi_head = (P_k, P_v, f)``: ``head_i <- head_i + f(q_i P_k^(i)T) P_v^(i)`` before ``W_o``.
+    """
+    x = f64(x)
+    att, out = p["attention"], p["output"]
+
+    def lin(node: dict[str, Any], u: Any) -> np.ndarray:
+        return dense(u, node["kernel"], node["bias"])
+
+    q = lin(att["self"]["query"], x)
+    k = lin(att["self"]["key"], x)
+    v = lin(att["self"]["value"], x)
+    b, t, d = q.shape
+    d_h = d // heads
+    split = lambda z: z.reshape(b, t, heads, d_h)  # noqa: E731
+    scores = np.einsum("bqhe,bkhe->bhqk", split(q), split(k)) / math.sqrt(d_h)
+    scores = scores + np.where(np.asarray(mask)[:, None, None, :] > 0, 0.0, -1e30)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    context = np.einsum("bhqk,bkhe->bqhe", weights, split(v)).reshape(b, t, d)
+    if multi_head is not None:
+        context = context + multi_head_parallel(q, *multi_head)
+    o = lin(att["output"]["dense"], context)
+    if attn_adapter is not None:
+        o = o + bottleneck(o, *attn_adapter)
+    ln1 = att["output"]["LayerNorm"]
+    a = layer_norm(o + x, ln1["scale"], ln1["bias"], eps)
+    h = lin(out["dense"], activation("gelu", lin(p["intermediate"]["dense"], a)))
+    if ffn_adapter is not None:
+        h = h + bottleneck(h, *ffn_adapter)
+    if parallel is not None:
+        deltas, f, s = parallel
+        h = h + f64(s) * bottleneck(a, deltas, f)
+    return layer_norm(h + a, out["LayerNorm"]["scale"], out["LayerNorm"]["bias"], eps)

@@ -1,0 +1,404 @@
+"""The HF PEFT adapter format: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+HF PEFT stores a LoRA adapter of a torch model under the keys
+
+* ``base_model.model.<module>.lora_A.weight``: ``(r, in)``, and ``.lora_B.weight``: ``(out, r)``;
+* ``base_model.model.<module>.lora_embedding_A``: ``(r, vocab)``, and ``.lora_embedding_B``:
+  ``(dim, r)``, for embeddings;
+* ``base_model.model.<module>.lora_magnitude_vector.weight``: ``(out,)``, DoRA's magnitude
+  (PEFT before 0.11 wrote it without ``.weight``);
+
+with the adapter name left out. ``<module>`` is the torch module path, such as
+``bert.encoder.layer.0.attention.self.query``. The ``transformers`` Flax classes name their
+modules exactly as their torch twins, so the name map is the Flax module path with ``'.'`` for
+``'/'``; a checkpoint made on the bare torch model imports into a Flax task-head model (and the
+reverse) by adding or stripping the first component. jpeft's factors are ``a: (in, r)`` and
+``b: (r, out)`` for every kernel layout, GPT-2's ``(out, in)`` ``Conv1D`` included, so both are
+transposed; HF PEFT's ``fan_in_fan_out`` only says how the *base* weight is laid out.
+
+Only safetensors is read or written, never pickle.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _tree
+from jpeft._errors import JpeftError
+from jpeft._layout import Layout
+from jpeft._method import Context
+from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.methods._lora import LoRA
+from jpeft.profiles import Profile
+
+PREFIX = "base_model.model."
+"""The prefix of every key: PEFT wraps the model in a ``PeftModel`` and a ``LoraModel``."""
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A(?:\.weight)?|"
+    r"lora_embedding_B(?:\.weight)?|lora_magnitude_vector(?:\.weight)?)"
+)
+_LEAF = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_embedding_A": "lora_a", "lora_embedding_B": "lora_b"}
+_LEAF["lora_magnitude_vector"] = "magnitude"
+
+
+def _check_profile(owner: str, profile: Any) -> tuple[tuple[str, str], ...]:
+    if profile is None:
+        return ()
+    if not isinstance(profile, Profile):
+        raise JpeftError(
+            f"{owner}(profile={profile!r}): profile must be a jpeft.profiles.Profile (e.g. "
+            "jpeft.profiles.GPT2) or None to detect the family from the tree."
+        )
+    return profile.layouts
+
+
+def _layout(owner: str, path: Path, own: Mapping[str, Any], ctx: Context, overrides: tuple) -> Layout:
+    """The layout of a target, refused unless HF PEFT has the same module (2-D, no stack axis)."""
+    layout = ctx.layout(owner, path, own, overrides)
+    shape = tuple(own[layout.leaf].shape)
+    if layout.kind not in ("dense", "transposed", "embed") or len(shape) != 2:
+        raise JpeftError(
+            f"{owner}: {join(path + (layout.leaf,))} has shape {shape} and layout {layout.spec()!r}; HF "
+            "PEFT has only 2-D Linear, Conv1D and Embedding targets, one per layer. Stacked (nn.scan) "
+            "kernels and multi-axis or convolution kernels have no HF PEFT key: unstack the layers, or "
+            "save with jpeft's own checkpoints instead."
+        )
+    return layout
+
+
+def _targets_for_torch(paths: list[Path], modules: list[Path]) -> list[str] | str:
+    """HF PEFT ``target_modules`` that select exactly ``paths`` among ``modules``.
+
+    The shortest common suffix depth that is exact, as a list of '.'-joined names (PEFT matches
+    ``name == t or name.endswith('.' + t)``); the full paths are always exact.
+    """
+    chosen = set(paths)
+    for depth in range(1, max(len(p) for p in paths) + 1):
+        names = sorted({".".join(p[-depth:]) for p in paths})
+        hit = {m for m in modules if any(".".join(m) == t or ".".join(m).endswith("." + t) for t in names)}
+        if hit == chosen:
+            return names
+    return sorted(".".join(p) for p in paths)  # unreachable: full paths are exact
+
+
+def _scalar(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def export_hf(
+    path: str,
+    method: LoRA,
+    peft_params: PyTree,
+    profile: Profile | None = None,
+    *,
+    name: str = "default",
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Writes a LoRA adapter in the HF PEFT format: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    For each target, ``lora_A = a.T: (r, in)`` and ``lora_B = b.T: (out, r)`` under
+    ``base_model.model.<torch module>.lora_A.weight`` (``lora_embedding_A``/``_B`` for embeddings,
+    ``lora_magnitude_vector.weight`` for DoRA's ``m``), so that HF PEFT computes
+    ``y = x W^T + s (x A^T) B^T`` with the same ``s``. LoRA-FA and LoRA+ save as plain LoRA: their
+    difference is only in training.
+
+    Args:
+      path: the directory to write; created if missing. Existing files of the same names are
+        replaced (each written to a temporary file first, then renamed).
+      method: the ``jpeft.LoRA`` (or DoRA, LoRA-FA, LoRA+) that made the deltas.
+      peft_params: the tree holding the deltas, from ``jpeft.apply`` and training.
+      profile: the architecture profile, for kernel layouts of a family jpeft does not detect.
+      name: the adapter to write.
+      base_model_name_or_path: recorded in the config, e.g. ``'gpt2'``.
+      task_type: HF PEFT's task type, e.g. ``'SEQ_CLS'`` or ``'CAUSAL_LM'``; ``None`` is fine.
+
+    Raises:
+      JpeftError: if the method is not LoRA, has ``extra_trainable`` (not exported), the adapter is
+        missing at a target, or a target has no HF PEFT equivalent (stacked or multi-axis kernel).
+
+    Example:
+      >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> params = {"query": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 6)))["params"]}
+      >>> method = jpeft.LoRA(targets=["query"], rank=2, alpha=4)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(1))
+      >>> out = tempfile.mkdtemp()
+      >>> jpeft.export_hf(out, method, peft)
+      >>> sorted(os.listdir(out))
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> json.load(open(os.path.join(out, "adapter_config.json")))["target_modules"]
+      ['query']
+
+    References:
+      HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
+    """
+    from safetensors.numpy import save_file
+
+    owner = "jpeft.export_hf"
+    if not isinstance(method, LoRA):
+        raise JpeftError(
+            f"{owner}: HF PEFT's LORA format holds jpeft.LoRA and its variants (DoRA, LoRA-FA, LoRA+); got "
+            f"{type(method).__name__}. Save other methods with jpeft's own checkpoints."
+        )
+    if method.extra_trainable is not None:
+        raise JpeftError(
+            f"{owner}: {type(method).__name__}(extra_trainable={method.extra_trainable!r}) trains base leaves "
+            "too, which HF PEFT keeps as modules_to_save; export_hf does not write them. Save those leaves "
+            "separately, or export dataclasses.replace(method, extra_trainable=None)."
+        )
+    overrides = tuple(method.layouts) + _check_profile(owner, profile)
+    if not isinstance(peft_params, Mapping):
+        raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(peft_params).__name__}.")
+    ctx = Context(peft_params)
+    modules = _tree.modules(peft_params)
+    targets = method.select(peft_params)
+    tensors: dict[str, np.ndarray] = {}
+    transposed = False
+    for target in targets:
+        own = modules[target]
+        layout = _layout(owner, target, own, ctx, overrides)
+        transposed |= layout.kind == "transposed"
+        store = _tree.get(peft_params, target).get(RESERVED, {})
+        if name not in store:
+            raise JpeftError(
+                f"{owner}: {join(target)!r} has no adapter {name!r} (it has {sorted(store)}). Pass the "
+                "tree returned by jpeft.apply(method, params, key=..., name=...) and the same name."
+            )
+        deltas = store[name]
+        key = PREFIX + ".".join(target)
+        a, b = (np.ascontiguousarray(np.asarray(deltas[k]).T) for k in ("lora_a", "lora_b"))
+        if layout.kind == "embed":
+            tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = a, b
+        else:
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+        if method.use_dora:
+            tensors[key + ".lora_magnitude_vector.weight"] = np.ascontiguousarray(np.asarray(deltas["magnitude"]))
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": method.rank,
+        "lora_alpha": _scalar(method.alpha),
+        "lora_dropout": float(method.dropout),
+        "target_modules": _targets_for_torch(targets, list(modules)),
+        "fan_in_fan_out": transposed,
+        "bias": "none",
+        "use_rslora": method.use_rslora,
+        "use_dora": method.use_dora,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    os.makedirs(path, exist_ok=True)
+    for filename, write in (
+        (WEIGHTS, lambda f: save_file(tensors, f, metadata={"format": "pt"})),
+        (CONFIG, lambda f: open(f, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{filename}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, os.path.join(path, filename))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _read_config(owner: str, path: str) -> dict[str, Any]:
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        raise JpeftError(f"{owner}: {file!r} does not exist. Pass the directory HF PEFT's save_pretrained wrote.")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise JpeftError(f"{owner}: {file!r} is not valid JSON ({e}). Write or download it again.") from None
+    if not isinstance(config, dict):
+        raise JpeftError(f"{owner}: {file!r} holds a {type(config).__name__}, expected a JSON object.")
+    if config.get("peft_type") != "LORA":
+        raise JpeftError(
+            f"{owner}: {file!r} has peft_type={config.get('peft_type')!r}; import_hf reads 'LORA' adapters "
+            "(LoRA, rsLoRA, DoRA) only."
+        )
+    unsupported = {
+        "bias": (config.get("bias", "none"), "none"),
+        "rank_pattern": (config.get("rank_pattern") or {}, {}),
+        "alpha_pattern": (config.get("alpha_pattern") or {}, {}),
+        "modules_to_save": (config.get("modules_to_save") or None, None),
+    }
+    for field, (got, default) in unsupported.items():
+        if got != default:
+            raise JpeftError(
+                f"{owner}: {file!r} has {field}={got!r}; jpeft.LoRA has no equivalent (expected {default!r}). "
+                "Re-save the adapter without it."
+            )
+    return config
+
+
+def _resolve(torch_path: str, modules: Mapping[Path, Any]) -> Path | None:
+    """The Flax module of a torch module path: as is, without its first component, or with one more."""
+    p = tuple(torch_path.split("."))
+    tops = sorted({m[0] for m in modules if m})
+    for candidate in [p, *([p[1:]] if len(p) > 1 else []), *((t,) + p for t in tops)]:
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def import_hf(
+    path: str, params: PyTree, profile: Profile | None = None, *, name: str = "default"
+) -> tuple[LoRA, PyTree]:
+    """Reads an HF PEFT LoRA adapter into a jpeft method and a tree with its delta leaves.
+
+    The inverse of :func:`export_hf`: ``a = lora_A.T: (in, r)``, ``b = lora_B.T: (r, out)`` and DoRA's
+    ``m`` as is, cast to the dtype ``jpeft.apply`` would give them (the kernel's, at least float32).
+    The method is ``jpeft.LoRA(rank=r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=...,
+    use_dora=...)``, whose targets are ``target_modules`` when they select exactly the modules in
+    the file, else those modules' paths.
+
+    Args:
+      path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base model's ``params`` collection (a ``transformers`` Flax model's, whose module
+        names are the torch ones).
+      profile: the architecture profile, for kernel layouts of a family jpeft does not detect; its
+        ``layouts`` become the method's.
+      name: the adapter name to store the deltas under.
+
+    Returns:
+      ``(method, peft_params)``, as from ``jpeft.apply(method, params, key=..., name=name)`` with the
+      file's values in place of the initial ones. The base leaves are the same objects as in
+      ``params``.
+
+    Raises:
+      JpeftError: on a missing, invalid or truncated file, a ``peft_type`` other than ``'LORA'``,
+        options jpeft's LoRA lacks (``bias``, ``rank_pattern``, ``alpha_pattern``,
+        ``modules_to_save``), or a checkpoint for another model: a key whose module ``params``
+        lacks, or a tensor whose shape does not fit (naming the key and both shapes).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> params = {"query": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 6)))["params"]}
+      >>> method = jpeft.LoRA(targets=["query"], rank=2, alpha=4)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(1))
+      >>> out = tempfile.mkdtemp()
+      >>> jpeft.export_hf(out, method, peft)
+      >>> method2, peft2 = jpeft.import_hf(out, params)
+      >>> method2.rank, method2.alpha, method2.targets
+      (2, 4, ('query',))
+      >>> bool((peft2["query"]["__jpeft__"]["default"]["lora_a"] == peft["query"]["__jpeft__"]["default"]["lora_a"]).all())
+      True
+
+    References:
+      HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
+    """
+    from jpeft.models._safetensors import read_safetensors
+
+    owner = "jpeft.import_hf"
+    if not isinstance(params, Mapping):
+        raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(params).__name__}.")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise JpeftError(f"{owner}: adapter name must be a non-empty str without '/'; got {name!r}.")
+    layouts = _check_profile(owner, profile)
+    config = _read_config(owner, path)
+    file = os.path.join(path, WEIGHTS)
+    tensors = read_safetensors(file, owner)
+    modules = _tree.modules(params)
+    found: dict[Path, dict[str, tuple[str, np.ndarray]]] = {}
+    unknown = []
+    for key in sorted(tensors):
+        m = _KEY.fullmatch(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
+        if m is None:
+            raise JpeftError(
+                f"{owner}: {file!r} has key {key!r}, which is not a LoRA key "
+                f"'{PREFIX}<module>.lora_A.weight' (lora_B, lora_embedding_A/B, lora_magnitude_vector). "
+                "Is it an HF PEFT LoRA adapter?"
+            )
+        target = _resolve(m["module"], modules)
+        if target is None:
+            unknown.append(key)
+            continue
+        leaf = _LEAF[m["kind"].split(".")[0]]
+        found.setdefault(target, {})[leaf] = (key, tensors[key])
+    if unknown:
+        near = difflib.get_close_matches(
+            unknown[0][len(PREFIX) :].rsplit(".lora", 1)[0].replace(".", "/"), [join(p) for p in modules], n=3, cutoff=0
+        )
+        raise JpeftError(
+            f"{owner}: {file!r} is for another model: {len(unknown)} keys name modules that params lacks, "
+            f"such as {unknown[0]!r}. Nearest module paths of params: {near}. Pass the params of the base "
+            "model the adapter was trained on."
+        )
+    if not found:
+        raise JpeftError(f"{owner}: {file!r} holds no tensors; expected LoRA factors.")
+    rank, use_dora = config.get("r", 8), bool(config.get("use_dora", False))
+    torch_targets = config.get("target_modules")
+    paths = sorted(found)
+    targets: str | tuple[str, ...] = "|".join(re.escape(join(p)) for p in paths)
+    if isinstance(torch_targets, list) and torch_targets:
+        suffixes = tuple(t.replace(".", "/") for t in torch_targets)
+        if sorted(p for p in modules if _tree.matches(suffixes, p)) == paths:
+            targets = suffixes
+    try:
+        method = LoRA(
+            targets=targets,
+            rank=rank,
+            alpha=config.get("lora_alpha", 8),
+            dropout=config.get("lora_dropout", 0.0),
+            use_rslora=config.get("use_rslora", False),
+            use_dora=use_dora,
+            layouts=layouts,
+        )
+    except JpeftError as e:
+        raise JpeftError(f"{owner}: {os.path.join(path, CONFIG)!r} does not make a valid LoRA: {e}") from None
+    ctx = Context(params)
+    out = _tree.as_dicts(params)
+    want_leaves = {"lora_a", "lora_b"} | ({"magnitude"} if use_dora else set())
+    for target in paths:
+        own = modules[target]
+        layout = _layout(owner, target, own, ctx, tuple(layouts))
+        kernel = own[layout.leaf]
+        leaves = found[target]
+        if set(leaves) != want_leaves:
+            raise JpeftError(
+                f"{owner}: {file!r} has {sorted(k for k, _ in leaves.values())} for module {join(target)!r}; "
+                f"with use_dora={use_dora} every target needs exactly {sorted(want_leaves)} "
+                "(lora_A, lora_B" + (", lora_magnitude_vector)." if use_dora else ").")
+            )
+        a_shape, b_shape = layout.factor_shapes(tuple(kernel.shape), rank)
+        _, _, d_out = layout.split(tuple(kernel.shape))
+        want = {"lora_a": a_shape[::-1], "lora_b": b_shape[::-1], "magnitude": (math.prod(d_out),)}
+        dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+        deltas = {}
+        for leaf, (key, x) in sorted(leaves.items()):
+            if tuple(x.shape) != want[leaf]:
+                raise JpeftError(
+                    f"{owner}: {key!r} has shape {tuple(x.shape)} {x.dtype}, but {join(target + (layout.leaf,))} "
+                    f"{tuple(kernel.shape)} (layout {layout.spec()!r}) with r={rank} needs {want[leaf]}. The "
+                    "adapter was trained on another model or another r: check params and adapter_config.json."
+                )
+            deltas[leaf] = jnp.asarray(x if leaf == "magnitude" else x.T, dtype)
+        node = _tree.get(out, target)
+        store = node.get(RESERVED, {})
+        if name in store:
+            raise JpeftError(f"{owner}: adapter {name!r} already exists at {join(target)!r}; pass another name=...")
+        node[RESERVED] = {**store, name: deltas}
+    return method, out

@@ -1,0 +1,184 @@
+"""QLoRA: LoRA on top of NF4-quantised, frozen base kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft import _tree
+from jpeft._errors import JpeftError
+from jpeft._intercept import linear_of
+from jpeft._method import Context
+from jpeft._tree import Path, PyTree, join
+from jpeft.methods._lora import LoRA, _broadcast_out
+from jpeft.quant._nf4 import NF4, NF4Array, dequantize_array
+
+_COMPUTED = ("dense", "transposed", "dense_general")  # layouts whose layer QLoRA computes itself
+
+
+def _abstract(own: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's leaves with quantised ones shown as their float shape and original dtype."""
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.orig_dtype) if isinstance(v, NF4Array) else v for k, v in own.items()
+    }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QLoRA(LoRA):
+    """LoRA on NF4-quantised base kernels: ``y = x dequant(W_nf4) + b + s * dropout(x) A B``.
+
+    The base kernels are stored by ``jpeft.quantize`` as :class:`jpeft.NF4Array` (4-bit NF4 codes,
+    blockwise absmax scales, optionally double-quantised; about 4.127 bits per weight). In the
+    forward pass the interceptor computes each quantised layer itself: it dequantises the kernel in
+    ``compute_dtype`` (bf16 by default), multiplies the input (cast to ``compute_dtype``), adds the
+    bias and casts to the module's dtype, then LoRA's unmerged ``s * x A B`` is added as in
+    :class:`jpeft.LoRA`. Gradients flow through the dequantised weight to ``x`` only; the quantised
+    leaves are labelled ``'frozen'`` (train with ``jpeft.split``: integer leaves have no gradient).
+
+    Quantised modules that ``targets`` does not select still run dequantised (they get an empty
+    delta entry); targeted modules with float kernels get plain LoRA. Trainable parameters per
+    target: ``r (d_in + d_out)``. Mergeable: ``merge`` returns ``dequant(W) + s A B`` in the
+    original dtype with the original structure (re-quantising would be lossy).
+
+    Layers computed: ``nn.Dense``, ``nn.DenseGeneral`` (without batch_dims) and HF GPT-2's
+    ``Conv1D``, or any type registered with a ``dense``, ``transposed`` or ``dense_general`` layout.
+
+    Args:
+      targets: the modules that get LoRA factors, as in :class:`jpeft.LoRA`.
+      quant: the :class:`jpeft.NF4` config; ``jpeft.quantize(params, method)`` uses it.
+      compute_dtype: the dtype of the dequantised kernel and the base matmul.
+      rank, alpha, dropout, use_rslora, init, layouts, dtype, extra_trainable: as in
+        :class:`jpeft.LoRA` (``use_dora`` is refused).
+
+    Raises:
+      JpeftError: on a bad field; from ``apply``, on a tree without quantised kernels, a quantised
+        leaf that is not a module's ``kernel``, a quantised module of an unsupported layout, or an
+        ``extra_trainable`` pattern that selects a quantised leaf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> model, x = nn.Dense(8), jnp.ones((2, 64))
+      >>> params = {"params": {"dense": model.init(jax.random.key(0), x)["params"]}}["params"]
+      >>> method = jpeft.QLoRA(targets=["dense"], rank=2, compute_dtype="float32")
+      >>> peft = jpeft.apply(method, jpeft.quantize(params, method), key=jax.random.key(1))
+      >>> y = jpeft.wrap(lambda v, x: model.apply({"params": v["params"]["dense"]}, x), method)({"params": peft}, x)
+      >>> base = model.apply({"params": jpeft.dequantize(peft)["dense"]}, x)
+      >>> bool(jnp.allclose(y, base, atol=1e-5)), jpeft.labels(method, peft)["dense"]["kernel"]
+      (True, 'frozen')
+
+    References:
+      Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023.
+    """
+
+    quant: NF4 = NF4()
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self._name()
+        if not isinstance(self.quant, NF4):
+            raise JpeftError(f"{name}(quant={self.quant!r}): quant must be a jpeft.NF4(...) config.")
+        if self.use_dora:
+            raise JpeftError(f"{name}(use_dora=True): DoRA on quantised kernels is not supported; use jpeft.DoRA.")
+        try:
+            dt = jnp.dtype(self.compute_dtype)
+        except TypeError:
+            dt = None
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            raise JpeftError(
+                f"{name}(compute_dtype={self.compute_dtype!r}): compute_dtype must name a float dtype, "
+                "e.g. 'bfloat16'."
+            )
+        object.__setattr__(self, "compute_dtype", dt.name)
+
+    # --- structure -----------------------------------------------------------------------------
+    def select(self, params: PyTree) -> list[Path]:
+        targets = _tree.select(self._name(), self.targets, params)
+        quantised = []
+        for path, own in _tree.modules(params).items():
+            for leaf, v in own.items():
+                if not isinstance(v, NF4Array):
+                    continue
+                if leaf != "kernel":
+                    raise JpeftError(
+                        f"{self._name()}: {join(path + (leaf,))} is NF4-quantised, but QLoRA computes only "
+                        "linear layers from a quantised 'kernel'. Quantise kernels only, e.g. "
+                        "jpeft.quantize(params, method)."
+                    )
+                if self.extra_trainable is not None and re.fullmatch(self.extra_trainable, join(path + (leaf,))):
+                    raise JpeftError(
+                        f"{self._name()}(extra_trainable={self.extra_trainable!r}) selects the quantised "
+                        f"leaf {join(path + (leaf,))!r}; quantised weights cannot train. Narrow the pattern."
+                    )
+                quantised.append(path)
+        if not quantised:
+            raise JpeftError(
+                f"{self._name()}: params hold no NF4-quantised kernel. Quantise first: "
+                "q = jpeft.quantize(params, method), then jpeft.apply(method, q, key=...)."
+            )
+        return sorted(set(targets) | set(quantised))
+
+    def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
+        if isinstance(own.get("kernel"), NF4Array):
+            layout = ctx.layout(self._name(), path, _abstract(own), self.layouts)
+            if layout.kind not in _COMPUTED:
+                raise JpeftError(
+                    f"{self._name()}: {join(path)!r} holds a quantised kernel of layout {layout.spec()!r}; "
+                    f"QLoRA computes layers of layouts {_COMPUTED} only. Do not quantise this module."
+                )
+        if not _tree.matches(self.targets, path):
+            return {}
+        return super().init_module(key, path, _abstract(own), ctx)
+
+    def param_count(self, params: PyTree) -> int:
+        ctx = Context(params)
+        modules = _tree.modules(params)
+        total = self.extra_count(params)
+        for path in _tree.select(self._name(), self.targets, params):
+            _, stack, d_in, d_out = self._shapes(path, _abstract(modules[path]), ctx)
+            total += math.prod(stack) * self.rank * (math.prod(d_in) + math.prod(d_out))
+        return total
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
+        kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+        if not isinstance(kernel, NF4Array):
+            return super().forward(module, next_fun, args, kwargs, deltas) if deltas else next_fun(*args, **kwargs)
+        linear = linear_of(module)
+        layout = linear.layout_of(module)
+        if layout.kind not in _COMPUTED:
+            raise JpeftError(
+                f"{self._name()}: {join(module.path)!r} ({type(module).__name__}, layout {layout.spec()!r}) "
+                f"holds a quantised kernel; QLoRA computes layouts {_COMPUTED} only. Do not quantise it."
+            )
+        x = linear.inputs(args, kwargs)
+        cd = jnp.dtype(self.compute_dtype)
+        module_dtype = getattr(module, "dtype", None)
+        out_dtype = jnp.result_type(x.dtype, kernel.orig_dtype) if module_dtype is None else jnp.dtype(module_dtype)
+        w = layout.as_down(dequantize_array(kernel, cd))
+        y = linear.down(module, jnp.asarray(x, cd), w)
+        if module.has_variable("params", "bias"):
+            y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
+        y = y.astype(out_dtype)
+        if not deltas:
+            return y
+        return super().forward(module, lambda *a, **k: y, args, kwargs, deltas)
+
+    # --- merge ---------------------------------------------------------------------------------
+    def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
+        kernel = own.get("kernel")
+        if not isinstance(kernel, NF4Array):
+            return super().merge_module(path, own, deltas, ctx) if deltas else {}
+        w = dequantize_array(kernel, jnp.float32)
+        if deltas:
+            layout = ctx.layout(self._name(), path, _abstract(own), self.layouts)
+            a, b = deltas["lora_a"].astype(jnp.float32), deltas["lora_b"].astype(jnp.float32)
+            w = w + self.scale * layout.full_delta(a, b)
+        return {"kernel": w.astype(kernel.orig_dtype)}

@@ -1,0 +1,338 @@
+"""``jpeft.export_hf`` / ``jpeft.import_hf``: the HF PEFT adapter format.
+
+torch is not available here, so the format is checked three ways: the exported tensors, read back
+with safetensors alone, give the *torch-format* forward ``x W^T + b + s (x A^T) B^T`` (and DoRA's,
+and the embedding's) in NumPy equal to jpeft's wrapped forward; export then import is exact on the
+tiny HF families; and adapter files written here by hand from the PEFT spec import to the expected
+leaves.
+"""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from transformers.models.gpt2.modeling_flax_gpt2 import FlaxConv1D
+
+import jpeft
+from jpeft import profiles
+from tests import _hf_models
+
+VOCAB, D_IN, D_OUT, DIM, RANK = 11, 5, 6, 4, 3
+
+
+class Tiny(nn.Module):
+    """One torch-Linear-like ``query``, one GPT-2 ``Conv1D`` ``c_attn`` and an embedding ``wte``."""
+
+    @nn.compact
+    def __call__(self, ids, x):
+        with jax.numpy_rank_promotion("allow"):  # FlaxConv1D adds its bias by rank promotion
+            conv = FlaxConv1D(D_OUT, name="c_attn")(x)
+        return nn.Embed(VOCAB, DIM, name="wte")(ids), nn.Dense(D_OUT, name="query")(x), conv
+
+
+def randomize(tree, seed, scale=0.5):
+    """Random non-zero values for every leaf, deltas and base alike; DoRA's magnitude stays positive."""
+    rng = np.random.RandomState(seed)
+
+    def noise(path, x):
+        y = rng.standard_normal(x.shape)
+        y = np.abs(y) + 0.5 if path[-1].key == "magnitude" else scale * y
+        return jnp.asarray(y, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(noise, tree)
+
+
+def tiny_case(use_dora=False, use_rslora=False):
+    ids = jnp.asarray([[1, 4, 10], [0, 3, 3]], jnp.int32)
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((2, 3, D_IN)), jnp.float32)
+    params = randomize(Tiny().init(jax.random.key(0), ids, x)["params"], seed=1)
+    targets = ("query", "c_attn") if use_dora else ("wte", "query", "c_attn")
+    method = jpeft.LoRA(
+        targets=targets, rank=RANK, alpha=5.0, use_rslora=use_rslora, use_dora=use_dora,
+        layouts=((".*c_attn", "transposed"),),
+    )
+    peft = jpeft.apply(method, params, key=jax.random.key(2))
+    peft = {k: {**v, jpeft.RESERVED: randomize(v[jpeft.RESERVED], seed=3)} if jpeft.RESERVED in v else v
+            for k, v in peft.items()}
+    return method, params, peft, ids, x
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_numpy_torch_forward_matches_wrapped(tmp_path, variant):
+    method, params, peft, ids, x = tiny_case(use_dora=variant == "dora", use_rslora=variant == "rslora")
+    jpeft.export_hf(str(tmp_path), method, peft)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    st = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert config["peft_type"] == "LORA" and config["r"] == RANK and config["lora_alpha"] == 5
+    assert config["fan_in_fan_out"] is True and config["bias"] == "none"
+    assert (config["use_dora"], config["use_rslora"]) == (variant == "dora", variant == "rslora")
+    assert sorted(config["target_modules"]) == sorted(method.targets)
+    s = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
+
+    xn, p = np.asarray(x, np.float64), {k: {n: np.asarray(v, np.float64) for n, v in m.items()} for k, m in params.items()}
+    # torch Linear weights (out, in): nn.Linear stores W^T of Flax's Dense; GPT-2's Conv1D stores
+    # (in, out) and PEFT's fan_in_fan_out reads it transposed, which is Flax's (out, in) kernel.
+    linear = {"query": p["query"]["kernel"].T, "c_attn": p["c_attn"]["kernel"]}
+    want = {}
+    for m, w in linear.items():
+        a, b = (st[f"base_model.model.{m}.lora_{f}.weight"].astype(np.float64) for f in "AB")
+        assert a.shape == (RANK, D_IN) and b.shape == (D_OUT, RANK)
+        if variant == "dora":
+            mag = st[f"base_model.model.{m}.lora_magnitude_vector.weight"].astype(np.float64)
+            assert mag.shape == (D_OUT,)
+            w_eff = w + s * b @ a
+            w_eff = (mag / np.linalg.norm(w_eff, axis=1))[:, None] * w_eff
+            want[m] = xn @ w_eff.T + p[m]["bias"]
+        else:
+            want[m] = xn @ w.T + p[m]["bias"] + s * (xn @ a.T) @ b.T
+    if variant != "dora":
+        a, b = st["base_model.model.wte.lora_embedding_A"], st["base_model.model.wte.lora_embedding_B"]
+        assert a.shape == (RANK, VOCAB) and b.shape == (DIM, RANK)
+        idx = np.asarray(ids)
+        want["wte"] = p["wte"]["embedding"][idx] + s * a.T.astype(np.float64)[idx] @ b.T.astype(np.float64)
+    assert len(st) == 3 * 2 if variant != "dora" else 2 * 3
+
+    wte, query, c_attn = jpeft.wrap(Tiny().apply, method)({"params": peft}, ids, x)
+    got = {"wte": wte, "query": query, "c_attn": c_attn}
+    for m in want:
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-5, err_msg=m)
+
+
+def roundtrip_case(family):
+    hf = _hf_models.make(family)
+    profile = {"bert": profiles.BERT, "gpt2": profiles.GPT2, "llama": profiles.LLAMA, "bart": profiles.BART}[family]
+    extra = {"bert": ("word_embeddings",), "bart": ("fc1",)}.get(family, ())
+    method = jpeft.LoRA(targets=profile.lora_default + extra, rank=2, alpha=7.0, dropout=0.1,
+                        use_dora=family == "llama", use_rslora=family == "bart")
+    peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
+    return hf, method, randomize_deltas(peft)
+
+
+def randomize_deltas(peft, seed=5):
+    rng = np.random.RandomState(seed)
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return node
+        out = {k: visit(v) for k, v in node.items() if k != jpeft.RESERVED}
+        if jpeft.RESERVED in node:
+            out[jpeft.RESERVED] = randomize(node[jpeft.RESERVED], seed=rng.randint(1 << 30), scale=0.1)
+        return out
+
+    return visit(peft)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "bart"])
+def test_export_import_roundtrip_is_exact(tmp_path, family):
+    hf, method, peft = roundtrip_case(family)
+    jpeft.export_hf(str(tmp_path), method, peft, base_model_name_or_path=family, task_type="CAUSAL_LM")
+    got_method, got = jpeft.import_hf(str(tmp_path), hf.params)
+    for field in ("rank", "alpha", "dropout", "use_rslora", "use_dora", "targets", "scale"):
+        assert getattr(got_method, field) == getattr(method, field), field
+    assert jax.tree.structure(got) == jax.tree.structure(peft)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(peft), strict=True):
+        if jpeft.RESERVED in jax.tree_util.keystr(path):
+            assert x.dtype == y.dtype and np.array_equal(x, y), path
+        else:
+            assert x is y, path  # base leaves are the very same arrays
+    want = hf.logits(jpeft.wrap(hf.apply, method)({"params": peft}, **hf.inputs))
+    np.testing.assert_array_equal(hf.logits(jpeft.wrap(hf.apply, got_method)({"params": got}, **hf.inputs)), want)
+
+
+def test_gpt2_keys_follow_peft_layout(tmp_path):
+    hf, method, peft = roundtrip_case("gpt2")
+    jpeft.export_hf(str(tmp_path), method, peft)
+    st = load_file(str(tmp_path / "adapter_model.safetensors"))
+    h = _hf_models.HIDDEN
+    assert sorted(st) == [f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{f}.weight"
+                          for i in range(_hf_models.LAYERS) for f in "AB"]
+    a, b = st["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"], st[
+        "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert a.shape == (2, h) and b.shape == (3 * h, 2)  # (r, in) and (out, r) for Conv1D too
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"] and config["fan_in_fan_out"] is True
+    # merge agrees with HF PEFT's merge of a fan_in_fan_out layer: W_conv + s (B A)^T, i.e. Flax's
+    # (out, in) kernel + s B A.
+    merged = jpeft.merge(method, peft)["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    kernel = np.asarray(hf.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"], np.float64)
+    np.testing.assert_allclose(merged, kernel + method.scale * b.astype(np.float64) @ a, rtol=1e-5, atol=1e-6)
+
+
+def hand_written(tmp_path, *, bare, dora_key="lora_magnitude_vector.weight", **config):
+    """A BERT adapter written from the PEFT spec: query/value LoRA, DoRA magnitudes, embedding LoRA."""
+    rng = np.random.RandomState(7)
+    h, r, prefix = _hf_models.HIDDEN, 2, "base_model.model." + ("" if bare else "bert.")
+    tensors = {}
+    for i in range(_hf_models.LAYERS):
+        for m in ("query", "value"):
+            key = f"{prefix}encoder.layer.{i}.attention.self.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, h)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((h, r)).astype(np.float32)
+            if config.get("use_dora"):
+                tensors[f"{key}.{dora_key}"] = rng.uniform(0.5, 1.5, h).astype(np.float32)
+    if not config.get("use_dora"):
+        tensors[f"{prefix}embeddings.word_embeddings.lora_embedding_A"] = rng.standard_normal((r, _hf_models.VOCAB))
+        tensors[f"{prefix}embeddings.word_embeddings.lora_embedding_B"] = rng.standard_normal((h, r))
+    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["query", "value"], **config}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return tensors, prefix
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["head-model-keys", "bare-model-keys"])
+def test_hand_written_adapter_imports(tmp_path, bare):
+    hf = _hf_models.make("bert")
+    tensors, prefix = hand_written(tmp_path, bare=bare, use_rslora=True,
+                                   target_modules=["query", "value", "word_embeddings"])
+    method, peft = jpeft.import_hf(str(tmp_path), hf.params)
+    assert (method.rank, method.alpha, method.use_rslora, method.use_dora) == (2, 16, True, False)
+    assert method.targets == ("query", "value", "word_embeddings") and method.scale == 16 / math.sqrt(2)
+    layer = peft["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["value"]
+    deltas = layer[jpeft.RESERVED]["default"]
+    key = f"{prefix}encoder.layer.1.attention.self.value"
+    np.testing.assert_array_equal(deltas["lora_a"], tensors[f"{key}.lora_A.weight"].T)
+    np.testing.assert_array_equal(deltas["lora_b"], tensors[f"{key}.lora_B.weight"].T)
+    emb = peft["bert"]["embeddings"]["word_embeddings"][jpeft.RESERVED]["default"]
+    np.testing.assert_array_equal(emb["lora_a"], tensors[f"{prefix}embeddings.word_embeddings.lora_embedding_A"].T)
+    # HF PEFT's merge of a Linear: W_torch + s B A, i.e. Flax's (in, out) kernel + s (B A)^T.
+    merged = jpeft.merge(method, peft)["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["value"]["kernel"]
+    a, b = tensors[f"{key}.lora_A.weight"].astype(np.float64), tensors[f"{key}.lora_B.weight"].astype(np.float64)
+    np.testing.assert_allclose(merged, np.asarray(layer["kernel"], np.float64) + method.scale * (b @ a).T,
+                               rtol=1e-5, atol=1e-5)
+    fresh = jpeft.apply(method, hf.params, key=jax.random.key(0))  # same structure and dtypes as apply's
+    assert jax.tree.map(lambda v: (v.shape, v.dtype), peft) == jax.tree.map(lambda v: (v.shape, v.dtype), fresh)
+
+
+@pytest.mark.parametrize("dora_key", ["lora_magnitude_vector.weight", "lora_magnitude_vector"])
+def test_hand_written_dora_imports(tmp_path, dora_key):
+    hf = _hf_models.make("bert")
+    tensors, prefix = hand_written(tmp_path, bare=False, dora_key=dora_key, use_dora=True)
+    method, peft = jpeft.import_hf(str(tmp_path), hf.params, name="mine")
+    assert method.use_dora and method.targets == ("query", "value")
+    key = f"{prefix}encoder.layer.0.attention.self.query"
+    got = peft["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"][jpeft.RESERVED]["mine"]["magnitude"]
+    np.testing.assert_array_equal(got, tensors[f"{key}.{dora_key}"])
+
+
+def test_regex_targets_export_exact_paths(tmp_path):
+    hf = _hf_models.make("bert")
+    method = jpeft.LoRA(targets=r".*/layer/0/attention/output/dense", rank=2)
+    peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
+    jpeft.export_hf(str(tmp_path), method, peft)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # 'dense' alone would also select the other dense layers in PEFT; the suffix must be longer.
+    assert config["target_modules"] == ["0.attention.output.dense"]
+    got, _ = jpeft.import_hf(str(tmp_path), hf.params)
+    assert got.select(hf.params) == method.select(hf.params)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_export_errors(tmp_path):
+    method, _, peft, _, _ = tiny_case()
+    with pytest.raises(jpeft.JpeftError, match=r"holds jpeft.LoRA and its variants .*; got Method"):
+        jpeft.export_hf(str(tmp_path), jpeft.Method(), peft)
+    with pytest.raises(jpeft.JpeftError, match=r"extra_trainable='wte/embedding'\) trains base leaves"):
+        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), extra_trainable="wte/embedding"), peft)
+    with pytest.raises(jpeft.JpeftError, match=r"'c_attn' has no adapter 'other' \(it has \['default'\]\)"):
+        jpeft.export_hf(str(tmp_path), method, peft, name="other")
+    with pytest.raises(jpeft.JpeftError, match=r"profile must be a jpeft.profiles.Profile"):
+        jpeft.export_hf(str(tmp_path), method, peft, profile="gpt2")
+    stacked = {"layers": {"query": {"kernel": jnp.ones((2, D_IN, D_OUT))}}}
+    lora = jpeft.LoRA(targets=("query",), rank=2)
+    stacked = jpeft.apply(lora, stacked, key=jax.random.key(0))
+    with pytest.raises(jpeft.JpeftError, match=r"layers/query/kernel has shape \(2, 5, 6\) .* Stacked \(nn.scan\)"):
+        jpeft.export_hf(str(tmp_path), lora, stacked)
+    assert not os.path.exists(tmp_path / "adapter_config.json")  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"peft_type": "IA3"}, r"peft_type='IA3'; import_hf reads 'LORA' adapters"),
+        ({"bias": "all"}, r"bias='all'; jpeft.LoRA has no equivalent"),
+        ({"rank_pattern": {"query": 4}}, r"rank_pattern=\{'query': 4\}; jpeft.LoRA has no equivalent"),
+        ({"modules_to_save": ["classifier"]}, r"modules_to_save=\['classifier'\]; jpeft.LoRA has no"),
+        ({"r": 0}, r"does not make a valid LoRA: LoRA\(rank=0\)"),
+        ({"r": 4}, r"'base_model.model.bert.embeddings.word_embeddings.lora_embedding_A' has shape \(2, 100\) "
+                   r"float32, but bert/embeddings/word_embeddings/embedding \(100, 32\) .* with r=4 needs \(4, 100\)"),
+        ({"use_dora": True}, r"has \['.*lora_embedding_A', '.*lora_embedding_B'\] for module "
+                             r"'bert/embeddings/word_embeddings'; with use_dora=True every target needs exactly"),
+    ],
+    ids=["peft-type", "bias", "rank-pattern", "modules-to-save", "bad-r", "wrong-r", "no-magnitude"],
+)
+def test_import_config_errors(tmp_path, config, message):
+    hf = _hf_models.make("bert")
+    hand_written(tmp_path, bare=False)
+    base = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    with pytest.raises(jpeft.JpeftError, match=message):
+        jpeft.import_hf(str(tmp_path), hf.params)
+
+
+def test_import_file_errors(tmp_path):
+    hf = _hf_models.make("bert")
+    with pytest.raises(jpeft.JpeftError, match=r"adapter_config.json' does not exist"):
+        jpeft.import_hf(str(tmp_path), hf.params)
+    tensors, _ = hand_written(tmp_path, bare=False)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-7])
+    with pytest.raises(jpeft.JpeftError, match=r"is not a readable safetensors file: .*truncated or corrupted"):
+        jpeft.import_hf(str(tmp_path), hf.params)
+    file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage garbage}")
+    with pytest.raises(jpeft.JpeftError, match=r"is not a readable safetensors file"):
+        jpeft.import_hf(str(tmp_path), hf.params)
+    file.write_bytes(data)
+    (tmp_path / "adapter_config.json").write_text("{")
+    with pytest.raises(jpeft.JpeftError, match=r"adapter_config.json' is not valid JSON"):
+        jpeft.import_hf(str(tmp_path), hf.params)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({"base_model.model.bert.pooler.dense.weight": np.ones((2, 2), np.float32)}),
+         r"has key 'base_model.model.bert.pooler.dense.weight', which is not a LoRA key"),
+        (lambda t: t.update({"base_model.model.decoder.layers.0.fc1.lora_A.weight": np.ones((2, 2), np.float32)}),
+         r"is for another model: 1 keys name modules that params lacks, such as "
+         r"'base_model.model.decoder.layers.0.fc1.lora_A.weight'"),
+        (lambda t: t.pop("base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"),
+         r"has \['.*query.lora_A.weight'\] for module 'bert/encoder/layer/0/attention/self/query'"),
+        (lambda t: t.update({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight":
+                             np.ones((31, 2), np.float32)}),
+         r"'base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight' has shape \(31, 2\) float32, "
+         r"but bert/encoder/layer/0/attention/self/query/kernel \(32, 32\) \(layout 'dense'\) with r=2 needs \(32, 2\)"),
+        (lambda t: t.clear(), r"holds no tensors"),
+    ],
+    ids=["not-lora", "other-model", "half-pair", "shape", "empty"],
+)
+def test_import_checkpoint_for_another_model(tmp_path, edit, message):
+    hf = _hf_models.make("bert")
+    tensors, _ = hand_written(tmp_path, bare=False)
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(jpeft.JpeftError, match=message):
+        jpeft.import_hf(str(tmp_path), hf.params)
+
+
+def test_import_argument_errors(tmp_path):
+    hf = _hf_models.make("bert")
+    hand_written(tmp_path, bare=False)
+    _, peft = jpeft.import_hf(str(tmp_path), hf.params)
+    with pytest.raises(jpeft.JpeftError, match=r"adapter 'default' already exists at 'bert/embeddings/word_embeddings'"):
+        jpeft.import_hf(str(tmp_path), peft)
+    with pytest.raises(jpeft.JpeftError, match=r"adapter name must be a non-empty str without '/'; got 'a/b'"):
+        jpeft.import_hf(str(tmp_path), hf.params, name="a/b")
+    with pytest.raises(jpeft.JpeftError, match=r"expects the params collection as a nested mapping; got list"):
+        jpeft.import_hf(str(tmp_path), [])
+    with pytest.raises(jpeft.JpeftError, match=r"profile must be a jpeft.profiles.Profile"):
+        jpeft.import_hf(str(tmp_path), hf.params, profile="bert")

@@ -1,0 +1,383 @@
+"""jpeft.partition_specs: derived delta specs, its errors, and training on a simulated 8-device mesh.
+
+The spec derivation is checked in-process against specs written down from the layouts. The mesh
+runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported, so one
+subprocess (this file run as a script) runs them all: a ``jax.jit`` step with ``NamedSharding``
+in/out shardings on a 2x4 ('data', 'model') mesh with FSDP-style base sharding, and a ``shard_map``
+data-parallel step (``pmean`` of the gradients) on an 8-way 'data' mesh. Each must give the loss
+and updated parameters of the same step run on one device, for LoRA and DoRA, on the synthetic
+scanned model and on tiny HF GPT-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jpeft
+from tests import _models as M
+
+R = jpeft.RESERVED
+MESH = AbstractMesh((2, 4), ("data", "model"))
+
+
+def fsdp_specs(params: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """FSDP-style base specs: every matrix split over 'model' on one axis, the q/v layer axis over 'data'.
+
+    Modules named q, o, dg_out, conv, c_attn or c_fc prefer their second-to-last axis, the others
+    their last; an axis that 'model' (size 4) does not divide falls back to the other one. Vectors
+    (biases, norms) are replicated.
+    """
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out[k] = fsdp_specs(v, path + (k,))
+            continue
+        if v.ndim < 2:
+            out[k] = None
+            continue
+        spec: list[Any] = [None] * v.ndim
+        first = -2 if path[-1] in ("q", "o", "dg_out", "conv", "c_attn", "c_fc") else -1
+        for axis in (first, -3 - first):
+            if v.shape[axis] % 4 == 0:
+                spec[axis] = "model"
+                break
+        if path[:2] in (("layers", "q"), ("layers", "v")):
+            spec[0] = "data"
+        out[k] = P(*spec)
+    return out
+
+
+def _at(tree: Any, *path: str) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+# --- derivation, in-process ------------------------------------------------------------------------
+def test_lora_factors_follow_the_kernel_on_the_scanned_model(key):
+    method = jpeft.LoRA(targets=M.ALL_TARGETS, rank=2, layouts=M.LAYOUTS)
+    params = M.params()
+    base = fsdp_specs(params)
+    peft = jpeft.apply(method, params, key=key)
+    specs = jpeft.partition_specs(method, peft, base, mesh=MESH)
+    d = "default"
+    # Written down from the kernels' specs (fsdp_specs) and layouts: (stack, in..., out...).
+    expected = {
+        # embed (11, 8): P(None, 'model'); table rows are the input axis, features the output.
+        "embed": (P(None, None), P(None, "model")),
+        # q (L, D, D): P('data', 'model', None): a keeps the stack and input shardings.
+        "layers/q": (P("data", "model", None), P("data", None, None)),
+        # v (L, D, D): P('data', None, 'model'): b keeps the output sharding.
+        "layers/v": (P("data", None, None), P("data", None, "model")),
+        "layers/o": (P(None, "model", None), P(None, None, None)),
+        # dg_in (L, D, 2, 4): P(None, None, None, 'model'); b (L, r, 2, 4).
+        "layers/dg_in": (P(None, None, None), P(None, None, None, "model")),
+        # dg_out (L, 2, 4, D): P(None, None, 'model', None); a (L, 2, 4, r).
+        "layers/dg_out": (P(None, None, "model", None), P(None, None, None)),
+        # conv (L, 3, D, D): P(None, None, 'model', None); a (L, 3, D, r).
+        "layers/conv": (P(None, None, "model", None), P(None, None, None)),
+    }
+    for module, (a, b) in expected.items():
+        got = _at(specs, *module.split("/"), R, d)
+        assert (got["lora_a"], got["lora_b"]) == (a, b), module
+    # Base leaves keep their specs; None becomes P() with one entry per axis.
+    assert specs["layers"]["q"]["kernel"] == P("data", "model", None)
+    assert specs["layers"]["q"]["bias"] == P(None, None)
+    assert specs["head"]["kernel"] == P("model", None)
+    # Every leaf of the tree gets a spec with one entry per axis.
+    flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0])
+    flat_peft = dict(jax.tree_util.tree_flatten_with_path(peft)[0])
+    assert flat_specs.keys() == flat_peft.keys()
+    assert all(len(flat_specs[k]) == flat_peft[k].ndim for k in flat_peft)
+
+
+def test_dora_magnitude_follows_the_output_axes(key):
+    method = jpeft.DoRA(targets=M.LINEAR_TARGETS, rank=2, layouts=M.LAYOUTS)
+    params = M.params()
+    specs = jpeft.partition_specs(method, jpeft.apply(method, params, key=key), fsdp_specs(params))
+    magnitude = {m: _at(specs, "layers", m, R, "default", "magnitude") for m in ("q", "v", "dg_in", "dg_out")}
+    assert magnitude == {
+        "q": P("data", None),  # (L, D)
+        "v": P("data", "model"),
+        "dg_in": P(None, None, "model"),  # (L, 2, 4)
+        "dg_out": P(None, None),
+    }
+
+
+def test_transposed_gpt2_kernels_swap_the_axes(key):
+    from tests import _hf_models as H
+
+    hf = H.make("gpt2")
+    method = jpeft.DoRA(targets=("c_attn", "c_proj"), rank=2)
+    base = fsdp_specs(hf.params)
+    specs = jpeft.partition_specs(method, jpeft.apply(method, hf.params, key=key), base, mesh=MESH)
+    attn = specs["transformer"]["h"]["0"]["attn"]
+    # c_attn kernel (3 * 32 out, 32 in) sharded P('model', None): 'model' splits the *output* axis.
+    assert base["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"] == P("model", None)
+    assert attn["c_attn"][R]["default"] == {
+        "lora_a": P(None, None),
+        "lora_b": P(None, "model"),
+        "magnitude": P("model"),
+    }
+    # c_proj kernel (out, in) sharded P(None, 'model'): the input axis.
+    assert attn["c_proj"][R]["default"] == {
+        "lora_a": P("model", None),
+        "lora_b": P(None, None),
+        "magnitude": P(None),
+    }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scales(jpeft.Method):
+    """A test method with leaves LoRA's rule does not know: a stacked vector and a free table."""
+
+    spec: tuple[Any, ...] | None = None
+
+    def select(self, params):
+        return [("layers", "q")]
+
+    def init_module(self, key, path, own, ctx):
+        stack = own["kernel"].shape[0]
+        return {"gate": jnp.ones((stack, M.D)), "table": jnp.ones((3, M.D)), "lora_a": jnp.ones((stack, 5))}
+
+    def partition_spec(self, path, leaf, shape, module_params, module_specs, ctx):
+        return self.spec if leaf == "gate" else None
+
+
+def test_unknown_leaves_keep_only_the_stack_axis_and_a_hook_can_override(key):
+    params = M.params()
+    base = fsdp_specs(params)
+    specs = jpeft.partition_specs(_Scales(), jpeft.apply(_Scales(), params, key=key), base)
+    # The kernel is P('data', 'model', None): the leading stack axis (L) carries over, nothing else;
+    # a leaf named lora_a of a shape LoRA does not make falls back to the same default.
+    assert _at(specs, "layers", "q", R, "default") == {
+        "gate": P("data", None),
+        "table": P(None, None),
+        "lora_a": P("data", None),
+    }
+    hooked = _Scales(spec=(None, "model"))
+    specs = jpeft.partition_specs(hooked, jpeft.apply(hooked, params, key=key), base)
+    assert _at(specs, "layers", "q", R, "default", "gate") == P(None, "model")
+
+
+# --- errors ----------------------------------------------------------------------------------------
+@pytest.fixture
+def small(key):
+    params = {"q": {"kernel": jnp.ones((6, 8)), "bias": jnp.ones(8)}}
+    method = jpeft.LoRA(targets=["q"], rank=2)
+    return method, jpeft.apply(method, params, key=key)
+
+
+def test_a_mesh_axis_that_does_not_divide_raises(small):
+    method, peft = small
+    with pytest.raises(jpeft.JpeftError, match=r"'q/kernel' has shape \(6, 8\) and spec P\('model', None\): axis 0 "
+                       r"\(size 6\) is split over mesh axis 'model' of size 4"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": P("model"), "bias": None}}, mesh=MESH)
+    # The derived delta specs are validated too: a (6, 2) inherits the input axis, and so fails.
+    with pytest.raises(jpeft.JpeftError, match=r"split over mesh axis \('data', 'model'\) of size 8"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": P(None, ("data", "model")), "bias": None}}, mesh=MESH)
+
+
+def test_an_unknown_mesh_axis_raises(small):
+    method, peft = small
+    with pytest.raises(jpeft.JpeftError, match=r"names mesh axis 'tensor'; the mesh has axes \{'data': 2, 'model': 4\}"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": P(None, "tensor"), "bias": None}}, mesh=MESH)
+
+
+def test_bad_base_specs_raise(small):
+    method, peft = small
+    with pytest.raises(jpeft.JpeftError, match=r"base_specs has no entry for the base leaf 'q/bias' \(shape \(8,\)\)"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": P()}})
+    with pytest.raises(jpeft.JpeftError, match=r"base_specs at 'q/kernel' is \('model',\) \(tuple\); expected"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": ("model",), "bias": None}})
+    with pytest.raises(jpeft.JpeftError, match=r"base_specs at 'q/kernel' is P\(None, None, 'model'\) with 3 entries"):
+        jpeft.partition_specs(method, peft, {"q": {"kernel": P(None, None, "model"), "bias": None}})
+    with pytest.raises(jpeft.JpeftError, match=r"base_specs at 'q' is a subtree, but the params hold a leaf"):
+        jpeft.partition_specs(method, {"q": jnp.ones(3)}, {"q": {"kernel": P()}})
+    with pytest.raises(jpeft.JpeftError, match=r"base_specs must be a nested mapping; got list"):
+        jpeft.partition_specs(method, peft, [P()])
+    with pytest.raises(jpeft.JpeftError, match=r"expects a jpeft method first; got dict"):
+        jpeft.partition_specs({}, peft, {})
+
+
+def test_a_hook_with_the_wrong_length_raises(key):
+    method = _Scales(spec=("model",))
+    peft = jpeft.apply(method, M.params(), key=key)
+    with pytest.raises(jpeft.JpeftError, match=r"_Scales.partition_spec gave \('model',\) for "
+                       r"'layers/q/__jpeft__/gate' of shape \(2, 8\); expected one entry per axis"):
+        jpeft.partition_specs(method, peft, fsdp_specs(M.params()))
+
+
+# --- training on a simulated mesh (subprocess) ----------------------------------------------------
+# Each run type sees both models and both methods, and each model both methods and both run types.
+CASES = ("jit-synthetic-lora", "jit-gpt2-dora", "shard_map-synthetic-dora", "shard_map-gpt2-lora")
+TOL = dict(rtol=1e-5, atol=1e-5)
+STEPS = 2
+
+
+def test_mesh_steps_equal_the_single_device_step():
+    """One test item, so that the subprocess runs once even under pytest-xdist."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_sharding"], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = {r["case"]: r for r in map(json.loads, filter(lambda line: line.startswith("{"), proc.stdout.splitlines()))}
+    assert sorted(results) == sorted(CASES), proc.stderr[-4000:]
+    failed = {case: r["error"] for case, r in results.items() if r["error"] is not None}
+    assert not failed, failed
+    for case, r in results.items():
+        assert r["devices"] == 8
+        # jit: leaves the 2x4 mesh actually splits; shard_map: devices that each saw 1/8 of the batch.
+        assert r["sharded"] >= (8 if case.startswith("shard_map") else 10), r
+
+
+def _setup(model: str, name: str, batch: int):
+    """(method, params, loss(peft, batch) -> scalar, batch) for one model."""
+    rng = np.random.RandomState(0)
+    if model == "synthetic":
+        method = (jpeft.DoRA if name == "dora" else jpeft.LoRA)(
+            targets=M.LINEAR_TARGETS if name == "dora" else M.ALL_TARGETS, rank=2, layouts=M.LAYOUTS
+        )
+        params = M.params()
+        fwd = jpeft.wrap(M.Model().apply, method)
+        data = {"ids": jnp.asarray(rng.randint(0, M.VOCAB, (batch, M.SEQ)), jnp.int32)}
+
+        def loss(peft, data):
+            logits = fwd({"params": peft}, data["ids"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], data["ids"][:, 1:]).mean()
+
+        return method, params, loss, data
+    from tests import _hf_models as H
+
+    hf = H.make("gpt2")
+    method = (jpeft.DoRA if name == "dora" else jpeft.LoRA)(targets=("c_attn", "c_fc"), rank=2)
+    fwd = jpeft.wrap(hf.apply, method)
+    ids = rng.randint(0, H.VOCAB, (batch, H.SEQ))
+    data = {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "attention_mask": jnp.ones((batch, H.SEQ), jnp.int32),
+        "position_ids": jnp.asarray(np.broadcast_to(np.arange(H.SEQ), (batch, H.SEQ)), jnp.int32),
+    }
+
+    def loss(peft, data):
+        logits = hf.logits(fwd({"params": peft}, **data))
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], data["input_ids"][:, 1:]).mean()
+
+    return method, hf.params, loss, data
+
+
+def _randomize(peft: Any) -> Any:
+    """Non-zero deltas (B = 0 at init would make the first step's A-gradient zero)."""
+    rng = np.random.RandomState(1)
+
+    def fill(path, x):
+        if R in [str(k.key) for k in path]:
+            return jnp.asarray(x + 0.1 * rng.standard_normal(x.shape), x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(fill, peft)
+
+
+def _compare(got: Any, want: Any) -> None:
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL, err_msg=jax.tree_util.keystr(path))
+
+
+_REFERENCE: dict[tuple[str, str], Any] = {}
+
+
+def _run_case(case: str) -> dict[str, Any]:
+    run, model, name = case.split("-")
+    method, params, loss_fn, data = _setup(model, name, batch=8)
+    peft = _randomize(jpeft.apply(method, params, key=jax.random.key(0)))
+    tx = jpeft.optimizer(optax.adam(1e-2), method, peft)
+    trainable, frozen = jpeft.split(method, peft)
+
+    def step(trainable, state, frozen, data):
+        loss, grads = jax.value_and_grad(lambda t: loss_fn(jpeft.combine(t, frozen), data))(trainable)
+        updates, state = tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state, loss
+
+    def train(step_fn, trainable, state, frozen, data):
+        losses = []
+        for _ in range(STEPS):
+            trainable, state, loss = step_fn(trainable, state, frozen, data)
+            losses.append(loss)
+        return trainable, state, np.asarray(losses)
+
+    key = (model, name)
+    if key not in _REFERENCE:  # the single-device run, shared by the jit and shard_map cases
+        _REFERENCE[key] = train(jax.jit(step), trainable, tx.init(trainable), frozen, data)
+    want = _REFERENCE[key]
+    if run == "jit":
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        replicated = NamedSharding(mesh, P())
+        specs = jpeft.partition_specs(method, peft, fsdp_specs(params), mesh=mesh)
+        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+        t_sh, f_sh = jpeft.split(method, shardings)
+        d_sh = jax.tree.map(lambda _: NamedSharding(mesh, P("data")), data)
+        t, f, d = (jax.device_put(x, s) for x, s in ((trainable, t_sh), (frozen, f_sh), (data, d_sh)))
+        state = jax.jit(tx.init)(t)  # moments sharded like their parameters; the step count replicated
+        s_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+        state = jax.device_put(state, s_sh)
+        step_fn = jax.jit(
+            step, in_shardings=(t_sh, s_sh, f_sh, d_sh), out_shardings=(t_sh, s_sh, replicated)
+        )
+        got = train(step_fn, t, state, f, d)
+        sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves((got[0], f)))
+    else:
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+
+        def dp_step(trainable, state, frozen, data):
+            def local(t):
+                return jax.lax.pmean(loss_fn(jpeft.combine(t, frozen), data), "data")
+
+            loss, grads = jax.value_and_grad(local)(trainable)
+            grads = jax.lax.pmean(grads, "data")
+            updates, state = tx.update(grads, state, trainable)
+            return optax.apply_updates(trainable, updates), state, loss
+
+        step_fn = jax.jit(
+            jax.shard_map(dp_step, mesh=mesh, in_specs=(P(), P(), P(), P("data")), out_specs=(P(), P(), P()))
+        )
+        got = train(step_fn, trainable, tx.init(trainable), frozen, data)
+        first = jax.tree.leaves(data)[0]
+        local = jax.shard_map(lambda x: jnp.full((1,), x.shape[0]), mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+        sharded = int((np.asarray(local(first)) == first.shape[0] // 8).sum())  # devices that saw 1/8 of the batch
+    np.testing.assert_allclose(got[2], want[2], **TOL, err_msg="loss")
+    _compare(got[0], want[0])
+    _compare(got[1], want[1])
+    return {"sharded": int(sharded), "loss": got[2].tolist()}
+
+
+def main() -> None:
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_default_matmul_precision", "float32")
+    for case in CASES:
+        start = time.perf_counter()
+        try:
+            result = {"case": case, "error": None, "devices": jax.device_count(), **_run_case(case)}
+        except Exception as e:  # reported per case to the parent test
+            result = {"case": case, "error": f"{type(e).__name__}: {e}"[-3000:], "devices": jax.device_count()}
+        print(json.dumps({**result, "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
