@@ -25,6 +25,8 @@ from jpeft._tree import list_paths as list_paths
 from jpeft.io._hf_peft import export_hf as export_hf
 from jpeft.io._hf_peft import import_hf as import_hf
 from jpeft.methods._adapters import HoulsbyAdapter as HoulsbyAdapter
+from jpeft.methods._compose import Compose as Compose
+from jpeft.methods._compose import compose as compose
 from jpeft.methods._adapters import MultiHeadParallelAdapter as MultiHeadParallelAdapter
 from jpeft.methods._adapters import ParallelAdapter as ParallelAdapter
 from jpeft.methods._adapters import PfeifferAdapter as PfeifferAdapter
@@ -41,6 +43,11 @@ from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
 from jpeft.methods._lora import LoRAPlus as LoRAPlus
 from jpeft.methods._qlora import QLoRA as QLoRA
+from jpeft.methods._prefix import PrefixTuning as PrefixTuning
+from jpeft.methods._prefix import PTuningV2 as PTuningV2
+from jpeft.methods._prompt import PromptTuning as PromptTuning
+from jpeft.methods._prompt import PTuning as PTuning
+from jpeft._generate import generate as generate
 from jpeft.quant._nf4 import NF4 as NF4
 from jpeft.quant._nf4 import NF4Array as NF4Array
 from jpeft.quant._nf4 import dequantize as dequantize
@@ -69,6 +76,7 @@ __all__ = [
     "PfeifferAdapter",
     "ScaledParallelAdapter",
     "AdaLoRA",
+    "Compose",
     "DoRA",
     "JpeftError",
     "Layout",
@@ -76,8 +84,14 @@ __all__ = [
     "LoRA",
     "LoRAFA",
     "LoRAPlus",
+    "PrefixTuning",
+    "PromptTuning",
+    "PTuning",
+    "PTuningV2",
+    "generate",
     "Method",
     "adapters",
+    "compose",
     "add_weighted",
     "adalora_ranks",
     "apply",

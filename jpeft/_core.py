@@ -313,7 +313,7 @@ def labels(method: Method, tree: PyTree) -> PyTree:
     base_label = method.base_labeller(tree)
 
     def label(path: Path, _: Any) -> str:
-        return method.delta_label(path[-1]) if RESERVED in path else base_label(path)
+        return method.delta_label_at(path) if RESERVED in path else base_label(path)
 
     return _map(label, tree)
 

@@ -59,6 +59,12 @@ class Method:
     #: False for methods that only choose which *base* leaves train (BitFit, Freeze, Full): they
     #: add no delta leaves, ``wrap`` runs the model unchanged and ``merge`` is the identity.
     has_deltas: ClassVar[bool] = True
+    #: Where the method acts on a module it targets, which orders it in ``jpeft.compose``:
+    #: ``'weight'`` (reparameterises the kernel: LoRA, diff pruning, QLoRA) runs innermost, then
+    #: ``'scale'`` ((IA)^3 rescales outputs), ``'output'`` (adapters transform the output) and
+    #: ``'overwrite'`` (prompts and prefixes overwrite positions) outermost. Two composed methods
+    #: with the same role on one module conflict.
+    site_role: ClassVar[str] = "weight"
 
     def __post_init__(self) -> None:
         if self.extra_trainable is not None:
@@ -131,6 +137,10 @@ class Method:
         inside the user's loss function.
         """
         return None
+
+    def delta_label_at(self, path: Path) -> str:
+        """The optimizer label of the delta leaf at the full ``path``; by default by its leaf name."""
+        return self.delta_label(path[-1])
 
     def delta_label(self, leaf: str) -> str:
         """The optimizer label of a delta leaf; ``'frozen'`` for leaves that do not train."""

@@ -196,7 +196,11 @@ def export_hf(
         "r": method.rank,
         "lora_alpha": _scalar(method.alpha),
         "lora_dropout": float(method.dropout),
-        "target_modules": _targets_for_torch(targets, list(modules)),
+        "target_modules": (
+            [t.replace("/", ".") for t in method.targets]
+            if isinstance(method.targets, tuple)
+            else _targets_for_torch(targets, list(modules))
+        ),
         "fan_in_fan_out": transposed,
         "bias": "none",
         "use_rslora": method.use_rslora,

@@ -72,34 +72,57 @@ def run(hf: Any, fn: Any, params: Any) -> np.ndarray:
 
 
 def lora_twin(method: jpeft.QLoRA) -> jpeft.LoRA:
-    return jpeft.LoRA(targets=method.targets, rank=method.rank, alpha=method.alpha)
+    return jpeft.LoRA(targets=method.targets, rank=method.rank, alpha=method.alpha, layouts=method.layouts)
+
+
+def as_lora(tree: Any, dtype: Any = None) -> Any:
+    """The tree plain LoRA sees: kernels dequantised, the empty delta entries of un-adapted modules dropped."""
+
+    def visit(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: visit(v) for k, v in node.items() if not (k == jpeft.RESERVED and v == {"default": {}})}
+
+    return visit(jpeft.dequantize(tree, dtype))
+
+
+@functools.cache
+def jitted(family: str, kind: str) -> Any:
+    """One compiled program per family and kind, reused by every test: ``params -> logits``."""
+    hf, method, *_ = setup(family, "bfloat16" if kind == "qlora_bf16" else "float32")
+    fn = {
+        "base": hf.apply,
+        "qlora": jpeft.wrap(hf.apply, method),
+        "qlora_bf16": jpeft.wrap(hf.apply, method),
+        "lora": jpeft.wrap(hf.apply, lora_twin(method)),
+    }[kind]
+    return jax.jit(lambda p: hf.logits(fn({"params": p}, **hf.inputs)))
 
 
 # --- conformance ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_at_init_against_dequantised_base(family):
     hf, method, q, peft, _ = setup(family)
-    got = run(hf, jax.jit(jpeft.wrap(hf.apply, method)), peft)
-    want = run(hf, hf.apply, jpeft.dequantize(q))
+    got = jitted(family, "qlora")(peft)
+    want = jitted(family, "base")(jpeft.dequantize(q))
     np.testing.assert_allclose(got, want, **TOL)
-    assert rel(want, run(hf, hf.apply, hf.params)) > 1e-4  # the base really is quantised
+    assert rel(want, jitted(family, "base")(hf.params)) > 1e-4  # the base really is quantised
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_deltas_equal_lora_on_dequantised_weights(family):
     hf, method, _, _, peft = setup(family)
-    got = run(hf, jpeft.wrap(hf.apply, method), peft)
-    want = run(hf, jpeft.wrap(hf.apply, lora_twin(method)), jpeft.dequantize(peft))
+    got = jitted(family, "qlora")(peft)
+    want = jitted(family, "lora")(as_lora(peft))
     np.testing.assert_allclose(got, want, **TOL)
-    assert rel(got, run(hf, hf.apply, jpeft.dequantize(peft))) > 1e-3  # the deltas matter
+    assert rel(got, jitted(family, "base")(jpeft.dequantize(setup(family)[2]))) > 1e-3  # the deltas matter
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_compute_within_1e_2_of_bf16_lora(family):
     hf, method, _, _, peft = setup(family, "bfloat16")
-    got = run(hf, jpeft.wrap(hf.apply, method), peft)
-    bf16_base = jpeft.dequantize(peft, jnp.bfloat16)  # kernels bf16; the LoRA factors stay float32
-    want = run(hf, jpeft.wrap(hf.apply, lora_twin(method)), bf16_base)
+    got = jitted(family, "qlora_bf16")(peft)
+    want = jitted(family, "lora")(as_lora(peft, jnp.bfloat16))  # kernels bf16; the LoRA factors stay float32
     err = rel(got, want)
     assert err < 1e-2, err  # measured: gpt2 ~2e-3, bert ~4e-4
     assert err > 0  # the base matmul really ran in bf16
@@ -136,7 +159,7 @@ def test_dense_and_dense_general_match_numpy_reference():
 def test_merge_equals_wrapped_and_keeps_structure(family):
     hf, method, q, _, peft = setup(family)
     merged = jpeft.merge(method, peft)
-    np.testing.assert_allclose(run(hf, hf.apply, merged), run(hf, jpeft.wrap(hf.apply, method), peft), **TOL)
+    np.testing.assert_allclose(jitted(family, "base")(merged), jitted(family, "qlora")(peft), **TOL)
     assert jax.tree.structure(merged) == jax.tree.structure(hf.params)  # plain float params again
     want = {p: (x.shape, x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(hf.params)[0]}
     assert {p: (x.shape, x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]} == want
@@ -156,12 +179,12 @@ def test_grads_reach_exactly_the_lora_leaves(family):
     assert len(paths) == 2 * len(LORA_DIMS[family]) * H.LAYERS
     assert sum(isinstance(x, NF4Array) for x in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, NF4Array)))
     wrapped = jpeft.wrap(hf.apply, method)
-    weights = jax.random.normal(jax.random.key(3), run(hf, wrapped, peft).shape)
+    weights = jax.random.normal(jax.random.key(3), jitted(family, "qlora")(peft).shape)
 
     def loss(t):
         return jnp.sum(hf.logits(wrapped({"params": jpeft.combine(t, frozen)}, **hf.inputs)) * weights)
 
-    grads = jax.grad(loss)(trainable)
+    grads = jax.jit(jax.grad(loss))(trainable)
     for path, g in zip(jpeft.list_paths(grads), jax.tree.leaves(grads), strict=True):
         assert np.all(np.isfinite(g)) and np.any(g != 0), path
     labels = jpeft.labels(method, peft)
@@ -224,8 +247,7 @@ def test_scan_model_gets_stacked_deltas():
         np.asarray(wrapped({"params": peft})), np.asarray(M.Model().apply({"params": jpeft.dequantize(q)}, ids)), **TOL
     )
     peft = randomize(peft, seed=4)
-    lora = jpeft.LoRA(targets=method.targets, rank=RANK, alpha=ALPHA, layouts=M.LAYOUTS)
-    want = jpeft.wrap(lambda v: M.Model().apply(v, ids), lora)({"params": jpeft.dequantize(peft)})
+    want = jpeft.wrap(lambda v: M.Model().apply(v, ids), lora_twin(method))({"params": as_lora(peft)})
     np.testing.assert_allclose(np.asarray(jax.jit(wrapped)({"params": peft})), np.asarray(want), **TOL)
 
 
