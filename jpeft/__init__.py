@@ -22,6 +22,8 @@ from jpeft._named import remove as remove
 from jpeft._sharding import partition_specs as partition_specs
 from jpeft._tree import RESERVED as RESERVED
 from jpeft._tree import list_paths as list_paths
+from jpeft.io._checkpoint import restore as restore
+from jpeft.io._checkpoint import save as save
 from jpeft.io._hf_peft import export_hf as export_hf
 from jpeft.io._hf_peft import import_hf as import_hf
 from jpeft.methods._adapters import HoulsbyAdapter as HoulsbyAdapter
@@ -42,11 +44,11 @@ from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
 from jpeft.methods._lora import LoRAPlus as LoRAPlus
-from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
 from jpeft.methods._prompt import PromptTuning as PromptTuning
 from jpeft.methods._prompt import PTuning as PTuning
+from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft._generate import generate as generate
 from jpeft.quant._nf4 import NF4 as NF4
 from jpeft.quant._nf4 import NF4Array as NF4Array
@@ -104,6 +106,8 @@ __all__ = [
     "profiles",
     "register_linear",
     "regularizer",
+    "restore",
+    "save",
     "remove",
     "split",
     "summary",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import optax
 
-from jpeft import _intercept, _tree
+from jpeft import _errors, _intercept, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
@@ -125,7 +126,13 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
 
 
 def wrap(
-    apply_fn: Callable[..., Any], method: Method, *, active: str | Sequence[str] = "default"
+    apply_fn: Callable[..., Any],
+    method: Method,
+    *,
+    active: str | Sequence[str] = "default",
+    drop_layers: Sequence[int] | None = None,
+    drop_random: int | None = None,
+    layer_pattern: str | None = None,
 ) -> Callable[..., Any]:
     """Wraps a Flax apply function so that it runs with a method's deltas in effect.
 
@@ -142,6 +149,12 @@ def wrap(
       method: the method whose deltas ``variables['params']`` holds.
       active: the adapter name to run, or a list of names: stacked (their changes add up), or the
         choices of a mixed batch.
+      drop_layers: AdapterDrop at inference: layer indices whose modules run without their deltas
+        (``range(5)`` drops the lowest five layers). The skipped work is not computed at all.
+      drop_random: AdapterDrop in training: when the caller passes a ``'dropout'`` rng, each call
+        draws ``n`` uniformly from ``0..drop_random`` and drops the deltas of layers ``< n``.
+      layer_pattern: a regex with one group that captures the layer index from a module path, for
+        ``drop_layers`` / ``drop_random``; by default the detected profile's ``layer_pattern``.
 
     Returns:
       The wrapped apply function.
@@ -167,6 +180,25 @@ def wrap(
         raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
     if not method.has_deltas:
         return apply_fn
+    dropping = drop_layers is not None or drop_random is not None
+    if drop_layers is not None:
+        try:
+            dropped = frozenset(int(i) for i in drop_layers)
+        except (TypeError, ValueError):
+            raise JpeftError(f"jpeft.wrap(drop_layers={drop_layers!r}): expected a sequence of layer indices.") from None
+    if drop_random is not None and (isinstance(drop_random, bool) or not isinstance(drop_random, int) or drop_random < 0):
+        raise JpeftError(f"jpeft.wrap(drop_random={drop_random!r}): expected an int >= 0 (the most layers to drop).")
+    if layer_pattern is not None:
+        _errors.regex("jpeft.wrap", "layer_pattern", layer_pattern)
+
+    def layer_of(pattern: str) -> Callable[[Any], int | None]:
+        compiled = re.compile(pattern)
+
+        def index(module: Any) -> int | None:
+            m = compiled.search(join(module.path))
+            return int(m.group(1)) if m else None
+
+        return index
 
     @functools.wraps(apply_fn)
     def wrapped(variables: PyTree, *args: Any, **kwargs: Any) -> Any:
@@ -185,11 +217,41 @@ def wrap(
         index = kwargs.pop("adapter_index", None)
         if index is not None:
             _check_adapter_index(index, names, args, kwargs)
-        intercept = _intercept.interceptor(method.forward, names, index)
+        drop = None
+        if dropping:
+            pattern = layer_pattern or _layer_pattern(params)
+            layer = layer_of(pattern)
+            n = None
+            rngs = kwargs.get("rngs")
+            if drop_random is not None and isinstance(rngs, Mapping) and "dropout" in rngs:
+                key = jax.random.fold_in(rngs["dropout"], 0x4AD0)  # a stream apart from the model's dropout
+                n = jax.random.randint(key, (), 0, drop_random + 1)
+
+            def drop(module: Any) -> Any:
+                i = layer(module)
+                if i is None:
+                    return False
+                if drop_layers is not None and i in dropped:
+                    return True
+                return False if n is None else i < n
+
+        intercept = _intercept.interceptor(method.forward, names, index, drop)
         with nn.intercept_methods(intercept):
             return method.call(apply_fn, variables, args, kwargs, active=active)
 
     return wrapped
+
+
+def _layer_pattern(params: PyTree) -> str:
+    from jpeft import profiles
+
+    found = profiles.matching(params)
+    if not found:
+        raise JpeftError(
+            "jpeft.wrap(drop_layers=/drop_random=): no known architecture matches the tree, so jpeft cannot "
+            "tell layer indices. Pass layer_pattern=r'(?:^|/)layers_(\\d+)(?=/|$)' (one group: the index)."
+        )
+    return found[0].layer_pattern
 
 
 def _check_adapter_index(index: Any, names: tuple[str, ...], args: tuple, kwargs: dict) -> None:

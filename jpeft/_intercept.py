@@ -158,7 +158,9 @@ def linear_of(module: nn.Module) -> Linear:
 Forward = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
 
 
-def interceptor(forward: Forward, active: str | tuple[str, ...], index: Any = None) -> Callable[..., Any]:
+def interceptor(
+    forward: Forward, active: str | tuple[str, ...], index: Any = None, drop: Callable[[nn.Module], Any] | None = None
+) -> Callable[..., Any]:
     """Returns an ``intercept_methods`` interceptor that runs ``forward`` on modules with deltas.
 
     ``forward(module, next_fun, args, kwargs, deltas)`` receives the intercepted module's own delta
@@ -166,6 +168,9 @@ def interceptor(forward: Forward, active: str | tuple[str, ...], index: Any = No
     stack: each one's ``forward`` wraps the previous one's. With ``index`` (one int per example,
     ``-1`` for the base model) each row of the batch runs only adapter ``active[index[row]]``: the
     base output is computed once and each adapter's ``forward`` adds its own change to it.
+
+    ``drop(module)`` (AdapterDrop) returns ``True`` to run the module without its deltas, ``False``
+    to run them, or a traced bool to choose at run time.
     """
     names = (active,) if isinstance(active, str) else tuple(active)
 
@@ -181,6 +186,16 @@ def interceptor(forward: Forward, active: str | tuple[str, ...], index: Any = No
         present = [(i, n) for i, n in enumerate(names) if n in store]
         if not present:
             return next_fun(*args, **kwargs)
+        skip = False if drop is None else drop(module)
+        if skip is True:
+            return next_fun(*args, **kwargs)
+        if skip is not False:  # chosen at run time: compute the base once, then pick
+            base = next_fun(*args, **kwargs)
+            out = _run(module, lambda *a, **kw: base, args, kwargs, store, present)
+            return jnp.where(skip, base, out)
+        return _run(module, next_fun, args, kwargs, store, present)
+
+    def _run(module, next_fun, args, kwargs, store, present):
         if index is None:
 
             def run(k: int, *a: Any, **kw: Any) -> Any:

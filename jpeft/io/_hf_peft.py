@@ -95,6 +95,30 @@ def _targets_for_torch(paths: list[Path], modules: list[Path]) -> list[str] | st
     return sorted(".".join(p) for p in paths)  # unreachable: full paths are exact
 
 
+def _to_torch(owner: str, path: Path, leaf: str, x: Any) -> tuple[str, np.ndarray]:
+    """A base leaf of a saved module to its torch name and layout (the inverse of the loader's renaming)."""
+    x = np.asarray(x)
+    if leaf == "kernel":
+        if x.ndim not in (2, 4):
+            raise JpeftError(
+                f"{owner}: {join(path + (leaf,))} has shape {x.shape}; modules_to_save holds 2-D Linear or 4-D "
+                "convolution kernels only. Narrow extra_trainable."
+            )
+        return "weight", np.ascontiguousarray(x.T if x.ndim == 2 else np.transpose(x, (3, 2, 0, 1)))
+    return ("weight" if leaf in ("embedding", "scale") else leaf), np.ascontiguousarray(x)
+
+
+def _from_torch(name: str, x: np.ndarray, own: Mapping[str, Any]) -> tuple[str, np.ndarray]:
+    """A torch parameter of a saved module to its Flax leaf name and layout, given the module's leaves."""
+    if name == "weight" and "weight" not in own:
+        for leaf in ("scale", "embedding"):
+            if leaf in own:
+                return leaf, x
+        if "kernel" in own:
+            return "kernel", x.T if x.ndim == 2 else np.transpose(x, (2, 3, 1, 0))
+    return name, x
+
+
 def _scalar(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -115,7 +139,9 @@ def export_hf(
     ``base_model.model.<torch module>.lora_A.weight`` (``lora_embedding_A``/``_B`` for embeddings,
     ``lora_magnitude_vector.weight`` for DoRA's ``m``), so that HF PEFT computes
     ``y = x W^T + s (x A^T) B^T`` with the same ``s``. LoRA-FA and LoRA+ save as plain LoRA: their
-    difference is only in training.
+    difference is only in training. The modules whose leaves ``extra_trainable`` selects (a task
+    head) are saved whole as HF PEFT's ``modules_to_save``, under ``base_model.model.<module>.weight``
+    in torch layout.
 
     Args:
       path: the directory to write; created if missing. Existing files of the same names are
@@ -128,8 +154,9 @@ def export_hf(
       task_type: HF PEFT's task type, e.g. ``'SEQ_CLS'`` or ``'CAUSAL_LM'``; ``None`` is fine.
 
     Raises:
-      JpeftError: if the method is not LoRA, has ``extra_trainable`` (not exported), the adapter is
-        missing at a target, or a target has no HF PEFT equivalent (stacked or multi-axis kernel).
+      JpeftError: if the method is not LoRA, the adapter is missing at a target, a target has no HF
+        PEFT equivalent (stacked or multi-axis kernel), or ``extra_trainable`` selects part of a
+        module, a LoRA target or a root leaf (``modules_to_save`` holds whole named modules).
 
     Example:
       >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -153,12 +180,6 @@ def export_hf(
         raise JpeftError(
             f"{owner}: HF PEFT's LORA format holds jpeft.LoRA and its variants (DoRA, LoRA-FA, LoRA+); got "
             f"{type(method).__name__}. Save other methods with jpeft's own checkpoints."
-        )
-    if method.extra_trainable is not None:
-        raise JpeftError(
-            f"{owner}: {type(method).__name__}(extra_trainable={method.extra_trainable!r}) trains base leaves "
-            "too, which HF PEFT keeps as modules_to_save; export_hf does not write them. Save those leaves "
-            "separately, or export dataclasses.replace(method, extra_trainable=None)."
         )
     overrides = tuple(method.layouts) + _check_profile(owner, profile)
     if not isinstance(peft_params, Mapping):
@@ -187,6 +208,22 @@ def export_hf(
             tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         if method.use_dora:
             tensors[key + ".lora_magnitude_vector.weight"] = np.ascontiguousarray(np.asarray(deltas["magnitude"]))
+    saved: dict[Path, dict[str, Any]] = {}
+    if method.extra_trainable is not None:
+        for leaf_path, x in _tree.leaves(peft_params):
+            if RESERVED not in leaf_path and re.fullmatch(method.extra_trainable, join(leaf_path)):
+                saved.setdefault(leaf_path[:-1], {})[leaf_path[-1]] = x
+    for module, leaves in sorted(saved.items()):
+        if not module or module in targets or set(leaves) != set(modules[module]):
+            raise JpeftError(
+                f"{owner}: extra_trainable={method.extra_trainable!r} selects {sorted(leaves)} of module "
+                f"{join(module)!r}, which has {sorted(modules.get(module, {}))}{' and is a LoRA target' if module in targets else ''}. "
+                "HF PEFT's modules_to_save holds whole, named modules that are not LoRA targets: make the "
+                f"regex select every leaf of such modules, e.g. extra_trainable=r'{join(module) or 'head'}/.*'."
+            )
+        for leaf, x in leaves.items():
+            torch_name, value = _to_torch(owner, module, leaf, x)
+            tensors[PREFIX + ".".join(module + (torch_name,))] = value
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -205,7 +242,7 @@ def export_hf(
         "bias": "none",
         "use_rslora": method.use_rslora,
         "use_dora": method.use_dora,
-        "modules_to_save": None,
+        "modules_to_save": _targets_for_torch(sorted(saved), list(modules)) if saved else None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -247,7 +284,6 @@ def _read_config(owner: str, path: str) -> dict[str, Any]:
         "bias": (config.get("bias", "none"), "none"),
         "rank_pattern": (config.get("rank_pattern") or {}, {}),
         "alpha_pattern": (config.get("alpha_pattern") or {}, {}),
-        "modules_to_save": (config.get("modules_to_save") or None, None),
     }
     for field, (got, default) in unsupported.items():
         if got != default:
@@ -277,7 +313,9 @@ def import_hf(
     ``m`` as is, cast to the dtype ``jpeft.apply`` would give them (the kernel's, at least float32).
     The method is ``jpeft.LoRA(rank=r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=...,
     use_dora=...)``, whose targets are ``target_modules`` when they select exactly the modules in
-    the file, else those modules' paths.
+    the file, else those modules' paths. ``modules_to_save`` weights (a task head) replace the
+    base leaves of their modules in the returned tree, in Flax layout, and become the method's
+    ``extra_trainable``.
 
     Args:
       path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -290,12 +328,11 @@ def import_hf(
     Returns:
       ``(method, peft_params)``, as from ``jpeft.apply(method, params, key=..., name=name)`` with the
       file's values in place of the initial ones. The base leaves are the same objects as in
-      ``params``.
+      ``params``, except those of ``modules_to_save``; ``params`` itself is not changed.
 
     Raises:
       JpeftError: on a missing, invalid or truncated file, a ``peft_type`` other than ``'LORA'``,
-        options jpeft's LoRA lacks (``bias``, ``rank_pattern``, ``alpha_pattern``,
-        ``modules_to_save``), or a checkpoint for another model: a key whose module ``params``
+        options jpeft's LoRA lacks (``bias``, ``rank_pattern``, ``alpha_pattern``), or a checkpoint for another model: a key whose module ``params``
         lacks, or a tensor whose shape does not fit (naming the key and both shapes).
 
     Example:
@@ -326,15 +363,29 @@ def import_hf(
     file = os.path.join(path, WEIGHTS)
     tensors = read_safetensors(file, owner)
     modules = _tree.modules(params)
+    to_save = config.get("modules_to_save") or []
+    if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):
+        raise JpeftError(f"{owner}: modules_to_save={to_save!r} in {CONFIG} must be a list of module names.")
     found: dict[Path, dict[str, tuple[str, np.ndarray]]] = {}
+    saved: dict[Path, dict[str, tuple[str, np.ndarray]]] = {}
     unknown = []
     for key in sorted(tensors):
         m = _KEY.fullmatch(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
+        torch_module, _, param = key[len(PREFIX) :].rpartition(".")
+        if m is None and key.startswith(PREFIX) and any(
+            torch_module == t or torch_module.endswith("." + t) for t in to_save
+        ):
+            target = _resolve(torch_module, modules)
+            if target is None:
+                unknown.append(key)
+            else:
+                saved.setdefault(target, {})[param] = (key, tensors[key])
+            continue
         if m is None:
             raise JpeftError(
                 f"{owner}: {file!r} has key {key!r}, which is not a LoRA key "
-                f"'{PREFIX}<module>.lora_A.weight' (lora_B, lora_embedding_A/B, lora_magnitude_vector). "
-                "Is it an HF PEFT LoRA adapter?"
+                f"'{PREFIX}<module>.lora_A.weight' (lora_B, lora_embedding_A/B, lora_magnitude_vector) nor "
+                f"in modules_to_save={to_save}. Is it an HF PEFT LoRA adapter?"
             )
         target = _resolve(m["module"], modules)
         if target is None:
@@ -352,7 +403,13 @@ def import_hf(
             "model the adapter was trained on."
         )
     if not found:
-        raise JpeftError(f"{owner}: {file!r} holds no tensors; expected LoRA factors.")
+        raise JpeftError(f"{owner}: {file!r} holds no LoRA factors; expected '{PREFIX}<module>.lora_A.weight' keys.")
+    if to_save and not saved:
+        raise JpeftError(
+            f"{owner}: {CONFIG} lists modules_to_save={to_save}, but {file!r} holds none of their weights. "
+            "Save the adapter again with its modules."
+        )
+    extra = "(?:" + "|".join(re.escape(join(p)) for p in sorted(saved)) + ")/[^/]+" if saved else None
     rank, use_dora = config.get("r", 8), bool(config.get("use_dora", False))
     torch_targets = config.get("target_modules")
     paths = sorted(found)
@@ -370,6 +427,7 @@ def import_hf(
             use_rslora=config.get("use_rslora", False),
             use_dora=use_dora,
             layouts=layouts,
+            extra_trainable=extra,
         )
     except JpeftError as e:
         raise JpeftError(f"{owner}: {os.path.join(path, CONFIG)!r} does not make a valid LoRA: {e}") from None
@@ -405,4 +463,23 @@ def import_hf(
         if name in store:
             raise JpeftError(f"{owner}: adapter {name!r} already exists at {join(target)!r}; pass another name=...")
         node[RESERVED] = {**store, name: deltas}
+    for target, leaves in sorted(saved.items()):
+        own = modules[target]
+        node = _tree.get(out, target)
+        new = {}
+        for param, (key, x) in sorted(leaves.items()):
+            leaf, y = _from_torch(param, x, own)
+            if leaf not in own or tuple(y.shape) != tuple(own[leaf].shape):
+                want = tuple(own[leaf].shape) if leaf in own else f"one of {sorted(own)}"
+                raise JpeftError(
+                    f"{owner}: {key!r} has shape {tuple(x.shape)} {x.dtype}; as {join(target + (leaf,))} it needs "
+                    f"{want}. The modules_to_save weights were trained on another model."
+                )
+            new[leaf] = jnp.asarray(y, own[leaf].dtype)
+        if set(new) != set(own):
+            raise JpeftError(
+                f"{owner}: {file!r} holds {sorted(new)} of saved module {join(target)!r}, which has {sorted(own)}; "
+                "modules_to_save needs every parameter of the module."
+            )
+        node.update(new)
     return method, out

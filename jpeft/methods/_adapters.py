@@ -84,6 +84,7 @@ class _Adapter(Method):
     dtype: str | None = None
 
     mergeable: ClassVar[bool] = False
+    site_role: ClassVar[str] = "output"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,7 +207,12 @@ class _Sequential(_Adapter):
 
     def _shapes(self, path: Path, ctx: Context) -> dict[str, tuple[int, ...]]:
         stack, d, r, _ = self._dims(path, ctx)
-        return {"down_kernel": stack + (d, r), "down_bias": stack + (r,), "up_kernel": stack + (r, d), "up_bias": stack + (d,)}
+        return {
+            "down_kernel": stack + (d, r),
+            "down_bias": stack + (r,),
+            "up_kernel": stack + (r, d),
+            "up_bias": stack + (d,),
+        }
 
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
         stack, d, r, kernel = self._dims(path, ctx)
@@ -242,15 +248,17 @@ class HoulsbyAdapter(_Sequential):
         or a site too narrow for ``reduction_factor``.
 
     Example:
-      >>> import jax, jpeft
-      >>> from tests import _hf_models
-      >>> hf = _hf_models.make("bert")  # hidden 32, 2 layers
-      >>> method = jpeft.HoulsbyAdapter(reduction_factor=8)
-      >>> peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
-      >>> site = peft["bert"]["encoder"]["layer"]["0"]["attention"]["output"]["dense"]
-      >>> jax.tree.map(lambda x: x.shape, site[jpeft.RESERVED]["default"])
-      {'down_bias': (4,), 'down_kernel': (32, 4), 'up_bias': (32,), 'up_kernel': (4, 32)}
-      >>> method.param_count(hf.params) == 2 * (4 * 32 * 4 + 2 * 4 + 2 * 32)
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> from flax.traverse_util import unflatten_dict
+      >>> d = 16  # a one-layer GPT-2-shaped tree; its Conv1D kernels are (out, in)
+      >>> shapes = {"wte/embedding": (50, d), "h/0/attn/c_attn/kernel": (3 * d, d), "h/0/attn/c_proj/kernel": (d, d),
+      ...           "h/0/mlp/c_fc/kernel": (4 * d, d), "h/0/mlp/c_proj/kernel": (d, 4 * d)}
+      >>> params = unflatten_dict({tuple(k.split("/")): jnp.zeros(s) for k, s in shapes.items()})
+      >>> method = jpeft.HoulsbyAdapter(reduction_factor=4)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> jax.tree.map(jnp.shape, peft["h"]["0"]["attn"]["c_proj"][jpeft.RESERVED]["default"])
+      {'down_bias': (4,), 'down_kernel': (16, 4), 'up_bias': (16,), 'up_kernel': (4, 16)}
+      >>> method.param_count(params) == 4 * d * 4 + 2 * 4 + 2 * d
       True
 
     References:
@@ -284,14 +292,17 @@ class PfeifferAdapter(_Sequential):
       extra_trainable: regex over base leaf paths that train fully (e.g. a task head).
 
     Example:
-      >>> import jax, jpeft
-      >>> from tests import _hf_models
-      >>> hf = _hf_models.make("gpt2")  # hidden 32, 2 layers
-      >>> method = jpeft.PfeifferAdapter(reduction_factor=16)
-      >>> peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
-      >>> sorted(peft["transformer"]["h"]["1"]["mlp"]["c_proj"][jpeft.RESERVED]["default"])
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> from flax.traverse_util import unflatten_dict
+      >>> d = 16  # a one-layer GPT-2-shaped tree; its Conv1D kernels are (out, in)
+      >>> shapes = {"wte/embedding": (50, d), "h/0/attn/c_attn/kernel": (3 * d, d), "h/0/attn/c_proj/kernel": (d, d),
+      ...           "h/0/mlp/c_fc/kernel": (4 * d, d), "h/0/mlp/c_proj/kernel": (d, 4 * d)}
+      >>> params = unflatten_dict({tuple(k.split("/")): jnp.zeros(s) for k, s in shapes.items()})
+      >>> method = jpeft.PfeifferAdapter(reduction_factor=4)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> sorted(peft["h"]["0"]["mlp"]["c_proj"][jpeft.RESERVED]["default"])
       ['down_bias', 'down_kernel', 'up_bias', 'up_kernel']
-      >>> method.param_count(hf.params) == 2 * (2 * 32 * 2 + 2 + 32)
+      >>> method.param_count(params) == 2 * d * 4 + 4 + d
       True
 
     References:
@@ -382,11 +393,21 @@ class _Parallel(_Adapter):
                         f"any {self.source} module, so the adapter has no input. The profile's {self.source} and "
                         f"{self.sink} must name the sub-layer's first and last projections."
                     )
+                done.append(True)
                 return self._at_sink(m, nf, a, kw, seen[0], deltas)
             return nf(*a, **kw)
 
+        done: list[bool] = []
         with nn.intercept_methods(inner):
-            return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
+        if not done:
+            raise JpeftError(
+                f"{self._name()}: no {self.sink} module ran inside the call of {join(site)!r}, so the adapter "
+                f"was not applied. A parallel adapter re-enters the block's own call: it cannot run in a mixed "
+                "batch (adapter_index=) or under drop_random, which reuse the block's output. Otherwise the "
+                f"profile's {self.sink} regex names no module that this block calls."
+            )
+        return out
 
     def _at_source(self, m: nn.Module, nf: Any, a: tuple, kw: dict, seen: list) -> Any:
         raise NotImplementedError
@@ -415,13 +436,16 @@ class ParallelAdapter(_Parallel):
       extra_trainable: regex over base leaf paths that train fully (e.g. a task head).
 
     Example:
-      >>> import jax, jpeft
-      >>> from tests import _hf_models
-      >>> hf = _hf_models.make("llama")  # hidden 32, 2 layers
-      >>> method = jpeft.ParallelAdapter(bottleneck=4)
-      >>> peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
-      >>> jax.tree.map(lambda x: x.shape, peft["model"]["layers"]["0"]["mlp"][jpeft.RESERVED]["default"])
-      {'down_bias': (4,), 'down_kernel': (32, 4), 'up_bias': (32,), 'up_kernel': (4, 32)}
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> from flax.traverse_util import unflatten_dict
+      >>> d = 16  # a one-layer GPT-2-shaped tree; its Conv1D kernels are (out, in)
+      >>> shapes = {"wte/embedding": (50, d), "h/0/attn/c_attn/kernel": (3 * d, d), "h/0/attn/c_proj/kernel": (d, d),
+      ...           "h/0/mlp/c_fc/kernel": (4 * d, d), "h/0/mlp/c_proj/kernel": (d, 4 * d)}
+      >>> params = unflatten_dict({tuple(k.split("/")): jnp.zeros(s) for k, s in shapes.items()})
+      >>> method = jpeft.ParallelAdapter(bottleneck=8)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> jax.tree.map(jnp.shape, peft["h"]["0"]["mlp"][jpeft.RESERVED]["default"])  # in the FFN block's scope
+      {'down_bias': (8,), 'down_kernel': (16, 8), 'up_bias': (16,), 'up_kernel': (8, 16)}
 
     References:
       He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", ICLR 2022.
@@ -515,13 +539,18 @@ class MultiHeadParallelAdapter(_Parallel):
       extra_trainable: regex over base leaf paths that train fully (e.g. a task head).
 
     Example:
-      >>> import jax, jpeft
-      >>> from tests import _hf_models
-      >>> hf = _hf_models.make("gpt2")  # hidden 32, 4 heads, 2 layers
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> from flax.traverse_util import unflatten_dict
+      >>> d = 16  # a one-layer GPT-2-shaped tree; its Conv1D kernels are (out, in)
+      >>> shapes = {"wte/embedding": (50, d), "h/0/attn/c_attn/kernel": (3 * d, d), "h/0/attn/c_proj/kernel": (d, d),
+      ...           "h/0/mlp/c_fc/kernel": (4 * d, d), "h/0/mlp/c_proj/kernel": (d, 4 * d)}
+      >>> params = unflatten_dict({tuple(k.split("/")): jnp.zeros(s) for k, s in shapes.items()})
       >>> method = jpeft.MultiHeadParallelAdapter(bottleneck=3, num_heads=4)
-      >>> peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
-      >>> jax.tree.map(lambda x: x.shape, peft["transformer"]["h"]["0"]["attn"][jpeft.RESERVED]["default"])
-      {'prefix_key': (4, 3, 8), 'prefix_value': (4, 3, 8)}
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> jax.tree.map(jnp.shape, peft["h"]["0"]["attn"][jpeft.RESERVED]["default"])  # (heads, r, d_h)
+      {'prefix_key': (4, 3, 4), 'prefix_value': (4, 3, 4)}
+      >>> method.param_count(params) == 2 * 3 * d
+      True
 
     References:
       He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", ICLR 2022.

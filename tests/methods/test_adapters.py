@@ -141,7 +141,7 @@ def test_bert_layer_matches_numpy(name):
     layer = ("bert", "encoder", "layer", "0")
     with nn.intercept_methods(capture_layer(layer, seen)):
         jpeft.wrap(hf.apply, method)({"params": peft}, **hf.inputs)
-    (x, mask, y), = seen
+    ((x, mask, y),) = seen
     p = functools.reduce(lambda t, k: t[k], layer, peft)
     f = method.nonlinearity
 
@@ -181,7 +181,7 @@ def test_gpt2_parallel_adapter_reads_the_mlp_input():
 
     with nn.intercept_methods(intercept):
         jpeft.wrap(hf.apply, method)({"params": peft}, **hf.inputs)
-    (x, y), = seen
+    ((x, y),) = seen
     mlp = peft["transformer"]["h"]["1"]["mlp"]
     hidden = R.activation("gelu_new", R.transposed(x, mlp["c_fc"]["kernel"], mlp["c_fc"]["bias"]))
     base = R.transposed(hidden, mlp["c_proj"]["kernel"], mlp["c_proj"]["bias"])
@@ -349,8 +349,16 @@ class Tiny(nn.Module):
 
 
 TINY = jpeft.profiles.Profile(
-    name="tiny", detect=r"q/kernel", embedding="q", query="q", key="q", value="q", attn_out="o",
-    ffn_in="q", ffn_out="o", layer_pattern=r"(q)",
+    name="tiny",
+    detect=r"q/kernel",
+    embedding="q",
+    query="q",
+    key="q",
+    value="q",
+    attn_out="o",
+    ffn_in="q",
+    ffn_out="o",
+    layer_pattern=r"(q)",
 )
 
 
@@ -403,7 +411,9 @@ def test_profile_that_matches_nothing_lists_nearest_paths():
             r"reduction_factor=9\): layers/dg_out outputs 8 features, .* Use reduction_factor <= 8",
         ),
         (
-            jpeft.ParallelAdapter(bottleneck=2, profile=dataclasses.replace(SYNTHETIC, ffn_in=r"embed", ffn_out="head")),
+            jpeft.ParallelAdapter(
+                bottleneck=2, profile=dataclasses.replace(SYNTHETIC, ffn_in=r"embed", ffn_out="head")
+            ),
             r"ffn_out site 'head' shares no enclosing module with a ffn_in site \(nearest 'embed'\)",
         ),
         (
@@ -423,7 +433,10 @@ def test_apply_errors(method, match):
 
 def test_integer_kernel_is_refused():
     params = M.params()
-    params["layers"]["dg_out"] = {**params["layers"]["dg_out"], "kernel": params["layers"]["dg_out"]["kernel"].astype(jnp.int8)}
+    params["layers"]["dg_out"] = {
+        **params["layers"]["dg_out"],
+        "kernel": params["layers"]["dg_out"]["kernel"].astype(jnp.int8),
+    }
     with pytest.raises(JpeftError, match=r"layers/dg_out/kernel has dtype int8, expected a float kernel"):
         jpeft.apply(jpeft.PfeifferAdapter(profile=SYNTHETIC), params, key=jax.random.key(0))
 
@@ -461,5 +474,21 @@ def test_sink_before_source():
 def test_multi_head_needs_a_positional_input():
     method = jpeft.MultiHeadParallelAdapter(bottleneck=2, num_heads=2, profile=nested())
     peft = jpeft.apply(method, {"block": tiny_params()}, key=jax.random.key(0))
-    with pytest.raises(JpeftError, match=r"attention output module 'block/o' was called with keyword arguments \['inputs'\]"):
+    with pytest.raises(
+        JpeftError, match=r"attention output module 'block/o' was called with keyword arguments \['inputs'\]"
+    ):
         jpeft.wrap(Outer(keyword=True).apply, method)({"params": peft}, jnp.ones((1, 4)))
+
+
+def test_parallel_adapter_refuses_a_mixed_batch():
+    # adapter_index= computes each site's base output once and reuses it, so the block's own call,
+    # where a parallel adapter reads its input, never runs. Sequential adapters support it.
+    method, peft, random = synthetic("parallel")
+    ids = jnp.zeros((M.BATCH,), jnp.int32)
+    with pytest.raises(JpeftError, match=r"no ffn_out module ran inside the call of 'layers'.*adapter_index="):
+        jpeft.wrap(model_apply, method)({"params": random}, adapter_index=ids)
+    method, _, random = synthetic("houlsby")
+    mixed = jpeft.wrap(model_apply, method)({"params": random}, adapter_index=jnp.asarray([0, -1]))
+    full = jpeft.wrap(model_apply, method)({"params": random})
+    np.testing.assert_allclose(np.asarray(mixed[0]), np.asarray(full[0]), **TOL)
+    np.testing.assert_allclose(np.asarray(mixed[1]), synthetic_base()[1], **TOL)
