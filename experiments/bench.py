@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import glob
 import json
@@ -645,6 +646,186 @@ def run_lora(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- the qlora subcommand ------------------------------------------------------------------------
+def build_model_bf16(layers: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """FlaxGPT2LMHeadModel from GPT2Config() computing in bf16, with bf16 parameters (random, no download)."""
+    model, params = build_model(layers, seed)
+    model = type(model)(model.config, dtype=jnp.bfloat16, _do_init=False)
+    return model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def run_qlora(args: argparse.Namespace) -> dict[str, Any]:
+    """bf16 LoRA against QLoRA (NF4 + double quantisation) training steps on GPT-2-small shapes.
+
+    Both run the bf16 model (``dtype=bfloat16``, bf16 parameters) with the same LoRA factors
+    (float32, r on ``c_attn``, ``c_proj``, ``c_fc``), the lean ``jpeft.split`` step and Adam. QLoRA
+    stores every targeted kernel (all four linears of each block) as NF4 and dequantises it to bf16
+    inside the step. Reports the stored kernel bytes, XLA's ``memory_analysis()`` argument bytes
+    (the frozen base dominates them) and ``cost_analysis()`` FLOPs, and the wall-time ratio of
+    interleaved steps.
+    """
+    started = time.perf_counter()
+    model, params = build_model_bf16(args.layers)
+    cfg = model.config
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size, dtype=jnp.int32)
+    batch = {
+        "ids": ids,
+        "mask": jnp.ones_like(ids),
+        "pos": jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), ids.shape),
+    }
+    quant = jpeft.NF4(block_size=args.block_size, dq_block_size=args.dq_block_size)
+    methods = {
+        "lora_bf16": jpeft.LoRA(targets=TARGETS, rank=args.rank, alpha=16.0),
+        "qlora": jpeft.QLoRA(targets=TARGETS, rank=args.rank, alpha=16.0, quant=quant, compute_dtype="bfloat16"),
+    }
+    t = time.perf_counter()
+    qparams = jpeft.quantize(params, methods["qlora"])
+    jax.block_until_ready(qparams)
+    quantize_s = time.perf_counter() - t
+    pairs = _kernel_pairs(params, qparams).values()
+    kernel_bytes = {"lora_bf16": sum(p.nbytes for p, _ in pairs), "qlora": sum(q.nbytes for _, q in pairs)}
+    n_kernel = sum(p.size for p, _ in pairs)
+    bases = {"lora_bf16": params, "qlora": qparams}
+    tx = optax.adam(1e-4)
+    programs: dict[str, Program] = {}
+    splits = {}
+    for name, method in methods.items():
+        peft = jpeft.apply(method, bases[name], key=jax.random.key(2))
+        trainable, frozen = jpeft.split(method, peft)
+        splits[name] = (trainable, frozen)
+        tx_m = jpeft.optimizer(tx, method, trainable)
+        wrapped = jpeft.wrap(model.module.apply, method)
+
+        def step(trainable, opt_state, frozen, batch, wrapped=wrapped, tx_m=tx_m):
+            loss, grads = jax.value_and_grad(lambda t: lm_loss(wrapped, jpeft.combine(t, frozen), batch))(trainable)
+            updates, opt_state = tx_m.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, loss
+
+        step.__name__ = f"{name}_step"
+        tr = _copy(trainable)
+        programs[name] = Program(name, step, [tr, tx_m.init(tr), frozen, batch], (0, 1))
+        print(f"  {name:9s} compiled in {programs[name].compile_s:.1f}s", flush=True)
+    n_train = sum(x.size for x in jax.tree.leaves(splits["qlora"][0]))
+    print(
+        f"GPT-2 ({cfg.n_layer} layers, d={cfg.n_embd}): bf16 model; LoRA r={args.rank} on {TARGETS}: {n_train:,} "
+        f"trainable; NF4(block_size={quant.block_size}, dq_block_size={quant.dq_block_size}) on the same "
+        f"{n_kernel:,} kernel weights (quantised in {quantize_s:.1f}s); batch {args.batch} x seq {args.seq}; "
+        f"{jax.devices()[0].platform}",
+        flush=True,
+    )
+    load_before = os.getloadavg()
+    time_interleaved(programs, args.steps, None)
+    load_after = os.getloadavg()
+    res = {name: prog.result() for name, prog in programs.items()}
+    frozen_bytes = {name: _nbytes(splits[name][1]) for name in methods}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    def mem(name: str, key: str) -> int | None:
+        return (res[name]["bytes"] or {}).get(key)
+
+    ratios = {
+        "kernel_bytes_qlora_over_bf16": ratio(kernel_bytes["qlora"], kernel_bytes["lora_bf16"]),
+        "kernel_bits_per_weight": 8 * kernel_bytes["qlora"] / n_kernel,
+        "frozen_tree_bytes_qlora_over_bf16": ratio(frozen_bytes["qlora"], frozen_bytes["lora_bf16"]),
+        "argument_bytes_qlora_over_bf16": ratio(mem("qlora", "argument"), mem("lora_bf16", "argument")),
+        "temp_bytes_qlora_over_bf16": ratio(mem("qlora", "temp"), mem("lora_bf16", "temp")),
+        "total_bytes_qlora_over_bf16": ratio(mem("qlora", "total"), mem("lora_bf16", "total")),
+        "flops_qlora_over_bf16": ratio(res["qlora"]["flops"], res["lora_bf16"]["flops"]),
+        "wall_qlora_over_bf16": ratio(res["qlora"]["wall_s_median"], res["lora_bf16"]["wall_s_median"]),
+        "cpu_qlora_over_bf16": ratio(res["qlora"]["cpu_s_median"], res["lora_bf16"]["cpu_s_median"]),
+    }
+    first_loss_gap = abs(res["qlora"]["losses"][0] - res["lora_bf16"]["losses"][0]) / abs(res["lora_bf16"]["losses"][0])
+    elapsed = time.perf_counter() - started
+
+    rows = [["variant", "GFLOP", "arg MiB", "out MiB", "temp MiB", "alias MiB", "total MiB", "wall ms", "CPU ms"]]
+    for name in methods:
+        r, b = res[name], res[name]["bytes"] or {}
+        rows.append(
+            [
+                name,
+                "-" if r["flops"] is None else f"{r['flops'] / 1e9:,.2f}",
+                *(_mb(b.get(k)) for k in ("argument", "output", "temp", "alias", "total")),
+                f"{1e3 * r['wall_s_median']:,.1f}",
+                f"{1e3 * r['cpu_s_median']:,.1f}",
+            ]
+        )
+    print()
+    print(_table(rows))
+    print()
+    print(
+        f"stored kernels: bf16 {_mb(kernel_bytes['lora_bf16'])} MiB, NF4 {_mb(kernel_bytes['qlora'])} MiB; "
+        f"frozen trees (embeddings, norms, biases included): {_mb(frozen_bytes['lora_bf16'])} vs "
+        f"{_mb(frozen_bytes['qlora'])} MiB"
+    )
+    print("ratios, QLoRA over bf16 LoRA:")
+    for k, val in ratios.items():
+        bound = ""
+        if k == "kernel_bytes_qlora_over_bf16":
+            bound = f"  [<= 0.27: {'PASS' if val is not None and val <= 0.27 else 'FAIL'}]"
+        print(f"  {k:36s} {'-' if val is None else f'{val:.4f}'}{bound}")
+    print(
+        f"  first-step loss: LoRA {res['lora_bf16']['losses'][0]:.4f}, QLoRA {res['qlora']['losses'][0]:.4f} "
+        f"(relative gap {first_loss_gap:.2e}; a bf16 loss of a random-init model near log V, so a coarse check)"
+    )
+    print(
+        f"  (wall: median of {args.steps} interleaved steps; load average {load_before[0]:.2f} before timing, "
+        f"{load_after[0]:.2f} after)"
+    )
+    print(f"\nwall clock of the whole run: {elapsed:.1f}s")
+    return {
+        "command": " ".join(
+            shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments.bench", *sys.argv[1:]]
+        ),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
+        "platform": {
+            "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(),
+            "loadavg_before_timing": list(load_before),
+            "loadavg_after_timing": list(load_after),
+        },
+        "jpeft_git": _git_state(),
+        "config": {
+            "model": "FlaxGPT2LMHeadModel(GPT2Config(n_layer=layers), dtype=bfloat16), random init, bf16 params",
+            "layers": cfg.n_layer,
+            "batch": args.batch,
+            "seq": args.seq,
+            "rank": args.rank,
+            "targets": list(TARGETS),
+            "nf4": dataclasses.asdict(quant),
+            "kernel_weights": n_kernel,
+            "lora_trainable": int(n_train),
+            "timed_steps": args.steps,
+        },
+        "quantize_s": quantize_s,
+        "kernel_bytes": kernel_bytes,
+        "frozen_tree_bytes": frozen_bytes,
+        "results": res,
+        "ratios": ratios,
+        "first_step_loss_rel_gap": first_loss_gap,
+        "elapsed_s": elapsed,
+    }
+
+
+def _kernel_pairs(params: Any, qparams: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[Any, Any]]:
+    """Path -> (bf16 kernel, NF4Array) for every kernel that ``jpeft.quantize`` replaced."""
+    if isinstance(qparams, jpeft.NF4Array):
+        return {path: (params, qparams)}
+    if not isinstance(qparams, Mapping):
+        return {}
+    out = {}
+    for k in qparams:
+        out.update(_kernel_pairs(params[k], qparams[k], path + (k,)))
+    return out
+
+
 def _git_state() -> dict[str, Any]:
     """The commit of the checkout and the files that differ from it: figures depend on both."""
     import subprocess
@@ -681,8 +862,17 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", metavar="DIR", default=None, help="wrap the timed LoRA steps in jax.profiler.trace(DIR)"
     )
     p.add_argument("--dump-dir", default=None, help="where XLA dumps HLO and buffer assignments (default: a temp dir)")
+    q = sub.add_parser("qlora", help="bf16 LoRA vs QLoRA (NF4, double quantisation) training steps on GPT-2-small")
+    q.add_argument("--steps", type=_steps_arg, default=5, help="timed steps after one warm-up step (>= 5)")
+    q.add_argument("--batch", type=int, default=4)
+    q.add_argument("--seq", type=int, default=128)
+    q.add_argument("--rank", type=int, default=8)
+    q.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12 = GPT-2-small; 2 for a quick check)")
+    q.add_argument("--block-size", type=int, default=64)
+    q.add_argument("--dq-block-size", type=int, default=256)
+    q.add_argument("--out", default="experiments/results/bench_qlora.json")
     args = parser.parse_args(argv)
-    report = run_lora(args)
+    report = {"lora": run_lora, "qlora": run_qlora}[args.bench](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

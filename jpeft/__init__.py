@@ -3,6 +3,7 @@
 from jpeft import models as models
 from jpeft import profiles as profiles
 from jpeft._core import apply as apply
+from jpeft._core import check as check
 from jpeft._core import combine as combine
 from jpeft._core import labels as labels
 from jpeft._core import merge as merge
@@ -44,6 +45,9 @@ from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
 from jpeft.methods._lora import LoRAPlus as LoRAPlus
+from jpeft.methods._lora_drop import LoRADrop as LoRADrop
+from jpeft.methods._lora_drop import lora_drop_importance as lora_drop_importance
+from jpeft.methods._lora_drop import lora_drop_select as lora_drop_select
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
 from jpeft.methods._prompt import PromptTuning as PromptTuning
@@ -86,6 +90,7 @@ __all__ = [
     "LoRA",
     "LoRAFA",
     "LoRAPlus",
+    "LoRADrop",
     "PrefixTuning",
     "PromptTuning",
     "PTuning",
@@ -97,9 +102,12 @@ __all__ = [
     "add_weighted",
     "adalora_ranks",
     "apply",
+    "check",
     "combine",
     "labels",
     "list_paths",
+    "lora_drop_importance",
+    "lora_drop_select",
     "merge",
     "optimizer",
     "partition_specs",

@@ -521,3 +521,37 @@ def summary(method: Method, peft_params: PyTree) -> str:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return "\n".join(lines)
+
+
+def check(peft_params: PyTree) -> None:
+    """Raises if any delta leaf holds NaN or infinity; call it eagerly (outside ``jit``).
+
+    A diverged run shows up here with the paths of the bad leaves, before it is saved or merged.
+
+    Raises:
+      JpeftError: naming up to five non-finite delta leaves, their shapes and how many bad values.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> peft = jpeft.apply(jpeft.LoRA(targets=["q"], rank=2), params, key=jax.random.key(0))
+      >>> jpeft.check(peft)  # finite: returns None
+    """
+    _check_params(peft_params, "jpeft.check")
+    bad = []
+    for path, leaf in _tree.leaves(peft_params):
+        if RESERVED not in path:
+            continue
+        if isinstance(leaf, jax.core.Tracer):
+            raise JpeftError("jpeft.check inspects values; call it outside jax.jit / grad, on concrete arrays.")
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact):
+            n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if n:
+                bad.append(f"{join(path)} {tuple(arr.shape)}: {n} non-finite of {arr.size}")
+    if bad:
+        raise JpeftError(
+            f"jpeft.check: {len(bad)} delta leaves hold NaN or inf: " + "; ".join(bad[:5])
+            + ". Training diverged: lower the learning rate, clip gradients (optax.clip_by_global_norm) or "
+            "restore the last good checkpoint."
+        )

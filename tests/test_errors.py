@@ -481,3 +481,16 @@ def test_grouped_conv_is_refused():
         JpeftError, match=r"nn.Conv at 'layer' has feature_group_count=2; LoRA on grouped convolutions is not supported"
     ):
         forward(nn.Conv(4, (3,), feature_group_count=2), method, jnp.ones((2, 6, 4)))
+
+
+def test_check_names_non_finite_delta_leaves():
+    params = {"q": {"kernel": jnp.ones((4, 4))}}
+    peft = jpeft.apply(jpeft.LoRA(targets=["q"], rank=2), params, key=jax.random.key(0))
+    jpeft.check(peft)
+    bad = jax.tree_util.tree_map_with_path(
+        lambda p, x: x.at[0, 0].set(jnp.nan) if "lora_a" in str(p) else x, peft
+    )
+    with pytest.raises(jpeft.JpeftError, match=r"q/__jpeft__/default/lora_a \(4, 2\): 1 non-finite of 8"):
+        jpeft.check(bad)
+    with pytest.raises(jpeft.JpeftError, match="outside jax.jit"):
+        jax.jit(jpeft.check)(peft)

@@ -6,7 +6,9 @@ subprocess (this file run as a script) runs them all: a ``jax.jit`` step with ``
 in/out shardings on a 2x4 ('data', 'model') mesh with FSDP-style base sharding, and a ``shard_map``
 data-parallel step (``pmean`` of the gradients) on an 8-way 'data' mesh. Each must give the loss
 and updated parameters of the same step run on one device, for LoRA and DoRA, on the synthetic
-scanned model and on tiny HF GPT-2.
+scanned model and on tiny HF GPT-2. The four cases cover each run type with both models and both
+methods. The jit runs also save the sharded result with ``jpeft.save`` and restore it onto the
+sharded base: the deltas come back with the shardings ``partition_specs`` derives.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -246,6 +248,8 @@ def test_mesh_steps_equal_the_single_device_step():
         assert r["devices"] == 8
         # jit: leaves the 2x4 mesh actually splits; shard_map: devices that each saw 1/8 of the batch.
         assert r["sharded"] >= (8 if case.startswith("shard_map") else 10), r
+        if case.startswith("jit"):  # jpeft.save + jpeft.restore onto the sharded base kept the shardings
+            assert r["restored_sharded"] >= 4, r
 
 
 def _setup(model: str, name: str, batch: int):
@@ -326,6 +330,7 @@ def _run_case(case: str) -> dict[str, Any]:
     if key not in _REFERENCE:  # the single-device run, shared by the jit and shard_map cases
         _REFERENCE[key] = train(jax.jit(step), trainable, tx.init(trainable), frozen, data)
     want = _REFERENCE[key]
+    extra: dict[str, Any] = {}
     if run == "jit":
         mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
         replicated = NamedSharding(mesh, P())
@@ -342,6 +347,7 @@ def _run_case(case: str) -> dict[str, Any]:
         )
         got = train(step_fn, t, state, f, d)
         sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves((got[0], f)))
+        extra["restored_sharded"] = _check_sharded_restore(method, params, jpeft.combine(got[0], f), got[1], shardings)
     else:
         mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
 
@@ -364,7 +370,35 @@ def _run_case(case: str) -> dict[str, Any]:
     np.testing.assert_allclose(got[2], want[2], **TOL, err_msg="loss")
     _compare(got[0], want[0])
     _compare(got[1], want[1])
-    return {"sharded": int(sharded), "loss": got[2].tolist()}
+    return {"sharded": int(sharded), "loss": got[2].tolist(), **extra}
+
+
+def _check_sharded_restore(method, params, trained, state, shardings) -> int:
+    """Saves the sharded run and restores it onto the sharded base: the deltas come back with the
+    shardings partition_specs derives and the same values; the optimizer state with the template's."""
+    import tempfile
+
+    def like(tree, sh):  # the shardings of the base leaves only
+        return {k: like(v, sh[k]) if isinstance(v, Mapping) else sh[k] for k, v in tree.items()}
+
+    base = jax.device_put(params, like(params, shardings))
+    with tempfile.TemporaryDirectory() as path:
+        jpeft.save(path, method, trained, step=STEPS, opt_state=state)
+        restored = jpeft.restore(path, base, opt_state=state)
+    count = 0
+    for (p, x), want, sh in zip(
+        jax.tree_util.tree_flatten_with_path(restored.params)[0],
+        jax.tree.leaves(trained),
+        jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want), err_msg=jax.tree_util.keystr(p))
+        assert x.sharding.is_equivalent_to(sh, x.ndim), (jax.tree_util.keystr(p), x.sharding, sh)
+        count += R in jax.tree_util.keystr(p) and not sh.is_fully_replicated
+    for x, want in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
+        assert x.sharding.is_equivalent_to(want.sharding, x.ndim)
+    return count
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Files: orbax checkpoints of the deltas (``save``, ``restore``, ``steps``)."""
+"""Interop and files: orbax checkpoints of the deltas, and the HF PEFT adapter format."""
 
 from jpeft.io._checkpoint import Checkpoint as Checkpoint
 from jpeft.io._checkpoint import restore as restore

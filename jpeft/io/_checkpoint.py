@@ -22,12 +22,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from jpeft import _tree
 from jpeft._errors import JpeftError
@@ -42,7 +42,15 @@ _COMMIT = "commit_success.txt"
 _REPLACED = ".replaced"  # the old checkpoint while overwrite=True swaps in the new one
 _REPLACEMENT = ".replacement"  # the new checkpoint while overwrite=True writes it
 
-_rename = os.rename  # one name for the swap's renames, so that a test can interrupt it
+def _rename(src: epath.Path, dst: epath.Path) -> None:
+    """The swap's renames go through here, so that a test can interrupt them."""
+    src.rename(dst)
+
+
+def _root(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute, or a remote one (``gs://...``) as it is."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 class Checkpoint(NamedTuple):
@@ -115,16 +123,20 @@ def _jpeft_class(module: str, qualname: str, where: str) -> type:
 
 
 def _method_json(method: Method) -> dict[str, Any]:
+    """The method as JSON, checked to come back equal (methods defined outside jpeft are not rebuilt by
+    name; :func:`restore` takes them as ``method=``)."""
     config = _encode(method, type(method).__name__)
     try:
         back = _decode(config, type(method).__name__)
-    except (JpeftError, TypeError, ValueError):
+    except JpeftError:  # not a jpeft class
+        return config
+    except (TypeError, ValueError):
         back = None
     if back != method:
         raise JpeftError(
             f"jpeft.save: {type(method).__name__} does not survive a JSON round trip (it came back as "
-            f"{back!r}). A method saved with jpeft.save must be a jpeft dataclass whose fields JSON can "
-            "hold; otherwise pass the method to jpeft.restore(..., method=...) and keep its config yourself."
+            f"{back!r}). Its fields must be None, bool, int, float, str, tuples, str-keyed mappings or jpeft "
+            "dataclasses of those, and its __post_init__ must accept the values it stores."
         )
     return config
 
@@ -142,12 +154,12 @@ def _fingerprint(leaves: list[list[Any]]) -> str:
     return hashlib.sha256(json.dumps(leaves, separators=(",", ":")).encode()).hexdigest()
 
 
-def _step_dir(path: str, step: int) -> str:
-    return os.path.join(path, f"step_{step}")
+def _step_dir(root: epath.Path, step: int) -> epath.Path:
+    return root / f"step_{step}"
 
 
-def _committed(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, _COMMIT))
+def _committed(directory: epath.Path) -> bool:
+    return (directory / _COMMIT).is_file()
 
 
 def steps(path: str | os.PathLike) -> list[int]:
@@ -161,20 +173,24 @@ def steps(path: str | os.PathLike) -> list[int]:
       >>> jpeft.io.steps(tempfile.mkdtemp())
       []
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    root = _root(path)
+    if not root.is_dir():
         return []
     found = set()
-    for entry in os.listdir(path):
-        m = _STEP.fullmatch(entry.removesuffix(_REPLACED))
-        if m and _committed(os.path.join(path, entry)):
+    for entry in root.iterdir():
+        m = _STEP.fullmatch(entry.name.removesuffix(_REPLACED))
+        if m and _committed(entry):
             found.add(int(m.group(1)))
     return sorted(found)
 
 
-def _resolve(path: str, step: int) -> str:
-    final = _step_dir(path, step)
-    return final if _committed(final) else final + _REPLACED
+def _resolve(root: epath.Path, step: int) -> epath.Path:
+    final = _step_dir(root, step)
+    return final if _committed(final) else _with(final, _REPLACED)
+
+
+def _with(path: epath.Path, suffix: str) -> epath.Path:
+    return path.parent / (path.name + suffix)
 
 
 def save(
@@ -272,31 +288,32 @@ def save(
     if opt_leaves:
         items["opt_state"] = ocp.args.StandardSave({f"{i:06d}": x for i, x in enumerate(opt_leaves)})
 
-    root = os.path.abspath(os.fspath(path))
+    root = _root(path)
     final = _step_dir(root, step)
-    exists = os.path.exists(final) or os.path.exists(final + _REPLACED)
+    replaced, replacement = _with(final, _REPLACED), _with(final, _REPLACEMENT)
+    exists = final.exists() or replaced.exists()
     if exists and not overwrite:
         raise JpeftError(
-            f"{where}: a checkpoint of step {step} already exists at {final!r}. Save under another step, "
+            f"{where}: a checkpoint of step {step} already exists at '{final}'. Save under another step, "
             "or pass overwrite=True to replace it (the new one is written first, then swapped in)."
         )
     primary = jax.process_index() == 0
-    target = final + _REPLACEMENT if exists else final
+    target = replacement if exists else final
     if primary:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(target):  # left by a save interrupted before it committed
-            shutil.rmtree(target)
+        root.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # left by a save interrupted before it committed
+            target.rmtree()
     _barrier("jpeft.save:prepare")
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(target, ocp.args.Composite(**items))
     if exists and primary:
-        if os.path.exists(final):  # else an interrupted overwrite already moved it aside
-            if os.path.exists(final + _REPLACED):
-                shutil.rmtree(final + _REPLACED)
-            _rename(final, final + _REPLACED)
+        if final.exists():  # else an interrupted overwrite already moved it aside
+            if replaced.exists():
+                replaced.rmtree()
+            _rename(final, replaced)
         _rename(target, final)
-        shutil.rmtree(final + _REPLACED)
+        replaced.rmtree()
     _barrier("jpeft.save:done")
-    return final
+    return str(final)
 
 
 def _barrier(name: str) -> None:
@@ -406,19 +423,19 @@ def restore(
     where = "jpeft.restore"
     if not isinstance(params, Mapping):
         raise JpeftError(f"{where}: params must be the base parameters, a nested mapping; got {type(params).__name__}.")
-    root = os.path.abspath(os.fspath(path))
+    root = _root(path)
     available = steps(root)
     if step is None:
         if not available:
-            raise JpeftError(f"{where}: no complete checkpoint under {root!r}. Save one with jpeft.save(path, ...).")
+            raise JpeftError(f"{where}: no complete checkpoint under '{root}'. Save one with jpeft.save(path, ...).")
         step = available[-1]
     elif step not in available:
-        raise JpeftError(f"{where}(step={step!r}): no complete checkpoint of that step under {root!r}; found steps {available}.")
+        raise JpeftError(f"{where}(step={step!r}): no complete checkpoint of that step under '{root}'; found steps {available}.")
     directory = _resolve(root, step)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     meta = checkpointer.restore(directory, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("format") != FORMAT:
-        raise JpeftError(f"{where}: {directory!r} has checkpoint format {meta.get('format')!r}; this jpeft reads format {FORMAT}.")
+        raise JpeftError(f"{where}: '{directory}' has checkpoint format {meta.get('format')!r}; this jpeft reads format {FORMAT}.")
 
     saved_method = _decode(meta["method"], meta["method"]["__dataclass__"].rpartition(":")[2]) if method is None else None
     if method is not None:
@@ -434,7 +451,7 @@ def restore(
     base = [[join(p), *_describe(x)] for p, x in _base_leaves(params)]
     if _fingerprint(base) != meta["base"]["fingerprint"]:
         raise JpeftError(
-            f"{where}: params is not the base tree this checkpoint was saved from ({directory!r}). "
+            f"{where}: params is not the base tree this checkpoint was saved from ('{directory}'). "
             f"Paths that differ, with the saved shape and dtype first:\n{_mismatch(meta['base']['leaves'], base)}\n"
             "Pass the parameters of the model the adapter was trained on."
         )

@@ -214,12 +214,18 @@ def export_hf(
             if RESERVED not in leaf_path and re.fullmatch(method.extra_trainable, join(leaf_path)):
                 saved.setdefault(leaf_path[:-1], {})[leaf_path[-1]] = x
     for module, leaves in sorted(saved.items()):
-        if not module or module in targets or set(leaves) != set(modules[module]):
+        if not module:
+            raise JpeftError(
+                f"{owner}: extra_trainable={method.extra_trainable!r} selects {sorted(leaves)} at the root of the "
+                "tree, outside any module; HF PEFT's modules_to_save holds named modules only. Narrow the regex."
+            )
+        if module in targets or set(leaves) != set(modules[module]):
             raise JpeftError(
                 f"{owner}: extra_trainable={method.extra_trainable!r} selects {sorted(leaves)} of module "
-                f"{join(module)!r}, which has {sorted(modules.get(module, {}))}{' and is a LoRA target' if module in targets else ''}. "
-                "HF PEFT's modules_to_save holds whole, named modules that are not LoRA targets: make the "
-                f"regex select every leaf of such modules, e.g. extra_trainable=r'{join(module) or 'head'}/.*'."
+                f"{join(module)!r}, which has {sorted(modules[module])}"
+                f"{' and is a LoRA target' if module in targets else ''}. HF PEFT's modules_to_save holds whole, "
+                "named modules that are not LoRA targets: make the regex select every leaf of such modules, "
+                f"e.g. extra_trainable=r'{join(module)}/.*'."
             )
         for leaf, x in leaves.items():
             torch_name, value = _to_torch(owner, module, leaf, x)
@@ -292,6 +298,13 @@ def _read_config(owner: str, path: str) -> dict[str, Any]:
                 "Re-save the adapter without it."
             )
     return config
+
+
+def _saved(torch_module: str, to_save: list[str]) -> bool:
+    """Whether a torch module is, or sits inside, a module that ``modules_to_save`` names."""
+    parts = torch_module.split(".")
+    heads = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(h == t or h.endswith("." + t) for h in heads for t in to_save)
 
 
 def _resolve(torch_path: str, modules: Mapping[Path, Any]) -> Path | None:
@@ -372,9 +385,7 @@ def import_hf(
     for key in sorted(tensors):
         m = _KEY.fullmatch(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
         torch_module, _, param = key[len(PREFIX) :].rpartition(".")
-        if m is None and key.startswith(PREFIX) and any(
-            torch_module == t or torch_module.endswith("." + t) for t in to_save
-        ):
+        if m is None and key.startswith(PREFIX) and _saved(torch_module, to_save):
             target = _resolve(torch_module, modules)
             if target is None:
                 unknown.append(key)

@@ -426,5 +426,6 @@ def adalora_ranks(opt_state: optax.OptState) -> dict[str, jax.Array]:
     modules = ["/".join(k.split("/")[:-2]) for k in mask]  # drop '__jpeft__/<adapter>'
     unique = len(set(modules)) == len(modules)
     return {
-        (m if unique else k): jnp.sum(v, axis=-1, dtype=jnp.int32) for m, (k, v) in zip(modules, mask.items(), strict=True)
+        (m if unique else k): jnp.sum(v, axis=-1, dtype=jnp.int32)
+        for m, (k, v) in zip(modules, mask.items(), strict=True)
     }

@@ -190,7 +190,7 @@ class _Sequential(_Adapter):
     def select(self, params: PyTree) -> list[Path]:
         profile = self.resolve_profile(params)
         paths = _module_paths(params)
-        return sorted(p for p in paths for f in self.fields if re.fullmatch(getattr(profile, f), join(p)))
+        return sorted({p for p in paths for f in self.fields if re.fullmatch(getattr(profile, f), join(p))})
 
     def _dims(self, path: Path, ctx: Context) -> tuple[tuple, int, int, Any]:
         node = _module_paths(ctx.params)[path]

@@ -78,7 +78,9 @@ class LoRADrop(LoRA):
             )
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.use_dora:
-            raise JpeftError(f"{self._name()}(use_dora=True): LoRA-drop shares plain LoRA factors; DoRA is not supported.")
+            raise JpeftError(
+                f"{self._name()}(use_dora=True): LoRA-drop shares plain LoRA factors; DoRA is not supported."
+            )
 
     def _plan(self, params: PyTree) -> tuple[list[Path], dict[str, list[Path]]]:
         """The targets, and the shared layers of each group; validates ``keep`` and shapes."""
@@ -139,22 +141,23 @@ class LoRADrop(LoRA):
 
     # --- forward and merge ---------------------------------------------------------------------
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
-        if not module.path:  # the root: publish the shared pairs while the model runs
+        if "lora_a" in deltas:  # a kept layer
+            return super().forward(module, next_fun, args, kwargs, deltas)
+        if deltas:  # the root's groups: publish them while the model runs
             token = _SHARED.set(deltas)
             try:
                 return next_fun(*args, **kwargs)
             finally:
                 _SHARED.reset(token)
-        if "lora_a" in deltas:
-            return super().forward(module, next_fun, args, kwargs, deltas)
+        group = module.path[-1] if module.path else None  # a shared layer's empty marker
         shared = _SHARED.get()
-        if shared is None or module.name not in shared:
+        if shared is None or group not in shared:
             raise JpeftError(
-                f"{self._name()}: {join(module.path)!r} shares the {module.name!r} pair stored at the tree's "
-                f"root (__jpeft__/<adapter>/{module.name}), but the root module's __call__ did not run with "
-                "it. Apply the whole tree through the root module: jpeft.wrap(model.apply, method)."
+                f"{self._name()}: {join(module.path)!r} shares the {group!r} pair stored at the tree's root "
+                f"(__jpeft__/<adapter>/{group}), but the root module's __call__ did not run with it. Apply "
+                "the whole tree through the root module: jpeft.wrap(model.apply, method)."
             )
-        return super().forward(module, next_fun, args, kwargs, shared[module.name])
+        return super().forward(module, next_fun, args, kwargs, shared[group])
 
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
         if not path:
@@ -211,13 +214,16 @@ def lora_drop_importance(
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
-      >>> model, x = nn.Dense(3), jnp.ones((2, 4))
-      >>> params = {"dense": model.init(jax.random.key(0), x)["params"]}
-      >>> method = jpeft.LoRA(targets=["dense"], rank=2)
-      >>> peft = jpeft.apply(method, params, key=jax.random.key(1))
-      >>> apply = lambda v, x, **kw: nn.Dense(3, name="dense").apply(v, x, **kw)
-      >>> jpeft.lora_drop_importance(method, peft, lambda v, x, **kw: model.apply(
-      ...     {"params": v["params"]["dense"]}, x, **kw), [x])  # doctest: +SKIP
+      >>> class Two(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     return nn.Dense(4, name="b")(nn.Dense(4, name="a")(x))
+      >>> model, x = Two(), jnp.ones((2, 4))
+      >>> method = jpeft.LoRA(targets=["a", "b"], rank=2)
+      >>> peft = jpeft.apply(method, model.init(jax.random.key(0), x)["params"], key=jax.random.key(1))
+      >>> peft["a"]["__jpeft__"]["default"]["lora_b"] = jnp.ones((2, 4))  # as if trained; b's B is 0
+      >>> {k: v > 0 for k, v in jpeft.lora_drop_importance(method, peft, model.apply, [x]).items()}
+      {'a': True, 'b': False}
     """
     _check_lora(method, "jpeft.lora_drop_importance")
 
@@ -244,7 +250,7 @@ def lora_drop_importance(
             for path, value in _tree.leaves(_tree.as_dicts(state.get("intermediates", {}))):
                 if _SOW in path:
                     module = join(path[: path.index(_SOW)])
-                    totals[module] = totals.get(module, 0.0) + float(np.asarray(value, np.float64))
+                    totals[module] = totals.get(module, 0.0) + float(np.sum(np.asarray(value, np.float64)))
                     seen.add(module)
     missing = sorted(set(totals) - seen)
     if missing:
@@ -288,7 +294,21 @@ def lora_drop_select(
         whose B is still 0).
 
     Example:
-      See ``tests/methods/test_lora_drop.py``; the pass needs a model and data.
+      With ``model``, ``x``, ``method`` and ``peft`` of :func:`lora_drop_importance`'s example, ``a``
+      keeps its own LoRA and ``b`` moves to the shared pair of its group:
+
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+      >>> class Two(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     return nn.Dense(4, name="b")(nn.Dense(4, name="a")(x))
+      >>> model, x = Two(), jnp.ones((2, 4))
+      >>> method = jpeft.LoRA(targets=["a", "b"], rank=2)
+      >>> peft = jpeft.apply(method, model.init(jax.random.key(0), x)["params"], key=jax.random.key(1))
+      >>> peft["a"]["__jpeft__"]["default"]["lora_b"] = jnp.ones((2, 4))
+      >>> new, tree = jpeft.lora_drop_select(method, peft, model.apply, [x], key=jax.random.key(2))
+      >>> new.keep, sorted(tree["__jpeft__"]["default"]), tree["b"]["__jpeft__"]
+      (('a',), ['b'], {'default': {}})
 
     References:
       Zhou et al., "LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation", 2024.

@@ -189,7 +189,7 @@ class PrefixTuning(VirtualTokens):
                 "returned by jpeft.apply(method, params, key=..., name=...)."
             )
         mlp = store[name]
-        flat = jnp.tanh(mlp["prefix_embedding"] @ mlp["w1"] + mlp["b1"]) @ mlp["w2"] + mlp["b2"]
+        flat = jnp.tanh(mlp["prefix_embedding"] @ mlp["w1"] + mlp["b1"][None, :]) @ mlp["w2"] + mlp["b2"][None, :]
         out: dict[Path, dict[str, jax.Array]] = {}
         start = 0
         for s in self.prefix_sites(params):

@@ -295,7 +295,7 @@ class PromptTuning(VirtualTokens):
 
 
 def _linear(deltas: Any, name: str, x: jax.Array) -> jax.Array:
-    return x @ deltas[f"{name}_kernel"] + deltas[f"{name}_bias"]
+    return x @ deltas[f"{name}_kernel"] + deltas[f"{name}_bias"][None, :]
 
 
 def _lstm(x: jax.Array, wi: jax.Array, wh: jax.Array, b: jax.Array) -> jax.Array:

@@ -65,7 +65,7 @@ class QLoRA(LoRA):
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
       >>> model, x = nn.Dense(8), jnp.ones((2, 64))
-      >>> params = {"params": {"dense": model.init(jax.random.key(0), x)["params"]}}["params"]
+      >>> params = {"dense": model.init(jax.random.key(0), x)["params"]}
       >>> method = jpeft.QLoRA(targets=["dense"], rank=2, compute_dtype="float32")
       >>> peft = jpeft.apply(method, jpeft.quantize(params, method), key=jax.random.key(1))
       >>> y = jpeft.wrap(lambda v, x: model.apply({"params": v["params"]["dense"]}, x), method)({"params": peft}, x)

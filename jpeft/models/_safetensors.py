@@ -210,7 +210,8 @@ def load_hf_safetensors(
 ) -> tuple[Any, dict[str, Any]]:
     """Loads an HF PyTorch-format model directory into a ``transformers`` Flax model, without torch.
 
-    Reads ``config.json`` and ``model.safetensors`` (NumPy API), builds the Flax class of the
+    Reads ``config.json`` and ``model.safetensors`` (or the shards that
+    ``model.safetensors.index.json`` lists) with safetensors' NumPy API, builds the Flax class of the
     config's ``architectures`` (``BertModel`` gives ``FlaxBertModel``) with ``_do_init=False`` and
     converts names and layouts: torch ``Linear`` ``(out, in)`` to Flax ``(in, out)`` kernels,
     embeddings, LayerNorm ``weight``/``bias`` to ``scale``/``bias``, GPT-2's ``Conv1D``. The result
@@ -219,7 +220,7 @@ def load_hf_safetensors(
     (``lm_head.weight``, BART's ``embed_tokens``) are dropped.
 
     Args:
-      directory: a directory with ``config.json`` and ``model.safetensors``.
+      directory: a directory with ``config.json`` and ``model.safetensors`` (or its sharded form).
       model_class: a ``transformers`` Flax class, or its name, to build instead of the config's
         architecture; for example ``'FlaxBertForSequenceClassification'`` over a bare BERT
         checkpoint, whose head is then missing (see ``key``).
@@ -262,7 +263,13 @@ def load_hf_safetensors(
     except (json.JSONDecodeError, ValueError, KeyError) as e:
         raise JpeftError(f"{_OWNER}: {config_path!r} is not a valid HF model config: {e}.") from None
     cls = _model_class(config, model_class)
-    state = read_safetensors(weights_path, _OWNER)
+    index_path = weights_path + ".index.json"
+    if not os.path.isfile(weights_path) and os.path.isfile(index_path):  # a sharded checkpoint
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in read_safetensors(os.path.join(directory, shard), _OWNER).items()}
+    else:
+        state = read_safetensors(weights_path, _OWNER)
     with jax.numpy_rank_promotion("allow"):  # HF's own init code relies on implicit rank promotion
         model = cls(config, dtype=dtype, _do_init=False)
         shapes = model.params_shape_tree

@@ -186,11 +186,15 @@ class NF4Array:
 
     def __repr__(self) -> str:
         dq = f", dq_block_size={self.dq_block_size}" if self.dq_block_size else ""
-        return f"NF4Array(shape={self.shape}, orig_dtype={self.orig_dtype}, block_size={self.block_size}{dq})"
+        shape = self.shape if hasattr(self.codes, "shape") else f"(..., {', '.join(map(str, self.core_shape))})"
+        return f"NF4Array(shape={shape}, orig_dtype={self.orig_dtype}, block_size={self.block_size}{dq})"
 
 
 def quantize_array(x: jax.typing.ArrayLike, config: NF4 = NF4()) -> NF4Array:
-    """Quantises one float array of rank >= 2 to NF4; see :class:`NF4` for the format.
+    """Quantises one concrete float array of rank >= 2 to NF4; see :class:`NF4` for the format.
+
+    It runs once, before training, in NumPy on the host (no compilation per shape); the children
+    of the result are device arrays.
 
     Raises:
       JpeftError: on a rank < 2, a non-float dtype or a block size that does not divide the size

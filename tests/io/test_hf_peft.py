@@ -233,6 +233,65 @@ def test_regex_targets_export_exact_paths(tmp_path):
     assert got.select(hf.params) == method.select(hf.params)
 
 
+def test_modules_to_save_roundtrip(tmp_path):
+    hf = _hf_models.make("bert")
+    method = jpeft.LoRA(targets=("query", "value"), rank=2, extra_trainable=r"classifier/.*")
+    peft = randomize_deltas(jpeft.apply(method, hf.params, key=jax.random.key(0)))
+    head = randomize(peft["classifier"], seed=9)  # a trained head: new arrays, not the base ones
+    peft = {**peft, "classifier": head}
+    jpeft.export_hf(str(tmp_path), method, peft, task_type="SEQ_CLS")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    st = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert config["modules_to_save"] == ["classifier"]
+    np.testing.assert_array_equal(st["base_model.model.classifier.weight"], np.asarray(head["kernel"]).T)  # (out, in)
+    np.testing.assert_array_equal(st["base_model.model.classifier.bias"], head["bias"])
+    got_method, got = jpeft.import_hf(str(tmp_path), hf.params)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(peft), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y), path
+    assert got["bert"]["pooler"]["dense"]["kernel"] is hf.params["bert"]["pooler"]["dense"]["kernel"]
+    assert hf.params["classifier"]["kernel"] is not got["classifier"]["kernel"]  # params itself is unchanged
+    assert jpeft.labels(got_method, got) == jpeft.labels(method, peft)
+    want = hf.logits(jpeft.wrap(hf.apply, method)({"params": peft}, **hf.inputs))
+    np.testing.assert_array_equal(hf.logits(jpeft.wrap(hf.apply, got_method)({"params": got}, **hf.inputs)), want)
+
+
+def test_hand_written_modules_to_save_inside_named_module(tmp_path):
+    hf = _hf_models.make("bert")
+    tensors, _ = hand_written(tmp_path, bare=False, modules_to_save=["pooler"])  # PEFT names the parent module
+    h = _hf_models.HIDDEN
+    tensors["base_model.model.bert.pooler.dense.weight"] = np.arange(h * h, dtype=np.float32).reshape(h, h)
+    tensors["base_model.model.bert.pooler.dense.bias"] = np.ones(h, np.float32)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    method, peft = jpeft.import_hf(str(tmp_path), hf.params)
+    dense = peft["bert"]["pooler"]["dense"]
+    np.testing.assert_array_equal(dense["kernel"], tensors["base_model.model.bert.pooler.dense.weight"].T)
+    np.testing.assert_array_equal(dense["bias"], np.ones(h))
+    labels = jpeft.labels(method, peft)
+    assert labels["bert"]["pooler"]["dense"] == {"kernel": "trainable", "bias": "trainable"}
+    assert labels["classifier"] == {"kernel": "frozen", "bias": "frozen"}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({"base_model.model.classifier.weight": np.ones((3, 31), np.float32)}),
+         r"'base_model.model.classifier.weight' has shape \(3, 31\) float32; as classifier/kernel it needs \(32, 3\)"),
+        (lambda t: t.pop("base_model.model.classifier.bias"),
+         r"holds \['kernel'\] of saved module 'classifier', which has \['bias', 'kernel'\]"),
+    ],
+    ids=["shape", "partial"],
+)
+def test_modules_to_save_errors(tmp_path, edit, message):
+    hf = _hf_models.make("bert")
+    tensors, _ = hand_written(tmp_path, bare=False, modules_to_save=["classifier"])
+    tensors["base_model.model.classifier.weight"] = np.ones((3, _hf_models.HIDDEN), np.float32)
+    tensors["base_model.model.classifier.bias"] = np.ones(3, np.float32)
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(jpeft.JpeftError, match=message):
+        jpeft.import_hf(str(tmp_path), hf.params)
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 
@@ -240,8 +299,11 @@ def test_export_errors(tmp_path):
     method, _, peft, _, _ = tiny_case()
     with pytest.raises(jpeft.JpeftError, match=r"holds jpeft.LoRA and its variants .*; got Method"):
         jpeft.export_hf(str(tmp_path), jpeft.Method(), peft)
-    with pytest.raises(jpeft.JpeftError, match=r"extra_trainable='wte/embedding'\) trains base leaves"):
-        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), extra_trainable="wte/embedding"), peft)
+    with pytest.raises(jpeft.JpeftError, match=r"selects \['kernel'\] of module 'c_attn', which has \['bias', 'kernel'\]\. "
+                       r"HF PEFT's modules_to_save holds whole"):
+        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), extra_trainable="c_attn/kernel"), peft)
+    with pytest.raises(jpeft.JpeftError, match=r"module 'query', which has \['bias', 'kernel'\] and is a LoRA target"):
+        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), extra_trainable="query/.*"), peft)
     with pytest.raises(jpeft.JpeftError, match=r"'c_attn' has no adapter 'other' \(it has \['default'\]\)"):
         jpeft.export_hf(str(tmp_path), method, peft, name="other")
     with pytest.raises(jpeft.JpeftError, match=r"profile must be a jpeft.profiles.Profile"):
@@ -251,6 +313,14 @@ def test_export_errors(tmp_path):
     stacked = jpeft.apply(lora, stacked, key=jax.random.key(0))
     with pytest.raises(jpeft.JpeftError, match=r"layers/query/kernel has shape \(2, 5, 6\) .* Stacked \(nn.scan\)"):
         jpeft.export_hf(str(tmp_path), lora, stacked)
+    odd = {"query": {"kernel": jnp.ones((D_IN, D_OUT))}, "head": {"kernel": jnp.ones((2, 3, 4))}, "root": jnp.ones(3)}
+    odd = jpeft.apply(lora, odd, key=jax.random.key(0))
+    with pytest.raises(jpeft.JpeftError, match=r"head/kernel has shape \(2, 3, 4\); modules_to_save holds 2-D Linear"):
+        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), rank=2, extra_trainable="head/.*"), odd)
+    with pytest.raises(jpeft.JpeftError, match=r"selects \['root'\] at the root of the tree, outside any module"):
+        jpeft.export_hf(str(tmp_path), jpeft.LoRA(targets=("query",), rank=2, extra_trainable="root"), odd)
+    with pytest.raises(jpeft.JpeftError, match=r"export_hf expects the params collection as a nested mapping; got list"):
+        jpeft.export_hf(str(tmp_path), method, [])
     assert not os.path.exists(tmp_path / "adapter_config.json")  # nothing half-written
 
 
@@ -260,14 +330,16 @@ def test_export_errors(tmp_path):
         ({"peft_type": "IA3"}, r"peft_type='IA3'; import_hf reads 'LORA' adapters"),
         ({"bias": "all"}, r"bias='all'; jpeft.LoRA has no equivalent"),
         ({"rank_pattern": {"query": 4}}, r"rank_pattern=\{'query': 4\}; jpeft.LoRA has no equivalent"),
-        ({"modules_to_save": ["classifier"]}, r"modules_to_save=\['classifier'\]; jpeft.LoRA has no"),
+        ({"modules_to_save": ["classifier"]}, r"lists modules_to_save=\['classifier'\], but .* holds none of their"),
+        ({"modules_to_save": "classifier"}, r"modules_to_save='classifier' in adapter_config.json must be a list"),
         ({"r": 0}, r"does not make a valid LoRA: LoRA\(rank=0\)"),
         ({"r": 4}, r"'base_model.model.bert.embeddings.word_embeddings.lora_embedding_A' has shape \(2, 100\) "
                    r"float32, but bert/embeddings/word_embeddings/embedding \(100, 32\) .* with r=4 needs \(4, 100\)"),
         ({"use_dora": True}, r"has \['.*lora_embedding_A', '.*lora_embedding_B'\] for module "
                              r"'bert/embeddings/word_embeddings'; with use_dora=True every target needs exactly"),
     ],
-    ids=["peft-type", "bias", "rank-pattern", "modules-to-save", "bad-r", "wrong-r", "no-magnitude"],
+    ids=["peft-type", "bias", "rank-pattern", "modules-to-save", "modules-to-save-str", "bad-r", "wrong-r",
+         "no-magnitude"],
 )
 def test_import_config_errors(tmp_path, config, message):
     hf = _hf_models.make("bert")
@@ -295,6 +367,9 @@ def test_import_file_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{")
     with pytest.raises(jpeft.JpeftError, match=r"adapter_config.json' is not valid JSON"):
         jpeft.import_hf(str(tmp_path), hf.params)
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(jpeft.JpeftError, match=r"adapter_config.json' holds a list, expected a JSON object"):
+        jpeft.import_hf(str(tmp_path), hf.params)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +386,7 @@ def test_import_file_errors(tmp_path):
                              np.ones((31, 2), np.float32)}),
          r"'base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight' has shape \(31, 2\) float32, "
          r"but bert/encoder/layer/0/attention/self/query/kernel \(32, 32\) \(layout 'dense'\) with r=2 needs \(32, 2\)"),
-        (lambda t: t.clear(), r"holds no tensors"),
+        (lambda t: t.clear(), r"holds no LoRA factors"),
     ],
     ids=["not-lora", "other-model", "half-pair", "shape", "empty"],
 )

@@ -45,7 +45,7 @@ SYNTHETIC = jpeft.profiles.Profile(
 )
 """tests/_models.py's scanned block: attention q/k/v/o, then the FFN ``h + dg_out(tanh(dg_in(h)))``."""
 
-# name -> (constructor, closed form per layer of the sites' width d, with bottleneck r)
+# Constructors for the synthetic model (D = 8, 2 heads); tests pass profile=SYNTHETIC.
 METHODS: dict[str, Callable[..., jpeft.Method]] = {
     "houlsby": lambda **kw: jpeft.HoulsbyAdapter(reduction_factor=4, **kw),
     "pfeiffer": lambda **kw: jpeft.PfeifferAdapter(reduction_factor=4, **kw),
@@ -88,7 +88,7 @@ def randomize(peft: Any, seed: int, scale: float = 0.3) -> Any:
     return jax.tree_util.tree_map_with_path(fill, peft)
 
 
-def hf_method(name: str, family: str) -> jpeft.Method:
+def hf_method(name: str) -> jpeft.Method:
     """The method for a tiny HF model (hidden 32, 4 heads)."""
     if name == "multi_head":
         return jpeft.MultiHeadParallelAdapter(bottleneck=3, num_heads=H.HEADS)
@@ -106,7 +106,7 @@ def hf_base(family: str) -> np.ndarray:
 @pytest.mark.parametrize("name", NAMES)
 def test_identity_at_init_on_hf_models(family, name):
     hf = H.make(family)
-    method = hf_method(name, family)
+    method = hf_method(name)
     assert method.identity_at_init and not method.mergeable
     peft = jpeft.apply(method, hf.params, key=jax.random.key(1))
     wrapped = jpeft.wrap(hf.apply, method)
@@ -135,7 +135,7 @@ def capture_layer(path: tuple[str, ...], seen: list) -> Callable[..., Any]:
 @pytest.mark.parametrize("name", [*NAMES, "scaled"])
 def test_bert_layer_matches_numpy(name):
     hf = H.make("bert")
-    method = jpeft.ScaledParallelAdapter(bottleneck=3) if name == "scaled" else hf_method(name, "bert")
+    method = jpeft.ScaledParallelAdapter(bottleneck=3) if name == "scaled" else hf_method(name)
     peft = randomize(jpeft.apply(method, hf.params, key=jax.random.key(1)), seed=2)
     seen: list = []
     layer = ("bert", "encoder", "layer", "0")
@@ -188,6 +188,38 @@ def test_gpt2_parallel_adapter_reads_the_mlp_input():
     want = base + 4.0 * R.bottleneck(x, mlp[jpeft.RESERVED]["default"], "gelu_new")
     assert not np.allclose(want, base, **TOL)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_multi_head_adapter_reads_the_fused_query():
+    # GPT-2's c_attn outputs [q; k; v]: the adapter reads the first third, and adds to the merged
+    # heads that c_proj receives.
+    hf = H.make("gpt2")
+    method = jpeft.MultiHeadParallelAdapter(bottleneck=3, num_heads=H.HEADS, nonlinearity="tanh")
+    peft = randomize(jpeft.apply(method, hf.params, key=jax.random.key(1)), seed=3)
+    attn = ("transformer", "h", "0", "attn")  # the first layer: its input is the same in both runs
+
+    def run(apply: Callable[..., Any], params: Any) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def intercept(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = tuple(context.module.path)
+            if context.method_name == "__call__" and path[:-1] == attn and path[-1] in ("c_attn", "c_proj"):
+                seen[path[-1]] = out if path[-1] == "c_attn" else args[0]
+            return out
+
+        with nn.intercept_methods(intercept):
+            apply({"params": params}, **hf.inputs)
+        return seen
+
+    base = run(hf.apply, hf.params)
+    seen = run(jpeft.wrap(hf.apply, method), peft)
+    np.testing.assert_array_equal(np.asarray(seen["c_attn"]), np.asarray(base["c_attn"]))
+    deltas = functools.reduce(lambda t, k: t[k], attn, peft)[jpeft.RESERVED]["default"]
+    q = np.asarray(base["c_attn"])[..., : H.HIDDEN]
+    delta = R.multi_head_parallel(q, deltas["prefix_key"], deltas["prefix_value"], "tanh")
+    assert np.abs(delta).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(seen["c_proj"]), R.f64(base["c_proj"]) + delta, rtol=1e-4, atol=1e-4)
 
 
 # --- conformance on the nn.scan model ------------------------------------------------------------
@@ -298,7 +330,7 @@ def test_training_lowers_the_loss_and_keeps_the_base(name):
         trainable = optax.apply_updates(trainable, updates)
         losses.append(float(loss))
     final = float(loss_and_grad(name)(trainable, frozen)[0])
-    assert np.isfinite(losses).all() and final < 0.7 * losses[0], f"loss {losses[0]:.3f} -> {final:.3f}"
+    assert np.isfinite(losses).all() and final < 0.2 * losses[0], f"loss {losses[0]:.3f} -> {final:.3f}"
     trained = flat(jpeft.combine(trainable, frozen))
     for path, leaf in original.items():
         np.testing.assert_array_equal(np.asarray(trained[path]), leaf, err_msg="/".join(path))
@@ -492,3 +524,37 @@ def test_parallel_adapter_refuses_a_mixed_batch():
     full = jpeft.wrap(model_apply, method)({"params": random})
     np.testing.assert_allclose(np.asarray(mixed[0]), np.asarray(full[0]), **TOL)
     np.testing.assert_allclose(np.asarray(mixed[1]), synthetic_base()[1], **TOL)
+
+
+def test_composes_with_lora():
+    # A LoRA on the attention output and Houlsby's adapter on the same module, plus a parallel
+    # adapter on the FFN: counts add up, the model starts unchanged, every component's leaves train.
+    lora = jpeft.LoRA(targets=r"layers/o", rank=2)
+    houlsby, parallel = synthetic("houlsby")[0], synthetic("scaled_learned")[0]
+    method = jpeft.compose(lora, houlsby, parallel)
+    peft = jpeft.apply(method, M.params(), key=jax.random.key(1))
+    counts = [m.param_count(M.params()) for m in (lora, houlsby, parallel)]
+    assert (
+        method.param_count(M.params())
+        == sum(counts)
+        == 2 * 2 * (D + D) + closed_form("houlsby", houlsby, L, D) + closed_form("scaled_learned", parallel, L, D)
+    )
+    np.testing.assert_allclose(
+        np.asarray(jpeft.wrap(model_apply, method)({"params": peft})), synthetic_base(), rtol=1e-6, atol=1e-6
+    )
+    labels = {label for p, label in flat(jpeft.labels(method, peft)).items() if jpeft.RESERVED in p}
+    assert labels == {"lora:trainable", "houlsbyadapter:trainable", "scaledparalleladapter:trainable"}
+
+
+def test_bf16_model_keeps_bf16():
+    method = jpeft.ParallelAdapter(bottleneck=3, profile=SYNTHETIC)
+    params = M.params(jnp.bfloat16)
+    peft = randomize(jpeft.apply(method, params, key=jax.random.key(1)), seed=2)
+    assert {x.dtype for p, x in flat(peft).items() if jpeft.RESERVED in p} == {jnp.dtype(jnp.float32)}
+    model = M.Model(dtype=jnp.bfloat16)
+    out = jpeft.wrap(model.apply, method)({"params": peft}, M.inputs())
+    want = jpeft.wrap(model_apply, method)({"params": jax.tree.map(lambda x: x.astype(jnp.float32), peft)})
+    base = model_apply({"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)})
+    assert out.dtype == jnp.bfloat16
+    assert not np.allclose(np.asarray(want), np.asarray(base), rtol=0.1, atol=0.1), "sanity: the adapter matters"
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), rtol=0.1, atol=0.1)

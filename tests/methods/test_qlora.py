@@ -174,7 +174,7 @@ def test_merge_equals_wrapped_and_keeps_structure(family):
 def test_grads_reach_exactly_the_lora_leaves(family):
     hf, method, _, _, peft = setup(family)
     trainable, frozen = jpeft.split(method, peft)
-    paths = {jpeft.list_paths(trainable)[i] for i in range(len(jpeft.list_paths(trainable)))}
+    paths = set(jpeft.list_paths(trainable))
     assert paths and all(p.split("/")[-1] in ("lora_a", "lora_b") for p in paths)
     assert len(paths) == 2 * len(LORA_DIMS[family]) * H.LAYERS
     assert sum(isinstance(x, NF4Array) for x in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, NF4Array)))

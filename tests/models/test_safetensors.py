@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft.models import load_hf_safetensors
@@ -88,6 +88,21 @@ def test_tiny_checkpoint_roundtrip_matches_hf_loader(tmp_path, family):
     with jax.numpy_rank_promotion("allow"):
         ref = type(hf.model).from_pretrained(directory, from_pt=True)
     same_tree(params, ref.params)
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf, directory = checkpoint(tmp_path, "llama")
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    os.remove(os.path.join(directory, "model.safetensors"))
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, os.path.join(directory, file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    _, params = load_hf_safetensors(directory)
+    same_tree(params, hf.params)
 
 
 def test_head_model_over_bare_checkpoint_needs_a_key(tmp_path):

@@ -233,3 +233,16 @@ def test_other_errors():
         bits_per_param({})
     with pytest.raises(jpeft.JpeftError, match=r"jpeft.quantize has shape \(64,\)"):
         quantize_array(np.ones(64, np.float32))
+
+
+def test_orbax_round_trip(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = jpeft.quantize(small_tree(), jpeft.NF4(block_size=16, dq_block_size=4), targets=("q",))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", tree)
+    checkpointer.wait_until_finished()
+    back = checkpointer.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+    assert isinstance(back["enc"]["q"]["kernel"], NF4Array) and back["enc"]["q"]["kernel"].shape == (16, 8)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

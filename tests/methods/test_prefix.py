@@ -1,0 +1,184 @@
+"""Prefix tuning and P-tuning v2 on tiny HF GPT-2 and Llama: the exact [t; x] oracle, folding, training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft._tree import RESERVED
+from tests import _hf_models as H
+from tests.methods.test_prompt import TOKENS, check_base_identical, check_oracle, extend, sharp_gpt2, train_gpt2
+
+P = len(TOKENS)
+
+
+def real_kv(family: str) -> dict[tuple[str, ...], jax.Array]:
+    """The base model's own key/value projection outputs for TOKENS, per module: ``{path: (P, features)}``.
+
+    Captured on ``[TOKENS] + x``; the models are causal, so positions 0..P-1 see TOKENS only.
+    """
+    m = H.make(family)
+    _, state = m.apply(
+        {"params": m.params}, **extend(m.inputs, TOKENS), capture_intermediates=lambda mdl, _: mdl.name in ("c_attn", "k_proj", "v_proj"),
+        mutable=["intermediates"],
+    )
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+        keys = tuple(k.key for k in path if hasattr(k, "key"))
+        out[keys[:-1]] = value[0, :P]
+    return out
+
+
+def _leaves(path: tuple[str, ...], y: jax.Array) -> dict[str, jax.Array]:
+    if path[-1] == "c_attn":  # GPT-2's fused [q; k; v]
+        return {"prefix_key": y[:, H.HIDDEN : 2 * H.HIDDEN], "prefix_value": y[:, 2 * H.HIDDEN :]}
+    return {"prefix": y}
+
+
+def _node(tree: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def oracle_tree(method: jpeft.PrefixTuning, family: str, key: jax.Array) -> Any:
+    """``jpeft.apply``, then every layer's prefixes set to the base model's own k/v of TOKENS.
+
+    With the MLP reparameterisation, W2 is solved so that ``tanh(E W1 + b1) W2 + b2`` hits the
+    targets: the hidden ``(P, k)`` has full row rank, so the least-squares solution is exact.
+    """
+    m = H.make(family)
+    peft = jpeft.apply(method, m.params, key=key)
+    kv = real_kv(family)
+    sites = method.prefix_sites(m.params)
+    assert len(sites) == 2 * H.LAYERS and {s.path for s in sites} <= set(kv)
+    if not method.prefix_projection:
+        for path in {s.path for s in sites}:
+            store = _node(peft, path)[RESERVED]
+            want = _leaves(path, kv[path])
+            assert {k: v.shape for k, v in store["default"].items()} == {k: v.shape for k, v in want.items()}
+            store["default"] = want
+        return peft
+    target = np.concatenate([np.asarray(_leaves(s.path, kv[s.path])[s.leaf], np.float64) for s in sites], axis=1)
+    store = _node(peft, method.embedding_site(m.params)[0])[RESERVED]["default"]
+    e, w1, b1, b2 = (np.asarray(store[k], np.float64) for k in ("prefix_embedding", "w1", "b1", "b2"))
+    hidden = np.tanh(e @ w1 + b1)
+    store["w2"] = jnp.asarray(np.linalg.pinv(hidden) @ (target - b2), jnp.float32)
+    return peft
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        jpeft.PTuningV2(num_virtual_tokens=P),
+        jpeft.PrefixTuning(num_virtual_tokens=P, prefix_projection=False),
+        jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=8),
+    ],
+    ids=["ptuning_v2", "prefix", "prefix_mlp"],
+)
+def test_prefixes_of_real_tokens_equal_base_model_on_real_token_prefix(
+    family: str, method: jpeft.PrefixTuning, key: jax.Array
+) -> None:
+    check_oracle(family, method, oracle_tree(method, family, key))
+
+
+def test_fold_mlp_into_plain_prefixes(key: jax.Array) -> None:
+    m = H.make("gpt2")
+    method = jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=16)
+    peft = jpeft.apply(method, m.params, key=key)
+    folded = jpeft.merge(method, peft)
+    plain = method.folded_method()
+    assert type(plain) is jpeft.PTuningV2 and plain.num_virtual_tokens == P
+    assert RESERVED not in folded["transformer"]["wte"]  # the MLP is gone
+    layer = folded["transformer"]["h"]["1"]["attn"]["c_attn"]
+    assert {k: v.shape for k, v in layer[RESERVED]["default"].items()} == {
+        "prefix_key": (P, H.HIDDEN),
+        "prefix_value": (P, H.HIDDEN),
+    }
+    assert layer["kernel"] is m.params["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"]
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(jpeft.split(plain, folded)[0])) == plain.param_count(m.params)
+    a = jpeft.wrap(m.apply, method)({"params": peft}, **m.inputs).logits
+    b = jpeft.wrap(m.apply, plain)({"params": folded}, **m.inputs).logits
+    np.testing.assert_array_equal(a, b)
+    base = m.apply({"params": m.params}, **m.inputs).logits
+    assert np.abs(np.asarray(a - base)).max() > 1e-3  # random prefixes do change the outputs
+
+
+def test_param_counts_closed_form(key: jax.Array) -> None:
+    import transformers
+
+    def counted(method: jpeft.Method, params: Any) -> int:
+        tree = jax.eval_shape(lambda: jpeft.apply(method, params, key=key))
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(jpeft.split(method, tree)[0]))
+
+    config = transformers.BertConfig()  # BERT-base shapes, no download: only eval_shape
+    module = transformers.FlaxBertForSequenceClassification.module_class(config)
+    ids = jnp.ones((1, 4), jnp.int32)
+    bert = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, ids, ids, ids, None))["params"]
+    n_layers, d, n, k = 12, 768, 30, 512
+    cases = {
+        jpeft.PTuningV2(num_virtual_tokens=20): 2 * n_layers * 20 * d,
+        jpeft.PrefixTuning(num_virtual_tokens=n, prefix_projection=False): 2 * n_layers * n * d,
+        jpeft.PrefixTuning(num_virtual_tokens=n): n * d + d * k + k + 2 * n_layers * d * k + 2 * n_layers * d,
+    }
+    for method, closed in cases.items():
+        assert method.param_count(bert) == counted(method, bert) == closed
+    # grouped-query attention: d_kv = kv_heads * head_dim < d
+    llama = transformers.FlaxLlamaForCausalLM.module_class(
+        transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64)
+    )
+    with jax.numpy_rank_promotion("allow"):  # HF's Llama relies on it
+        gqa = jax.eval_shape(lambda: llama.init(jax.random.key(0), ids, ids, ids))["params"]
+    assert jpeft.PTuningV2(num_virtual_tokens=5).param_count(gqa) == counted(jpeft.PTuningV2(num_virtual_tokens=5), gqa) == 2 * 2 * 5 * 16
+
+
+@pytest.mark.parametrize(
+    "method",
+    [jpeft.PTuningV2(num_virtual_tokens=P), jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=16)],
+    ids=["ptuning_v2", "prefix_mlp"],
+)
+def test_training_lowers_loss_and_keeps_base(method: jpeft.Method, key: jax.Array) -> None:
+    m = sharp_gpt2()
+    peft = jpeft.apply(method, m.params, key=key)
+    first, last, trained = train_gpt2(method, peft, lr=0.05)
+    assert last < 0.7 * first, (first, last)
+    check_base_identical(m.params, trained)
+
+
+def test_errors(key: jax.Array) -> None:
+    m = H.make("gpt2")
+    with pytest.raises(jpeft.JpeftError, match=r"PTuningV2\(num_virtual_tokens=-1\): num_virtual_tokens must be a positive int"):
+        jpeft.PTuningV2(num_virtual_tokens=-1)
+    with pytest.raises(jpeft.JpeftError, match=r"projection_hidden_size must be a positive int"):
+        jpeft.PrefixTuning(projection_hidden_size=0)
+    with pytest.raises(jpeft.JpeftError, match=r"prefix_projection=1\): must be a bool"):
+        jpeft.PrefixTuning(prefix_projection=1)
+    with pytest.raises(jpeft.JpeftError, match=r"PTuningV2: the parameter tree matches no known family"):
+        jpeft.apply(jpeft.PTuningV2(), {"dense": {"kernel": jnp.ones((2, 2))}}, key=key)
+    with pytest.raises(jpeft.JpeftError, match=r"encoder-decoder models \(profile 'bart'\)"):
+        jpeft.apply(jpeft.PrefixTuning(), H.make("bart").params, key=key)
+    import dataclasses
+
+    conv = dataclasses.replace(jpeft.profiles.GPT2, layouts=((r"(.*/)?h/\d+/attn/c_attn", "conv"),))
+    with pytest.raises(jpeft.JpeftError, match=r"has a 'conv' kernel; key and value projections must be dense"):
+        jpeft.apply(jpeft.PTuningV2(profile=conv), m.params, key=key)
+    nokv = dataclasses.replace(jpeft.profiles.LLAMA, key=r"nothing", value=r"nothing")
+    with pytest.raises(jpeft.JpeftError, match=r"profile 'llama' finds no key or value projection"):
+        jpeft.apply(jpeft.PTuningV2(profile=nokv), H.make("llama").params, key=key)
+    odd = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=r"(.*/)?h/\d+/attn/c_proj")
+    with pytest.raises(jpeft.JpeftError, match=r"fused QKV module .*c_proj has output features \(32,\)"):
+        jpeft.apply(jpeft.PTuningV2(profile=odd), m.params, key=key)
+    method = jpeft.PTuningV2(num_virtual_tokens=2)
+    with pytest.raises(jpeft.JpeftError, match=r"PTuningV2\(prefix_projection=False\) cannot be merged"):
+        jpeft.merge(method, jpeft.apply(method, m.params, key=key))
+    mlp = jpeft.PrefixTuning(num_virtual_tokens=2, projection_hidden_size=4)
+    with pytest.raises(jpeft.JpeftError, match=r"holds no prefix MLP of adapter 'x'"):
+        jpeft.merge(mlp, jpeft.apply(mlp, m.params, key=key), name="x")
