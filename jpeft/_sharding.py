@@ -223,7 +223,8 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
     tree = visit(peft_params, ())
     out = _to_partition_specs(tree)
     if mesh_shape is not None:
-        for path, x in _tree.leaves(peft_params):
+        # Base leaves first: their specs are the user's, and the delta specs derive from them.
+        for path, x in sorted(_tree.leaves(peft_params), key=lambda px: RESERVED in px[0]):
             _validate(where, path, tuple(x.shape), tuple(_tree.get(out, path)), mesh_shape)
     return out
 

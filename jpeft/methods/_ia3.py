@@ -67,6 +67,21 @@ def _replace_input(args: tuple, kwargs: dict, x: Any) -> tuple[tuple, dict]:
     return args, {**kwargs, name: x}
 
 
+def _cross_attention(found: tuple[Any, ...], params: PyTree) -> set[Path]:
+    """The key and value projections inside a profile's cross-attention blocks (BART's
+    ``encoder_attn/k_proj``): modules under a ``cross_attention`` match named like a key or value site."""
+    out: set[Path] = set()
+    modules = list(_tree.modules(params))
+    for p in found:
+        if p.cross_attention is None:
+            continue
+        names = {m[-1] for m in modules if m and re.fullmatch(f"(?:{p.key})|(?:{p.value})", join(m))}
+        for m in modules:
+            if m and m[-1] in names and any(re.fullmatch(p.cross_attention, join(m[:i])) for i in range(1, len(m))):
+                out.add(m)
+    return out
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IA3(Method):
     """(IA)^3: rescales the key and value outputs and the FFN hidden state by learned vectors.
@@ -80,7 +95,8 @@ class IA3(Method):
     For a convolution, the input vector runs over channels. Embeddings take output scaling only.
 
     With ``targets=None`` the targets are the detected profile's ``key``, ``value`` and ``ffn_out``
-    modules; with ``feedforward=None`` the feedforward modules are the profile's ``ffn_out`` among
+    modules, plus the key and value projections of its ``cross_attention`` blocks (the paper's
+    ``L (4 d + d_ff)`` for a decoder; HF PEFT's ``k_proj``/``v_proj`` on BART do the same); with ``feedforward=None`` the feedforward modules are the profile's ``ffn_out`` among
     the targets (none when no profile is detected). This is HF PEFT's ``target_modules`` /
     ``feedforward_modules`` split. On GPT-2, whose ``c_attn`` fuses q, k and v, ``c_attn`` gets
     one vector over its whole ``3 d`` output, exactly as HF PEFT does. The paper scales k and v
@@ -172,6 +188,8 @@ class IA3(Method):
                 )
             targets = "|".join(f"(?:{getattr(p, s)})" for p in found for s in ("key", "value", "ffn_out"))
         hit = _tree.select(self._name(), targets, params)
+        if self.targets is None:
+            hit = sorted(set(hit) | _cross_attention(found, params))
         if self.feedforward is None:
             ffn = "|".join(f"(?:{p.ffn_out})" for p in found)
             ff = {p for p in hit if ffn and re.fullmatch(ffn, join(p))}

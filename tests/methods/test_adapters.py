@@ -192,7 +192,7 @@ def test_gpt2_parallel_adapter_reads_the_mlp_input():
 
 def test_gpt2_multi_head_adapter_reads_the_fused_query():
     # GPT-2's c_attn outputs [q; k; v]: the adapter reads the first third, and adds to the merged
-    # heads that c_proj receives.
+    # heads that c_proj receives. An outer interceptor sees c_proj's original input and its output.
     hf = H.make("gpt2")
     method = jpeft.MultiHeadParallelAdapter(bottleneck=3, num_heads=H.HEADS, nonlinearity="tanh")
     peft = randomize(jpeft.apply(method, hf.params, key=jax.random.key(1)), seed=3)
@@ -205,7 +205,7 @@ def test_gpt2_multi_head_adapter_reads_the_fused_query():
             out = next_fun(*args, **kwargs)
             path = tuple(context.module.path)
             if context.method_name == "__call__" and path[:-1] == attn and path[-1] in ("c_attn", "c_proj"):
-                seen[path[-1]] = out if path[-1] == "c_attn" else args[0]
+                seen[path[-1]] = (args[0], out)
             return out
 
         with nn.intercept_methods(intercept):
@@ -214,12 +214,15 @@ def test_gpt2_multi_head_adapter_reads_the_fused_query():
 
     base = run(hf.apply, hf.params)
     seen = run(jpeft.wrap(hf.apply, method), peft)
-    np.testing.assert_array_equal(np.asarray(seen["c_attn"]), np.asarray(base["c_attn"]))
+    heads = np.asarray(base["c_proj"][0])
+    np.testing.assert_array_equal(np.asarray(seen["c_proj"][0]), heads)
     deltas = functools.reduce(lambda t, k: t[k], attn, peft)[jpeft.RESERVED]["default"]
-    q = np.asarray(base["c_attn"])[..., : H.HIDDEN]
+    q = np.asarray(base["c_attn"][1])[..., : H.HIDDEN]
     delta = R.multi_head_parallel(q, deltas["prefix_key"], deltas["prefix_value"], "tanh")
-    assert np.abs(delta).max() > 1e-2
-    np.testing.assert_allclose(np.asarray(seen["c_proj"]), R.f64(base["c_proj"]) + delta, rtol=1e-4, atol=1e-4)
+    c_proj = functools.reduce(lambda t, k: t[k], attn, peft)["c_proj"]
+    want = R.transposed(heads + delta, c_proj["kernel"], c_proj["bias"])
+    assert not np.allclose(want, base["c_proj"][1], **TOL)
+    np.testing.assert_allclose(np.asarray(seen["c_proj"][1]), want, rtol=1e-4, atol=1e-4)
 
 
 # --- conformance on the nn.scan model ------------------------------------------------------------

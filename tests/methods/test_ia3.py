@@ -166,6 +166,23 @@ def test_7_jit_agrees_and_does_not_retrace(name):
     K.check_jit(name, METHODS[name], *trees(name))
 
 
+def test_bart_defaults_include_cross_attention():
+    # Encoder L (2 d + d_ff); decoder L (4 d + d_ff): self- and cross-attention keys and values.
+    method = jpeft.IA3()
+    params = H.make("bart").params
+    peft = jpeft.apply(method, params, key=jax.random.key(1))
+    sites = {p[: p.index(jpeft.RESERVED)]: p[-1] for p in K.flat(peft) if jpeft.RESERVED in p}
+    want = {}
+    for stack, attentions in (("encoder", ("self_attn",)), ("decoder", ("self_attn", "encoder_attn"))):
+        for i in range(H.LAYERS):
+            layer = ("model", stack, "layers", str(i))
+            want.update({layer + (a, m): "ia3_out" for a in attentions for m in ("k_proj", "v_proj")})
+            want[layer + ("fc2",)] = "ia3_in"
+    assert sites == want
+    closed = H.LAYERS * (2 * H.HIDDEN + H.FFN) + H.LAYERS * (4 * H.HIDDEN + H.FFN)
+    assert K.count(method, peft) == method.param_count(params) == closed
+
+
 def test_8_scan_stacked_vectors_have_the_layer_axis():
     peft, _ = trees("synthetic")
     for path, (side, stack, shape, _) in SYNTHETIC_SITES.items():

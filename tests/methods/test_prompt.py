@@ -56,7 +56,7 @@ def sharp_gpt2() -> H.HFModel:
 
     config = transformers.GPT2Config(
         vocab_size=H.VOCAB, n_embd=H.HIDDEN, n_layer=H.LAYERS, n_head=H.HEADS, n_inner=H.FFN, n_positions=64,
-        initializer_range=0.3,
+        initializer_range=0.3, tie_word_embeddings=False,
     )
     with jax.numpy_rank_promotion("allow"):
         model = transformers.FlaxGPT2LMHeadModel(config, seed=0)

@@ -124,7 +124,7 @@ def test_bf16_compute_within_1e_2_of_bf16_lora(family):
     got = jitted(family, "qlora_bf16")(peft)
     want = jitted(family, "lora")(as_lora(peft, jnp.bfloat16))  # kernels bf16; the LoRA factors stay float32
     err = rel(got, want)
-    assert err < 1e-2, err  # measured: gpt2 ~2e-3, bert ~4e-4
+    assert err < 1e-2, err  # measured: gpt2 2.4e-3, bert 4.9e-5
     assert err > 0  # the base matmul really ran in bf16
 
 

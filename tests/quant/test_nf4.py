@@ -97,7 +97,7 @@ def test_round_trip_error_on_gaussian_weights():
     for dq in (True, False):
         back = np.asarray(jpeft.dequantize(quantize_array(w, jpeft.NF4(double_quant=dq))))
         errs[dq] = np.linalg.norm(back - w) / np.linalg.norm(w)
-    # NF4 on N(0, s^2) with 64-blocks: relative Frobenius error about 0.092 (measured 0.0920 / 0.0920).
+    # NF4 on N(0, s^2) with 64-blocks: relative Frobenius error about 0.092 (measured 0.09205 with, 0.09204 without double quantisation).
     assert 0.05 < errs[False] < 0.1
     assert abs(errs[True] - errs[False]) < 0.01 * errs[False]  # double quantisation costs < 1% of it
 
