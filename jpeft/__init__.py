@@ -41,6 +41,7 @@ from jpeft.methods._compose import compose as compose
 from jpeft.methods._diff_pruning import DiffPruning as DiffPruning
 from jpeft.methods._freeze import Freeze as Freeze
 from jpeft.methods._freeze import Full as Full
+from jpeft.methods._fusion import AdapterFusion as AdapterFusion
 from jpeft.methods._ia3 import IA3 as IA3
 from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
@@ -62,6 +63,7 @@ from jpeft.quant._nf4 import quantize as quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFusion",
     "export_hf",
     "import_hf",
     "models",

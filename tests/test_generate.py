@@ -14,7 +14,7 @@ import transformers
 import jpeft
 from tests import _hf_models as H
 
-NEW = 5
+NEW = 4
 
 
 @functools.cache
@@ -62,33 +62,27 @@ CASES = [
     ("gpt2", jpeft.PTuningV2(num_virtual_tokens=3)),
     ("gpt2", jpeft.PrefixTuning(num_virtual_tokens=3, projection_hidden_size=8)),
     ("gpt2", jpeft.LoRA(targets=("c_attn",), rank=2)),
-    ("llama", jpeft.PTuningV2(num_virtual_tokens=3)),
     ("llama", jpeft.PromptTuning(num_virtual_tokens=3)),
+    ("llama", jpeft.PTuningV2(num_virtual_tokens=3)),
 ]
 
 
 @pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{type(m).__name__}" for f, m in CASES])
 def test_cached_generation_equals_uncached_wrapped_model(family: str, method: jpeft.Method, key: jax.Array) -> None:
     params = sharp(family)[1]
-    peft = jpeft.apply(method, params, key=key)
-    if isinstance(method, jpeft.LoRA):  # B = 0 at init: make the deltas non-trivial
-        peft = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, peft
-        )
+    peft, other = (jpeft.apply(method, params, key=k) for k in jax.random.split(key))
+    if isinstance(method, jpeft.LoRA):  # B = 0 at init: ``other`` stays the base model, ``peft`` moves
+        peft = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, peft)
     ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
     apply = apply_of(family)
-    out = jpeft.generate(apply, method, peft, ids, NEW)
+    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW))
     assert out.shape == (2, 4 + NEW)
+    np.testing.assert_array_equal(out[:, :4], ids)
     np.testing.assert_array_equal(out, without_cache(apply, method, peft, ids, NEW))
-
-
-def test_prefix_changes_generation(key: jax.Array) -> None:
-    method = jpeft.PTuningV2(num_virtual_tokens=3)
-    params = sharp("gpt2")[1]
-    ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
-    runs = [np.asarray(jpeft.generate(apply_of("gpt2"), method, jpeft.apply(method, params, key=jax.random.key(s)), ids, NEW))
-            for s in (0, 1)]
-    assert (runs[0][:, 4:] != runs[1][:, 4:]).any()  # different prefixes, different continuations
+    if not (family == "gpt2" and isinstance(method, jpeft.PromptTuning)):
+        # the deltas steer the tokens, so the equality above is not vacuous. (On this random GPT-2
+        # the input prompt barely moves the arg-max; its cache path is the one prefix tuning uses.)
+        assert (out != np.asarray(jpeft.generate(apply, method, other, ids, NEW))).any()
 
 
 def test_errors(key: jax.Array) -> None:

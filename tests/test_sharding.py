@@ -126,9 +126,9 @@ def test_transposed_gpt2_kernels_swap_the_axes(key):
 
     # Shapes only (jax.eval_shape): partition_specs needs no values, and nothing compiles.
     cls, config = H._config("gpt2")
-    module = cls(config, _do_init=False).module
-    with jax.numpy_rank_promotion("allow"):
-        params = jax.eval_shape(lambda: module.init(key, jnp.ones((1, H.SEQ), jnp.int32)))["params"]
+    with jax.numpy_rank_promotion("allow"):  # HF's GPT-2 relies on it
+        module = cls(config, _do_init=False).module
+        params = jax.eval_shape(lambda: module.init(key, *[jnp.ones((1, H.SEQ), jnp.int32)] * 3))["params"]
     method = jpeft.DoRA(targets=("c_attn", "c_proj"), rank=2)
     base = fsdp_specs(params)
     peft = jax.eval_shape(lambda p: jpeft.apply(method, p, key=key), params)

@@ -118,7 +118,7 @@ class PrefixTuning(VirtualTokens):
                 kinds += [("prefix", 1)] if re.fullmatch(profile.value, joined) else []
             if not kinds:
                 continue
-            layout = ctx.layout(self._name(), path, own, ())
+            layout = ctx.layout(self._name(), path, own, profile.layouts)
             if layout.kind not in ("dense", "transposed", "dense_general"):
                 raise JpeftError(
                     f"{self._name()}: {joined} has a {layout.kind!r} kernel; key and value projections must "

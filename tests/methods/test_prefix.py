@@ -167,9 +167,9 @@ def test_errors(key: jax.Array) -> None:
         jpeft.apply(jpeft.PrefixTuning(), H.make("bart").params, key=key)
     import dataclasses
 
-    conv = dataclasses.replace(jpeft.profiles.GPT2, layouts=((r"(.*/)?h/\d+/attn/c_attn", "conv"),))
-    with pytest.raises(jpeft.JpeftError, match=r"has a 'conv' kernel; key and value projections must be dense"):
-        jpeft.apply(jpeft.PTuningV2(profile=conv), m.params, key=key)
+    embed = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=None, key=r"(.*/)?wpe", value=r"(.*/)?wpe")
+    with pytest.raises(jpeft.JpeftError, match=r"transformer/wpe has a 'embed' kernel; key and value projections must be dense"):
+        jpeft.apply(jpeft.PTuningV2(profile=embed), m.params, key=key)
     nokv = dataclasses.replace(jpeft.profiles.LLAMA, key=r"nothing", value=r"nothing")
     with pytest.raises(jpeft.JpeftError, match=r"profile 'llama' finds no key or value projection"):
         jpeft.apply(jpeft.PTuningV2(profile=nokv), H.make("llama").params, key=key)
