@@ -62,7 +62,8 @@ def generate(
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
       >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-      >>> model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
       >>> method = jpeft.PromptTuning(num_virtual_tokens=3)
       >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
       >>> with jax.numpy_rank_promotion("allow"):

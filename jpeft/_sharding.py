@@ -10,6 +10,9 @@ A delta leaf sits next to the kernel it modifies, so its sharding follows from t
 * Any other delta leaf, unless its method overrides :meth:`jpeft.Method.partition_spec`, is
   replicated, except for leading axes that equal the kernel's stack axes, which keep their
   sharding.
+
+A composition (``jpeft.compose``) nests each component's leaves under the component's key; each
+component's leaves follow its own layouts and hook.
 """
 
 from __future__ import annotations
@@ -81,6 +84,14 @@ def _default_rule(shape: tuple[int, ...], kernel_shape: tuple[int, ...] | None, 
     if kernel_shape is None or kspec is None or n_stack == 0 or shape[:n_stack] != kernel_shape[:n_stack]:
         return (None,) * len(shape)
     return kspec[:n_stack] + (None,) * (len(shape) - n_stack)
+
+
+def _component(method: Method, key: str) -> Method:
+    """The component of a composition (``jpeft.compose``) stored under ``key``, else ``method``."""
+    keys, methods = getattr(method, "keys", None), getattr(method, "methods", None)
+    if isinstance(keys, tuple) and isinstance(methods, tuple) and key in keys:
+        return methods[keys.index(key)]
+    return method
 
 
 def _axis_size(mesh_shape: Mapping[str, int], entry: Any) -> tuple[int, tuple[str, ...]]:
@@ -187,17 +198,23 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
         own = {k: v for k, v in node.items() if not isinstance(v, Mapping) and v is not None}
         for k, v in node.items():
             if k == RESERVED:
-                out[k] = {
-                    name: {leaf: _delta(path, own, leaf, x) for leaf, x in sorted(store.items())}
-                    for name, store in v.items()
-                }
+                out[k] = {name: store_specs(path, own, method, store) for name, store in v.items()}
             elif isinstance(v, Mapping):
                 out[k] = visit(v, path + (str(k),))
             elif v is not None:
                 out[k] = spec_of(path + (str(k),), v)
         return out
 
-    def _delta(path: Path, own: Mapping[str, Any], leaf: str, x: Any) -> Spec:
+    def store_specs(path: Path, own: Mapping[str, Any], method: Method, store: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for leaf, x in store.items():
+            if isinstance(x, Mapping):  # a composition keeps each component's leaves under its key
+                out[leaf] = store_specs(path, own, _component(method, leaf), x)
+            elif x is not None:
+                out[leaf] = _delta(path, own, method, leaf, x)
+        return out
+
+    def _delta(path: Path, own: Mapping[str, Any], method: Method, leaf: str, x: Any) -> Spec:
         shape = tuple(x.shape)
         layout = _kernel_layout(method, path, own, ctx)
         kernel_shape = kspec = None

@@ -12,6 +12,7 @@ import pytest
 import transformers
 
 import jpeft
+from jpeft._tree import RESERVED
 from tests import _hf_models as H
 
 NEW = 4
@@ -73,6 +74,11 @@ def test_cached_generation_equals_uncached_wrapped_model(family: str, method: jp
     peft, other = (jpeft.apply(method, params, key=k) for k in jax.random.split(key))
     if isinstance(method, jpeft.LoRA):  # B = 0 at init: ``other`` stays the base model, ``peft`` moves
         peft = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, peft)
+    elif isinstance(method, jpeft.PrefixTuning):  # larger keys and values steer this random model more
+        peft, other = (
+            jax.tree_util.tree_map_with_path(lambda p, x: 5 * x if RESERVED in jax.tree_util.keystr(p) else x, t)
+            for t in (peft, other)
+        )
     ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
     apply = apply_of(family)
     out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW))

@@ -70,6 +70,20 @@ def _at(tree: Any, *path: str) -> Any:
     return tree
 
 
+def gpt2_shapes() -> tuple[Any, Any]:
+    """The tiny HF GPT-2 of tests/_hf_models.py: its bare module and its params as ShapeDtypeStructs.
+
+    ``jax.eval_shape`` traces HF's init without compiling it (``H.make`` compiles it).
+    """
+    from tests import _hf_models as H
+
+    cls, config = H._config("gpt2")
+    with jax.numpy_rank_promotion("allow"):  # HF's GPT-2 relies on it
+        module = cls(config, _do_init=False).module
+        ids = jnp.ones((1, H.SEQ), jnp.int32)
+        return module, jax.eval_shape(lambda: module.init(jax.random.key(0), ids, ids, ids))["params"]
+
+
 # --- derivation, in-process ------------------------------------------------------------------------
 def test_lora_factors_follow_the_kernel_on_the_scanned_model(key):
     method = jpeft.LoRA(targets=M.ALL_TARGETS, rank=2, layouts=M.LAYOUTS)
@@ -122,13 +136,7 @@ def test_dora_magnitude_follows_the_output_axes(key):
 
 
 def test_transposed_gpt2_kernels_swap_the_axes(key):
-    from tests import _hf_models as H
-
-    # Shapes only (jax.eval_shape): partition_specs needs no values, and nothing compiles.
-    cls, config = H._config("gpt2")
-    with jax.numpy_rank_promotion("allow"):  # HF's GPT-2 relies on it
-        module = cls(config, _do_init=False).module
-        params = jax.eval_shape(lambda: module.init(key, *[jnp.ones((1, H.SEQ), jnp.int32)] * 3))["params"]
+    _, params = gpt2_shapes()  # shapes only: partition_specs needs no values, and nothing compiles
     method = jpeft.DoRA(targets=("c_attn", "c_proj"), rank=2)
     base = fsdp_specs(params)
     peft = jax.eval_shape(lambda p: jpeft.apply(method, p, key=key), params)
@@ -146,6 +154,20 @@ def test_transposed_gpt2_kernels_swap_the_axes(key):
         "lora_a": P("model", None),
         "lora_b": P(None, None),
         "magnitude": P(None),
+    }
+
+
+def test_a_composition_uses_each_components_layouts(key):
+    method = jpeft.compose(
+        jpeft.LoRA(targets=r"layers/q", rank=2), jpeft.LoRAFA(targets=r"layers/dg_in", rank=2, layouts=M.LAYOUTS)
+    )
+    params = M.params()
+    specs = jpeft.partition_specs(method, jpeft.apply(method, params, key=key), fsdp_specs(params), mesh=MESH)
+    assert _at(specs, "layers", "q", R, "default", "lora") == {"lora_a": P("data", "model", None), "lora_b": P("data", None, None)}
+    # dg_in (L, D, 2, 4) is 'dense_general:1,2' only by LoRAFA's own layouts: b (L, r, 2, 4) keeps 'model'.
+    assert _at(specs, "layers", "dg_in", R, "default", "lorafa") == {
+        "lora_a": P(None, None, None),
+        "lora_b": P(None, None, None, "model"),
     }
 
 
@@ -282,9 +304,17 @@ def _setup(model: str, name: str, batch: int):
         return method, params, loss, data
     from tests import _hf_models as H
 
-    hf = H.make("gpt2")
+    module, shapes = gpt2_shapes()
+    # GPT-2's init, drawn with NumPy: normal(0, 0.02) matrices, unit LayerNorm scales, zero biases.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(
+            {"scale": np.ones(x.shape), "bias": np.zeros(x.shape)}.get(p[-1].key, 0.02 * rng.standard_normal(x.shape)),
+            x.dtype,
+        ),
+        shapes,
+    )
     method = (jpeft.DoRA if name == "dora" else jpeft.LoRA)(targets=("c_attn", "c_fc"), rank=2)
-    fwd = jpeft.wrap(hf.apply, method)
+    fwd = jpeft.wrap(module.apply, method)
     ids = rng.randint(0, H.VOCAB, (batch, H.SEQ))
     data = {
         "input_ids": jnp.asarray(ids, jnp.int32),
@@ -293,10 +323,11 @@ def _setup(model: str, name: str, batch: int):
     }
 
     def loss(peft, data):
-        logits = hf.logits(fwd({"params": peft}, **data))
+        with jax.numpy_rank_promotion("allow"):
+            logits = fwd({"params": peft}, **data, deterministic=True).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], data["input_ids"][:, 1:]).mean()
 
-    return method, hf.params, loss, data
+    return method, params, loss, data
 
 
 def _randomize(peft: Any) -> Any:
@@ -311,9 +342,13 @@ def _randomize(peft: Any) -> Any:
     return jax.tree_util.tree_map_with_path(fill, peft)
 
 
-def _compare(got: Any, want: Any) -> None:
+def _compare(got: Any, want: Any) -> float:
+    """Asserts every leaf agrees to TOL; returns the largest absolute difference."""
+    worst = 0.0
     for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL, err_msg=jax.tree_util.keystr(path))
+        worst = max(worst, float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)), initial=0.0)))
+    return worst
 
 
 _REFERENCE: dict[tuple[str, str], Any] = {}
@@ -380,8 +415,7 @@ def _run_case(case: str) -> dict[str, Any]:
         local = jax.shard_map(lambda x: jnp.full((1,), x.shape[0]), mesh=mesh, in_specs=P("data"), out_specs=P("data"))
         sharded = int((np.asarray(local(first)) == first.shape[0] // 8).sum())  # devices that saw 1/8 of the batch
     np.testing.assert_allclose(got[2], want[2], **TOL, err_msg="loss")
-    _compare(got[0], want[0])
-    _compare(got[1], want[1])
+    extra["max_abs_diff"] = max(_compare(got[0], want[0]), _compare(got[1], want[1]), _compare(got[2], want[2]))
     return {"sharded": int(sharded), "loss": got[2].tolist(), **extra}
 
 

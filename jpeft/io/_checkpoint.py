@@ -101,7 +101,14 @@ def _decode(value: Any, where: str) -> Any:
     if isinstance(value, dict) and "__dataclass__" in value:
         module, _, qualname = value["__dataclass__"].partition(":")
         cls = _jpeft_class(module, qualname, where)
-        return cls(**{k: _decode(v, f"{where}.{k}") for k, v in value["fields"].items()})
+        fields = {k: _decode(v, f"{where}.{k}") for k, v in value["fields"].items()}
+        try:
+            return cls(**fields)
+        except TypeError as e:  # e.g. a field that this version of the class no longer has
+            raise JpeftError(
+                f"jpeft.restore: cannot rebuild the checkpoint's {where} as {qualname}(**{fields!r}): {e}. "
+                "Pass the method yourself: jpeft.restore(path, params, method=...)."
+            ) from None
     return value
 
 
@@ -143,7 +150,8 @@ def _method_json(method: Method) -> dict[str, Any]:
 
 # --- the trees -------------------------------------------------------------------------------------
 def _describe(x: Any) -> list[Any]:
-    return [list(np.shape(x)), str(np.dtype(x.dtype))]
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # Python scalars in some optax states
+    return [list(np.shape(x)), str(np.dtype(dtype))]
 
 
 def _base_leaves(params: PyTree) -> list[tuple[Path, Any]]:

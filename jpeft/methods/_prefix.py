@@ -79,7 +79,8 @@ class PrefixTuning(VirtualTokens):
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
       >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32)
-      >>> model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
       >>> method = jpeft.PrefixTuning(num_virtual_tokens=3, projection_hidden_size=8)
       >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
       >>> method.param_count(model.params) == 3 * 16 + 16 * 8 + 8 + 8 * (2 * 2 * 16) + 2 * 2 * 16
@@ -264,7 +265,8 @@ class PTuningV2(PrefixTuning):
     Example:
       >>> import jax, jpeft, transformers
       >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32)
-      >>> params = transformers.FlaxGPT2LMHeadModel(config, seed=0).params
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   params = transformers.FlaxGPT2LMHeadModel(config, seed=0).params
       >>> jpeft.PTuningV2(num_virtual_tokens=4).param_count(params) == 2 * 2 * 4 * 16
       True
 

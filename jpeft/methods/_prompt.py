@@ -213,7 +213,8 @@ class PromptTuning(VirtualTokens):
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
       >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-      >>> model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
       >>> method = jpeft.PromptTuning(num_virtual_tokens=4, init="text", init_ids=(5, 6))
       >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
       >>> peft["transformer"]["wte"]["__jpeft__"]["default"]["prompt"].shape
@@ -339,7 +340,8 @@ class PTuning(PromptTuning):
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
       >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-      >>> model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
       >>> method = jpeft.PTuning(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=8)
       >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
       >>> method.param_count(model.params) == 4 * 16 + (16 * 8 + 8) + (8 * 8 + 8) + (8 * 16 + 16)

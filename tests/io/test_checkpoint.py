@@ -101,8 +101,9 @@ def test_restore_reattaches_onto_the_base_and_keeps_frozen_leaves(tmp_path):
         jpeft.DoRA(targets=r"q", rank=1, dropout=0.1, init="gaussian"),
         jpeft.LoRAFA(targets=["q"], rank=2),
         jpeft.LoRAPlus(targets=["q"], rank=2, lr_ratio=4.0, extra_trainable=r"head/.*"),
+        jpeft.compose(jpeft.LoRA(targets=["q"], rank=2), jpeft.LoRAFA(targets=["head"], rank=1)),
     ],
-    ids=["lora", "dora", "lora_fa", "lora_plus"],
+    ids=["lora", "dora", "lora_fa", "lora_plus", "compose"],
 )
 def test_methods_round_trip_through_json(tmp_path, method):
     _, params, _ = small(1)
@@ -110,7 +111,8 @@ def test_methods_round_trip_through_json(tmp_path, method):
     jpeft.save(tmp_path, method, peft, step=0)
     restored = jpeft.restore(tmp_path, params)
     assert restored.method == method and type(restored.method) is type(method)
-    assert isinstance(restored.method.targets, (str, tuple)) and isinstance(restored.method.layouts, tuple)
+    for m in getattr(restored.method, "methods", (restored.method,)):  # fields come back as tuples
+        assert isinstance(m.targets, (str, tuple)) and isinstance(m.layouts, tuple)
     assert_trees_equal(restored.params, peft)  # LoRA-FA's frozen A is a delta leaf: saved too
 
 
@@ -370,4 +372,28 @@ def test_a_foreign_or_edited_checkpoint_raises(tmp_path):
         jpeft.restore(tmp_path, params)
     file.write_text(json.dumps({**meta, "format": 99}))
     with pytest.raises(jpeft.JpeftError, match=r"step_1' has checkpoint format 99; this jpeft reads format 1"):
+        jpeft.restore(tmp_path, params)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _TrainsNothing(jpeft.Method):
+    """A base-only method (like BitFit) whose selection trains nothing."""
+
+    has_deltas = False
+
+    def select(self, params):
+        return []
+
+
+def test_nothing_to_save_and_an_unknown_field_raise(tmp_path):
+    method, params, peft = small(1)
+    with pytest.raises(jpeft.JpeftError, match=r"save\(_TrainsNothing\): no leaf of the tree trains, so there is nothing"):
+        jpeft.save(tmp_path, _TrainsNothing(), params, step=0)
+    jpeft.save(tmp_path, method, peft, step=1)
+    file = tmp_path / "step_1" / "meta" / "metadata"
+    meta = json.loads(file.read_text())
+    meta["method"]["fields"]["rank_schedule"] = [1, 2]  # as if written by a jpeft with another LoRA
+    file.write_text(json.dumps(meta))
+    with pytest.raises(jpeft.JpeftError, match=r"cannot rebuild the checkpoint's LoRA as LoRA\(\*\*\{.*'rank_schedule': "
+                       r"\(1, 2\)\}\): .*unexpected keyword argument 'rank_schedule'. Pass the method yourself"):
         jpeft.restore(tmp_path, params)

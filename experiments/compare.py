@@ -1,0 +1,510 @@
+"""Every jpeft method on one task and one budget: accuracy, trainable share, step time and XLA bytes.
+
+``python -m experiments.compare`` fine-tunes the pretrained sentence encoder *all-MiniLM-L6-v2*
+(a 6-layer, width-384 BERT) on the quickstart's task, the topic of a *BBC News* headline (five
+topics, 1,583 training and 384 held-out headlines; see ``experiments/quickstart.py`` and
+``experiments/data/README.md``), once per method, offline. Data loading, tokenisation, mean pooling,
+the linear head, the loss, the batches and the learning-rate schedule are the quickstart's.
+
+**Same for every method:** the training batches (``--batch`` headlines of ``--seq`` tokens, the same
+shuffled order), the number of steps, the schedule's shape (linear warm-up over 10% of the steps
+then cosine decay to a tenth), AdamW (weight decay 0.01) and the classifier head (384 -> 5, zero
+init). The head sits in the parameter tree at ``classifier/`` and trains through every method's
+``extra_trainable=r"classifier/.*"``; it follows the method's optimizer, with its updates scaled to
+the head learning rate ``--head-lr`` (Adam is invariant to gradient scale, so this is Adam at the
+head's rate). **Per method:** only the peak learning rate of the encoder's trainable leaves, in
+:data:`LEARNING_RATES`, picked per method family from the papers' ranges (full fine-tuning small,
+prompt tuning large).
+
+Measured, all in one process so the ratios compare like with like:
+
+* held-out accuracy and loss after training; the "before" baseline is the quickstart's linear probe
+  (the frozen pretrained encoder, with the same head trained for the same steps);
+* trainable parameters of the encoder (the head's 1,925 are not counted) and their share of the
+  encoder's 22.7 M;
+* the median wall time of a training step (the first, compiling step left out), and its ratio to
+  ``Full``'s in the same run;
+* the jitted train step's peak bytes by XLA's ``compiled.memory_analysis()``: argument + temp +
+  output - alias (the state is donated);
+* a memory table: a few methods x batch sizes x base dtype (fp32, bf16, NF4), bytes by
+  ``memory_analysis`` and the median of a few timed steps.
+
+Writes ``compare.md`` (both tables), ``compare.png`` (trainable %, log scale, against held-out
+accuracy, as figure 2 of He et al., *Towards a Unified View of Parameter-Efficient Transfer
+Learning*, ICLR 2022) and ``compare.json`` (everything, with the exact command) to ``--out``.
+
+A method whose class this jpeft lacks is listed as "not available"; one that raises is listed
+with its error. Neither is faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import jpeft
+from experiments import quickstart as qs
+
+HEAD = "classifier"
+HEAD_RE = rf"{HEAD}/.*"
+QV = ("query", "value")
+#: The encoder's linear modules (BERT profile names), for methods that act on all of them.
+ALL_LINEAR = r".*encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|intermediate/dense|output/dense)"
+DIFF_PRUNING_LAMBDA = 1.25e-7  # Guo et al.'s lambda on the expected L0 norm
+
+# name -> (label, jpeft class name, keyword arguments given the number of steps). Hyperparameters
+# follow each paper's defaults for BERT-sized models where they give one.
+SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
+    "full": ("Full", "Full", lambda n: {}),
+    "freeze": ("Freeze(3)", "Freeze", lambda n: dict(trainable_layers=3)),
+    "bitfit": ("BitFit", "BitFit", lambda n: {}),
+    "prompt": ("Prompt tuning (20)", "PromptTuning", lambda n: dict(num_virtual_tokens=20, init="vocab")),
+    "ptuning": ("P-tuning (20, MLP)", "PTuning", lambda n: dict(num_virtual_tokens=20, encoder_hidden_size=128)),
+    "prefix": ("Prefix tuning (20, MLP 128)", "PrefixTuning", lambda n: dict(num_virtual_tokens=20, projection_hidden_size=128)),
+    "ptuning_v2": ("P-tuning v2 (20)", "PTuningV2", lambda n: dict(num_virtual_tokens=20)),
+    "houlsby": ("Houlsby (r=24)", "HoulsbyAdapter", lambda n: dict(reduction_factor=16)),
+    "pfeiffer": ("Pfeiffer (r=24)", "PfeifferAdapter", lambda n: dict(reduction_factor=16)),
+    "parallel": ("Parallel (r=24)", "ParallelAdapter", lambda n: dict(bottleneck=24)),
+    "scaled_parallel": ("Scaled parallel (r=24, s=4)", "ScaledParallelAdapter", lambda n: dict(bottleneck=24)),
+    "lora": ("LoRA (q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
+    "rslora": ("rsLoRA (q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0, use_rslora=True)),
+    "dora": ("DoRA (q,v r=8)", "DoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
+    "lora_fa": ("LoRA-FA (q,v r=8)", "LoRAFA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
+    "lora_plus": ("LoRA+ (q,v r=8, ratio 16)", "LoRAPlus", lambda n: dict(targets=QV, rank=8, alpha=16.0, lr_ratio=16.0)),
+    "ia3": ("(IA)³", "IA3", lambda n: {}),
+    "adalora": (
+        "AdaLoRA (q,v r 12→8)",
+        "AdaLoRA",
+        lambda n: dict(targets=QV, init_r=12, target_r=8, alpha=16.0, total_step=n, tinit=n // 10, tfinal=n // 5),
+    ),
+    "qlora": ("QLoRA (NF4, q,v r=8)", "QLoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
+    "mam": ("MAM adapter", "MAM", lambda n: {}),
+    "unipelt": ("UniPELT", "UniPELT", lambda n: {}),
+    "diff_pruning": ("Diff pruning", "DiffPruning", lambda n: dict(targets=ALL_LINEAR)),
+}
+
+#: Peak learning rate of the encoder's trainable leaves, per method (the head uses ``--head-lr``).
+#: Full/Freeze: BERT fine-tuning's 2e-5..1e-4; BitFit 1e-3 (Ben Zaken et al. 1e-4..1e-3); the
+#: adapters 1e-3 (Houlsby 3e-4..3e-3); LoRA and its variants 1e-3 (Hu et al. 4e-4..5e-4 for
+#: RoBERTa-base, larger for this short budget), LoRA+ a lower base rate (its B factor runs 16x);
+#: (IA)³ 3e-3 (Liu et al.); prompt tuning 3e-2 and P-tuning 1e-2 (soft prompts need large rates:
+#: Lester et al. 0.3 with Adafactor); prefix tuning 1e-3 through its MLP, P-tuning v2 5e-3 (Liu et
+#: al. 5e-3..1e-2); diff pruning 1e-3.
+LEARNING_RATES: dict[str, float] = {
+    "full": 1e-4,
+    "freeze": 1e-4,
+    "bitfit": 1e-3,
+    "prompt": 3e-2,
+    "ptuning": 1e-2,
+    "prefix": 1e-3,
+    "ptuning_v2": 5e-3,
+    "houlsby": 1e-3,
+    "pfeiffer": 1e-3,
+    "parallel": 1e-3,
+    "scaled_parallel": 1e-3,
+    "lora": 1e-3,
+    "rslora": 1e-3,
+    "dora": 1e-3,
+    "lora_fa": 1e-3,
+    "lora_plus": 2.5e-4,
+    "ia3": 3e-3,
+    "adalora": 1e-3,
+    "qlora": 1e-3,
+    "mam": 1e-3,
+    "unipelt": 1e-3,
+    "diff_pruning": 1e-3,
+}
+
+#: The memory table: (method name, base dtypes). QLoRA's base is NF4 (bf16 compute) by definition.
+MEMORY_METHODS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("full", ("fp32", "bf16")),
+    ("lora", ("fp32", "bf16")),
+    ("qlora", ("nf4",)),
+    ("bitfit", ("fp32", "bf16")),
+    ("houlsby", ("fp32", "bf16")),
+    ("prefix", ("fp32", "bf16")),
+)
+
+
+# --- methods -------------------------------------------------------------------------------------
+def make_method(name: str, steps: int) -> jpeft.Method | str:
+    """The method ``name`` with the head trainable, or a string saying why it is not available."""
+    _, cls_name, kwargs = SPECS[name]
+    cls = getattr(jpeft, cls_name, None)
+    if not isinstance(cls, type):
+        return f"not available: jpeft {jpeft.__version__} has no {cls_name}"
+    return cls(**kwargs(steps), extra_trainable=HEAD_RE)
+
+
+def prepare(method: jpeft.Method, params: dict[str, Any], key: jax.Array) -> Any:
+    """``jpeft.apply`` on the encoder and head, after NF4 quantisation of the encoder for QLoRA."""
+    if hasattr(jpeft, "QLoRA") and isinstance(method, jpeft.QLoRA):
+        params = jpeft.quantize(params, method.quant, targets=ALL_LINEAR)
+    return jpeft.apply(method, params, key=key)
+
+
+def count(tree: Any) -> int:
+    """Elements of the float and integer leaves of a tree (an NF4 kernel counts its logical size)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, getattr(jpeft, "NF4Array", ()))):
+        total += math.prod(leaf.shape)
+    return total
+
+
+def with_head(params: Mapping[str, Any], n_labels: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+    head = qs.init_head(params["embeddings"]["word_embeddings"]["embedding"].shape[1], n_labels)
+    return {**params, HEAD: jax.tree.map(lambda x: x.astype(dtype), head)}
+
+
+# --- the train step ------------------------------------------------------------------------------
+def make_step(
+    model: Any, method: jpeft.Method, trainable: Any, lr: float, head_lr: float, steps: int
+) -> Callable[..., tuple[Any, jax.Array]]:
+    """A jitted ``step((trainable, opt_state), frozen, batch, labels, key) -> (state, loss)``.
+
+    The lean path: gradients with respect to the trainable half of ``jpeft.split`` only. The
+    state is donated.
+    """
+    tx = jpeft.optimizer(optax.adamw(qs.schedule(lr, steps), weight_decay=0.01), method, trainable)
+    head_mask = lambda tree: {k: jax.tree.map(lambda _: k == HEAD, v) for k, v in tree.items()}  # noqa: E731
+    tx = optax.chain(tx, optax.masked(optax.scale(head_lr / lr), head_mask))
+    wrapped = jpeft.wrap(model.module.apply, method)
+    lam = DIFF_PRUNING_LAMBDA if type(method).__name__ == "DiffPruning" else 1.0
+
+    def loss_fn(t, frozen, batch, labels, key):
+        params = jpeft.combine(t, frozen)
+        encoder = {k: v for k, v in params.items() if k != HEAD}
+        emb = embed(wrapped, encoder, batch, rngs={"dropout": key})
+        logits = qs.classify(params[HEAD], emb.astype(jnp.float32))
+        return qs.xent(logits, labels) + lam * jpeft.regularizer(method, params)
+
+    def step(state, frozen, batch, labels, key):
+        t, opt = state
+        loss, g = jax.value_and_grad(loss_fn)(t, frozen, batch, labels, key)
+        updates, opt = tx.update(g, opt, t)
+        return (optax.apply_updates(t, updates), opt), loss
+
+    step.tx = tx  # type: ignore[attr-defined]
+    return step
+
+
+def embed(apply_fn: Callable[..., Any], params: Any, batch: Mapping[str, jax.Array], **kw: Any) -> jax.Array:
+    """The quickstart's mean pooling, with keyword arguments (``rngs``) passed to ``apply_fn``."""
+    ids = batch["input_ids"]
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    hidden = apply_fn(
+        {"params": params}, ids, batch["attention_mask"], batch["token_type_ids"], pos, return_dict=False, **kw
+    )[0]
+    mask = batch["attention_mask"][..., None].astype(hidden.dtype)
+    return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
+def peak_bytes(compiled: Any) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    parts = {
+        "argument": int(m.argument_size_in_bytes),
+        "output": int(m.output_size_in_bytes),
+        "temp": int(m.temp_size_in_bytes),
+        "alias": int(m.alias_size_in_bytes),
+    }
+    parts["total"] = parts["argument"] + parts["temp"] + parts["output"] - parts["alias"]
+    return parts
+
+
+def compile_step(step: Callable[..., Any], state: Any, frozen: Any, batch: Any, labels: Any) -> Any:
+    jitted = jax.jit(step, donate_argnums=0)
+    return jitted.lower(state, frozen, batch, labels, jax.random.key(0)).compile()
+
+
+# --- one method ----------------------------------------------------------------------------------
+def run_method(
+    name: str, model: Any, params: dict[str, Any], data: Mapping[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Trains and evaluates one method; returns its row (or ``status`` saying why there is none)."""
+    label = SPECS[name][0]
+    row: dict[str, Any] = {"name": name, "label": label, "lr": LEARNING_RATES[name]}
+    method = make_method(name, args.steps)
+    if isinstance(method, str):
+        return {**row, "status": method}
+    row["method"] = repr(method)
+    peft = prepare(method, params, jax.random.key(args.seed + 1))
+    trainable, frozen = jpeft.split(method, peft)
+    n_head = count(trainable[HEAD])
+    row["trainable"] = count(trainable) - n_head
+    row["trainable_pct"] = 100.0 * row["trainable"] / data["n_encoder"]
+    step = make_step(model, method, trainable, LEARNING_RATES[name], args.head_lr, args.steps)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; the base leaves must survive
+    state = (trainable, step.tx.init(trainable))
+    train, y, feed = data["train"], data["train_y"], data["feed"]
+    first = (qs.take(train, feed[0]), jnp.asarray(y[feed[0]]))
+    compiled = compile_step(step, state, frozen, *first)
+    row["bytes"] = peak_bytes(compiled)
+    losses, times = [], []
+    key = jax.random.key(args.seed + 2)
+    for i, idx in enumerate(tqdm(feed, desc=f"{name:>15}", unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)):
+        batch, labels = qs.take(train, idx), jnp.asarray(y[idx])
+        t0 = time.perf_counter()
+        state, loss = compiled(state, frozen, batch, labels, jax.random.fold_in(key, i))
+        losses.append(float(loss))  # waits for the step
+        times.append(time.perf_counter() - t0)
+    row["loss_first"], row["loss_last"] = losses[0], float(np.mean(losses[-10:]))
+    row["step_ms"] = 1e3 * statistics.median(times[1:] if len(times) > 1 else times)
+    peft = jpeft.combine(state[0], frozen)
+    if "AdaLoRA" in type(method).__name__:
+        row["adalora_ranks"] = {k: int(v) for k, v in jpeft.adalora_ranks(state[1]).items()}
+    wrapped = jpeft.wrap(model.module.apply, method)
+    encoder = {k: v for k, v in peft.items() if k != HEAD}
+    emb = qs.embed_all(wrapped, encoder, data["eval"], args.batch).astype(jnp.float32)
+    row["after"] = qs.evaluate(peft[HEAD], emb, data["eval_y"])
+    row["finite"] = all(math.isfinite(v) for v in losses) and math.isfinite(row["after"]["loss"])
+    row["status"] = "ok" if row["finite"] else "non-finite"
+    return row
+
+
+# --- the memory table ----------------------------------------------------------------------------
+def memory_row(
+    name: str, dtype: str, batch_size: int, model: Any, params: dict[str, Any], data: Mapping[str, Any], args: Any
+) -> dict[str, Any]:
+    """XLA bytes of one train step and the median of ``args.mem_steps`` timed steps."""
+    row: dict[str, Any] = {"name": name, "label": SPECS[name][0], "dtype": dtype, "batch": batch_size}
+    method = make_method(name, args.steps)
+    if isinstance(method, str):
+        return {**row, "status": method}
+    base = params if dtype in ("fp32", "nf4") else jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    peft = prepare(method, base, jax.random.key(0))
+    trainable, frozen = jpeft.split(method, peft)
+    step = make_step(model, method, trainable, LEARNING_RATES[name], args.head_lr, args.steps)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it
+    state = (trainable, step.tx.init(trainable))
+    idx = np.arange(batch_size) % len(data["train_y"])
+    batch, labels = qs.take(data["train"], idx), jnp.asarray(data["train_y"][idx])
+    compiled = compile_step(step, state, frozen, batch, labels)
+    row["bytes"] = peak_bytes(compiled)
+    times = []
+    for i in range(args.mem_steps + 1):
+        t0 = time.perf_counter()
+        state, loss = compiled(state, frozen, batch, labels, jax.random.key(i))
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    row["step_ms"] = 1e3 * statistics.median(times[1:])
+    row["status"] = "ok" if math.isfinite(float(loss)) else "non-finite"
+    return row
+
+
+# --- outputs -------------------------------------------------------------------------------------
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], probe: Mapping[str, float]) -> str:
+    full = next((r for r in rows if r["name"] == "full" and r.get("status") == "ok"), None)
+    lines = [
+        "| method | lr | trainable | trainable % | acc before → after | Δ acc | held-out loss | step ms | × Full | peak MiB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "after" not in r:
+            lines.append(f"| {r['label']} | | | | {r['status']} | | | | | |")
+            continue
+        ratio = f"{r['step_ms'] / full['step_ms']:.2f}" if full else "n/a"
+        acc = r["after"]["accuracy"]
+        mark = "" if r["status"] == "ok" else f" ({r['status']})"
+        lines.append(
+            f"| {r['label']}{mark} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.3g} | "
+            f"{probe['accuracy']:.1%} → {acc:.1%} | {100 * (acc - probe['accuracy']):+.1f} | "
+            f"{r['after']['loss']:.3f} | {r['step_ms']:.0f} | {ratio} | {mib(r['bytes']['total'])} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    batches = sorted({r["batch"] for r in rows})
+    head = "| method | base dtype | " + " | ".join(f"B={b} MiB | B={b} step ms" for b in batches) + " |"
+    lines = [head, "|---|---|" + "---:|---:|" * len(batches)]
+    keys = list(dict.fromkeys((r["name"], r["dtype"]) for r in rows))
+    for name, dtype in keys:
+        cells = []
+        for b in batches:
+            r = next(x for x in rows if (x["name"], x["dtype"], x["batch"]) == (name, dtype, b))
+            cells += [mib(r["bytes"]["total"]), f"{r['step_ms']:.0f}"] if "bytes" in r else [r["status"], ""]
+        label = next(x["label"] for x in rows if x["name"] == name)
+        lines.append(f"| {label} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_plot(rows: Sequence[Mapping[str, Any]], probe: Mapping[str, float], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "after" in r]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "osD^v<>pP*Xh"
+    for i, r in enumerate(done):
+        x = max(r["trainable_pct"], 1e-4)
+        ax.scatter(x, 100 * r["after"]["accuracy"], s=50, marker=markers[i % len(markers)], label=r["label"], zorder=3)
+        ax.annotate(r["name"], (x, 100 * r["after"]["accuracy"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axhline(100 * probe["accuracy"], ls="--", c="gray", lw=1, label="frozen encoder + head (linear probe)")
+    ax.set_xscale("log")
+    ax.set(xlabel="fine-tuned parameters (% of the encoder, log scale)", ylabel="held-out accuracy (%)")
+    ax.set_title("jpeft methods, all-MiniLM-L6-v2 on BBC News headline topics")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- main ----------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="all", help=f"comma-separated, from: {', '.join(SPECS)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default 120, --quick 30)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=16, help="tokens per headline")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate of the head")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out headlines (default all 384, --quick 128)")
+    p.add_argument("--memory-batches", default=None, help="batch sizes of the memory table (default 8,32; 'none': skip)")
+    p.add_argument("--mem-steps", type=int, default=None, help="timed steps per memory-table cell (default 3)")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N encoder layers (0: all; for tests)")
+    p.add_argument("--quick", action="store_true", help="fewer steps, a smaller held-out set, batch 8 in the memory table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="experiments/results/compare")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.steps = args.steps if args.steps is not None else (30 if q else 120)
+    args.eval_size = args.eval_size if args.eval_size is not None else (128 if q else 0)
+    args.memory_batches = args.memory_batches or ("8" if q else "8,32")
+    args.mem_steps = args.mem_steps if args.mem_steps is not None else (1 if q else 3)
+    names = list(SPECS) if args.methods == "all" else [m.strip().replace("-", "_").lower() for m in args.methods.split(",")]
+    unknown = [m for m in names if m not in SPECS]
+    if unknown:
+        p.error(f"unknown --methods {unknown}; choose from {', '.join(SPECS)}")
+    args.methods = names
+    for name in ("steps", "batch", "seq", "mem_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def truncate_layers(model: Any, params: dict[str, Any], n: int) -> tuple[Any, dict[str, Any]]:
+    """A copy of the encoder with its first ``n`` layers (a smaller model for tests)."""
+    import transformers
+
+    config = model.config
+    config.num_hidden_layers = n
+    small = transformers.FlaxBertModel(config, _do_init=False)
+    layers = {str(i): params["encoder"]["layer"][str(i)] for i in range(n)}
+    return small, {**params, "encoder": {**params["encoder"], "layer": layers}}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the comparison and returns everything written to ``compare.json``."""
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    labels, splits = qs.load_headlines(qs.data_dir())
+    (train_x, train_y), (eval_x, eval_y) = splits["train"], splits["eval"]
+    if args.eval_size:
+        eval_x, eval_y = eval_x[: args.eval_size], eval_y[: args.eval_size]
+    model, base, tokenizer = qs.load_model(qs.model_dir())
+    if args.layers:
+        model, base = truncate_layers(model, base, args.layers)
+    train, held = qs.tokenize(tokenizer, train_x, args.seq), qs.tokenize(tokenizer, eval_x, args.seq)
+    feed = qs.batches(len(train_x), args.batch, args.steps, args.seed)
+    data = {
+        "train": train, "train_y": train_y, "eval": held, "eval_y": eval_y, "feed": feed, "n_encoder": count(base)
+    }  # fmt: skip
+    print(
+        f"task: BBC News headline topic ({len(labels)} topics), {len(train_x)} train / {len(eval_x)} held out; "
+        f"all-MiniLM-L6-v2 ({data['n_encoder']:,} parameters{f', first {args.layers} layers' if args.layers else ''}); "
+        f"{args.steps} steps of batch {args.batch} x {args.seq} tokens"
+    )
+
+    # Before: the quickstart's linear probe of the frozen encoder.
+    frozen_train = qs.embed_all(model.module.apply, base, train, args.batch)
+    frozen_eval = qs.embed_all(model.module.apply, base, held, args.batch)
+    probe_head, _ = qs.train_probe(frozen_train, train_y, feed, len(labels), args)
+    probe = qs.evaluate(probe_head, frozen_eval, eval_y)
+    print(f"before (frozen encoder + head): accuracy {probe['accuracy']:.1%}, loss {probe['loss']:.3f}")
+
+    params = with_head(base, len(labels))
+    rows = []
+    for name in tqdm(args.methods, desc="methods", unit="method", dynamic_ncols=True, file=sys.stderr):
+        try:
+            row = run_method(name, model, params, data, args)
+        except Exception as e:  # a method that fails is reported, not hidden and not fatal
+            row = {"name": name, "label": SPECS[name][0], "lr": LEARNING_RATES[name], "status": f"error: {type(e).__name__}: {e}"}
+        rows.append(row)
+        acc = f"acc {row['after']['accuracy']:.1%}, {row['step_ms']:.0f} ms/step" if "after" in row else row["status"][:200]
+        tqdm.write(f"{row['label']:>30}: {acc}", file=sys.stderr)
+
+    memory = []
+    mem_batches = [] if args.memory_batches == "none" else [int(b) for b in args.memory_batches.split(",")]
+    cells = [(n, d, b) for n, dts in MEMORY_METHODS for d in dts for b in mem_batches]
+    for name, dtype, b in tqdm(cells, desc="memory table", unit="cell", dynamic_ncols=True, file=sys.stderr):
+        try:
+            memory.append(memory_row(name, dtype, b, model, with_head(base, len(labels)), data, args))
+        except Exception as e:
+            memory.append({"name": name, "label": SPECS[name][0], "dtype": dtype, "batch": b, "status": f"error: {type(e).__name__}: {e}"})
+
+    os.makedirs(args.out, exist_ok=True)
+    table = results_table(rows, probe)
+    md = [
+        "# jpeft: every method on one task and budget",
+        "",
+        f"all-MiniLM-L6-v2 on BBC News headline topics: {len(train_x)} train / {len(eval_x)} held-out headlines, "
+        f"{args.steps} steps of batch {args.batch} × {args.seq} tokens, AdamW with warm-up + cosine, head lr "
+        f"{args.head_lr:g}. 'before' is the frozen encoder with the same head trained the same steps. "
+        "Step ms: median wall time of a training step; × Full: its ratio to Full's, same run. "
+        "Peak MiB: XLA memory_analysis of the jitted step (argument + temp + output − alias).",
+        "",
+        table,
+    ]
+    if memory:
+        md += ["", "## Memory: method × batch × base dtype", "", memory_table(memory)]
+    md_path = os.path.join(args.out, "compare.md")
+    png_path = save_plot(rows, probe, os.path.join(args.out, "compare.png"))
+    with open(md_path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    results = {
+        "command": "python -m experiments.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
+                     "machine": platform.machine(), "load_average": os.getloadavg()},
+        "args": {k: v for k, v in vars(args).items()},
+        "task": {"labels": labels, "n_train": len(train_x), "n_eval": len(eval_x), "n_encoder": data["n_encoder"]},
+        "before": probe,
+        "methods": rows,
+        "memory": memory,
+        "wall_s": time.perf_counter() - t_start,
+        "files": [md_path, png_path, os.path.join(args.out, "compare.json")],
+    }  # fmt: skip
+    with open(results["files"][-1], "w") as f:
+        json.dump(results, f, indent=2, default=str)
+        f.write("\n")
+    print()
+    print("\n".join(md[4:]))
+    print(f"\nwrote {', '.join(results['files'])} in {results['wall_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
