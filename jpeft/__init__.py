@@ -50,6 +50,7 @@ from jpeft.methods._lora import LoRAPlus as LoRAPlus
 from jpeft.methods._lora_drop import LoRADrop as LoRADrop
 from jpeft.methods._lora_drop import lora_drop_importance as lora_drop_importance
 from jpeft.methods._lora_drop import lora_drop_select as lora_drop_select
+from jpeft.methods._mam import MAM as MAM
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
 from jpeft.methods._prompt import PromptTuning as PromptTuning
@@ -63,6 +64,7 @@ from jpeft.quant._nf4 import quantize as quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAM",
     "AdapterFusion",
     "export_hf",
     "import_hf",
