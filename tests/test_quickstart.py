@@ -59,5 +59,7 @@ def test_method_names():
     assert type(method).__name__ == "LoRAPlus" and method.rank == 4
     for name in ("lora", "rslora", "dora", "lora_fa", "lora_plus"):
         assert name in quickstart.available_methods()
+    # updating the pretrained weights themselves gets a smaller default step than the adapters
+    assert quickstart.parse_args(["--method", "full"]).lr < quickstart.parse_args([]).lr
     with pytest.raises(SystemExit, match="not available.*Choose one of"):
         quickstart.make_method("no_such_method", args)

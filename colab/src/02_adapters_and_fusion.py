@@ -106,8 +106,8 @@ tree = jpeft.apply(adapter, tree, key=jax.random.key(2), name="b")
 tree, losses_b = train(adapter, tree, "b", tasks["b"])
 assert losses_b[-1] < losses_b[0]
 assert jpeft.adapters(tree) == ["a", "b"]
-assert all(
-    jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(jpeft.remove(tree, "b")), jax.tree.leaves(trained_a)))
+unchanged = zip(jax.tree.leaves(jpeft.remove(tree, "b")), jax.tree.leaves(trained_a), strict=True)
+assert all(jnp.array_equal(x, y) for x, y in unchanged)
 
 # %% [markdown]
 # ## AdapterFusion on top
@@ -130,7 +130,7 @@ assert losses_f[-1] < losses_f[0]
 for name in ("a", "b"):  # the adapters did not move
     kept = jpeft.remove(jpeft.remove(before, "fusion"), "b" if name == "a" else "a")
     now = jpeft.remove(jpeft.remove(tree, "fusion"), "b" if name == "a" else "a")
-    assert all(jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(now), jax.tree.leaves(kept)))
+    assert all(jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(now), jax.tree.leaves(kept), strict=True))
 
 # %% [markdown]
 # ## AdapterDrop at inference

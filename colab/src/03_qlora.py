@@ -78,7 +78,7 @@ is_q = lambda x: isinstance(x, jpeft.NF4Array)  # noqa: E731
 kernels_q = [x for x in jax.tree.leaves(quantized, is_leaf=is_q) if is_q(x)]
 kernel_bytes, kernel_bf16 = sum(x.nbytes for x in kernels_q), sum(2 * x.size for x in kernels_q)
 print(f"quantised kernels: {kernel_bytes:,} bytes stored vs {kernel_bf16:,} in bf16 ({kernel_bytes / kernel_bf16:.3f}x)")
-print(f"whole tree:        {nbytes(quantized):,} bytes stored vs {bf16_bytes(params):,} in bf16")
+print(f"whole tree:        {nbytes(quantized):,} bytes stored (NF4 kernels, float32 rest) vs {bf16_bytes(params):,} all in bf16")
 print(f"bits per quantised weight: {8 * kernel_bytes / sum(x.size for x in kernels_q):.3f}")
 # 4.127 bits per weight plus one float32 per tensor, against 16.
 assert kernel_bytes / kernel_bf16 < 0.27

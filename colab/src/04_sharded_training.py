@@ -163,7 +163,7 @@ single_losses = []
 for i in range(STEPS):
     trainable_1, opt_state_1, loss = single_step(trainable_1, opt_state_1, frozen, batch(i))
     single_losses.append(float(loss))
-print("max |sharded - single| loss:", max(abs(a - b) for a, b in zip(sharded_losses, single_losses)))
+print("max |sharded - single| loss:", max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)))
 np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
 for x, y in zip(jax.tree.leaves(t), jax.tree.leaves(trainable_1), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

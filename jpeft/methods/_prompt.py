@@ -78,6 +78,7 @@ class VirtualTokens(Method):
 
     identity_at_init = False
     mergeable = False
+    site_role = "overwrite"  # prompts and prefixes overwrite positions: outermost in jpeft.compose
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -115,6 +115,24 @@ def test_prompt_tuning_equals_base_model_on_real_token_prefix(family: str, key: 
     check_oracle(family, method, peft, sliced_logits=family != "bert")
 
 
+def test_roberta_positions_follow_roberta_rule(key: jax.Array) -> None:
+    """RoBERTa's positions start at pad + 1 and skip padding; the prompt takes pad + 1 .. pad + P."""
+    from transformers.models.roberta.modeling_flax_roberta import create_position_ids_from_input_ids
+
+    m = H.make("roberta")
+    method = jpeft.PromptTuning(num_virtual_tokens=P, init="text", init_ids=TOKENS)
+    peft = jpeft.apply(method, m.params, key=key)
+    out = jpeft.wrap(m.apply, method)({"params": peft}, **m.inputs, output_hidden_states=True)
+    ref_inputs = extend(m.inputs, TOKENS)
+    pad = m.model.config.pad_token_id
+    ref_inputs["position_ids"] = jnp.asarray(create_position_ids_from_input_ids(np.asarray(ref_inputs["input_ids"]), pad))
+    ref = m.apply({"params": m.params}, **ref_inputs, output_hidden_states=True)
+    real = np.asarray(m.inputs["attention_mask"], bool)  # padded positions get pad + P, not pad: masked anyway
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+        np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b[:, P:])[real], **TOL)
+    np.testing.assert_allclose(out.logits, ref.logits, **TOL)
+
+
 def test_positional_inputs_and_jit_agree_with_keywords(key: jax.Array) -> None:
     m = H.make("gpt2")
     method = jpeft.PromptTuning(num_virtual_tokens=P)

@@ -1,0 +1,118 @@
+"""UniPELT (gated LoRA + prefix + adapter) and MAM (prefix + scaled parallel adapter)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.methods._unipelt import GATE, GatedLoRA
+from tests import _hf_models as H
+
+R = jpeft.RESERVED
+TOL = dict(rtol=1e-5, atol=1e-5)
+TARGETS = {"bert": ("query", "value"), "gpt2": ("c_attn",)}
+
+
+def randomize(tree, seed, scale=0.2):
+    rng = np.random.RandomState(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.normal(0, scale, x.shape), x.dtype) if R in jax.tree_util.keystr(p) else x, tree
+    )
+
+
+def strip_gates(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: strip_gates(v) for k, v in tree.items() if k not in GATE}
+
+
+def run(hf, method, tree):
+    return hf.logits(jpeft.wrap(hf.apply, method)({"params": tree}, **hf.inputs))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_unipelt_with_open_gates_equals_the_ungated_composition(family):
+    hf = H.make(family)
+    kw = dict(lora_targets=TARGETS[family], rank=2, prefix_tokens=3, reduction_factor=8)
+    gated = jpeft.UniPELT(**kw, force_open=True)
+    tree = randomize(jpeft.apply(gated, hf.params, key=jax.random.key(0)), seed=1)
+    plain = jpeft.compose(
+        jpeft.LoRA(targets=TARGETS[family], rank=2, alpha=16.0),
+        jpeft.PrefixTuning(num_virtual_tokens=3, prefix_projection=False),
+        jpeft.PfeifferAdapter(reduction_factor=8),
+        keys=("lora", "prefix", "adapter"),
+    )
+    np.testing.assert_allclose(run(hf, gated, tree), run(hf, plain, strip_gates(tree)), **TOL)
+    free = jpeft.UniPELT(**kw)  # the same leaves with learned gates give another output
+    assert np.abs(run(hf, free, tree) - run(hf, gated, tree)).max() > 1e-4
+
+
+class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="lin")(x)
+
+
+def test_gated_lora_matches_numpy():
+    x = np.random.RandomState(0).normal(size=(3, 4)).astype(np.float32)
+    params = One().init(jax.random.key(0), x)["params"]
+    method = GatedLoRA(targets=("lin",), rank=2, alpha=4.0)
+    tree = randomize(jpeft.apply(method, params, key=jax.random.key(1)), seed=2, scale=0.5)
+    d = tree["lin"][R]["default"]
+    gate = 1 / (1 + np.exp(-(x @ np.asarray(d["gate_kernel"]) + np.asarray(d["gate_bias"]))))
+    want = x @ np.asarray(params["lin"]["kernel"]) + np.asarray(params["lin"]["bias"])
+    want = want + gate * method.scale * (x @ np.asarray(d["lora_a"]) @ np.asarray(d["lora_b"]))
+    np.testing.assert_allclose(jpeft.wrap(One().apply, method)({"params": tree}, x), want, **TOL)
+    assert method.param_count(params) == 2 * (4 + 5) + 4 + 1
+
+
+def test_unipelt_count_is_the_closed_form_and_gates_get_gradients():
+    hf = H.make("bert")
+    method = jpeft.UniPELT(lora_targets=("query", "value"), rank=2, prefix_tokens=3, reduction_factor=8)
+    tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+    d, L, P, r = H.HIDDEN, H.LAYERS, 3, H.HIDDEN // 8
+    lora = 2 * L * (2 * (d + d) + d + 1)  # query and value: r (d_in + d_out) + gate
+    prefix = 2 * L * (P * d + d + 1)  # key and value modules: P d prefix + gate
+    adapter = L * (2 * d * r + r + d + d + 1)  # Pfeiffer bottleneck + gate
+    assert method.param_count(hf.params) == lora + prefix + adapter
+    assert f"trainable params: {lora + prefix + adapter:,}" in jpeft.summary(method, tree)
+    trainable, frozen = jpeft.split(method, tree)
+    grads = jax.grad(lambda t: jnp.sum(run(hf, method, jpeft.combine(t, frozen)) ** 2))(trainable)
+    flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    gates = [g for k, g in flat.items() if "gate_kernel" in k]
+    assert len(gates) == 2 * L + 2 * L + L
+    assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0 for g in gates)
+
+
+def test_unipelt_bad_fields():
+    with pytest.raises(jpeft.JpeftError, match="force_open must be a bool"):
+        jpeft.UniPELT(force_open=1)
+    with pytest.raises(jpeft.JpeftError, match="prefix_tokens must be a positive int"):
+        jpeft.UniPELT(prefix_tokens=0)
+
+
+def test_mam_is_prefix_plus_scaled_parallel_adapter():
+    hf = H.make("gpt2")
+    mam = jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)
+    tree = randomize(jpeft.apply(mam, hf.params, key=jax.random.key(0)), seed=3)
+    d, L = H.HIDDEN, H.LAYERS
+    assert mam.param_count(hf.params) == L * 2 * 3 * d + L * (2 * d * 8 + 8 + d)
+    # With the adapter's up-projection at zero, MAM is its prefix component alone.
+    quiet = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if "up_" in jax.tree_util.keystr(p) else x, tree
+    )
+    prefix = jpeft.compose(jpeft.PrefixTuning(num_virtual_tokens=3, prefix_projection=False), keys=("prefix",))
+    only_prefix = jpeft.remove(quiet, "default")
+    for path in prefix.select(hf.params):
+        node, src = only_prefix, quiet
+        for k in path:
+            node, src = node[k], src[k]
+        node[R] = {"default": {"prefix": src[R]["default"]["prefix"]}}
+    np.testing.assert_allclose(run(hf, mam, quiet), run(hf, prefix, only_prefix), **TOL)
+    assert np.abs(run(hf, mam, tree) - run(hf, mam, quiet)).max() > 1e-4
+    with pytest.raises(jpeft.JpeftError, match="adapter_bottleneck must be a positive int"):
+        jpeft.MAM(adapter_bottleneck=0)
