@@ -104,6 +104,10 @@ NEW = 12
 # `P = 8` virtual tokens of width `d`, initialised from the embeddings of a piece of text
 # (`init="text"`). They live at `<embedding>/__jpeft__/<name>/prompt`; the wrapped model returns
 # logits for the caller's tokens only. Trainable: `P d`.
+#
+# A randomly initialised model barely responds to its input, so a few learnt input embeddings
+# move its loss only a little (prompt tuning shines on large pretrained models); prefix tuning,
+# which reaches into every layer's attention, moves it further. The point here is the mechanics.
 
 # %%
 prompt_method = jpeft.PromptTuning(num_virtual_tokens=8, init="text", init_ids=tuple(text[:8].encode()))
@@ -138,7 +142,7 @@ prefix_method = jpeft.PrefixTuning(num_virtual_tokens=8, projection_hidden_size=
 prefix_tree = jpeft.apply(prefix_method, params, key=jax.random.key(2))
 print(jpeft.summary(prefix_method, prefix_tree))
 assert trainable_count(prefix_method, prefix_tree) == 8 * d + d * k + k + 2 * layers * d * k + 2 * layers * d
-prefix_tree = train(prefix_method, prefix_tree, lr=3e-3)
+prefix_tree = train(prefix_method, prefix_tree, lr=1e-2)
 
 out = generate(model.module.apply, prefix_method, prefix_tree, prompts, NEW)
 for row in out:
