@@ -1,7 +1,9 @@
-"""Greedy generation with the KV cache, for wrapped decoder-only models (HF Flax GPT-2, Llama)."""
+"""Greedy generation with the KV cache, for wrapped HF Flax decoder-only (GPT-2, Llama) and encoder-decoder (BART) models."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +15,8 @@ from jax import lax
 from jpeft import _core, _intercept
 from jpeft._errors import JpeftError
 from jpeft._method import Method
-from jpeft._tree import PyTree
-from jpeft.methods._prompt import VirtualTokens, writing
+from jpeft._tree import PyTree, join
+from jpeft.methods._prompt import VirtualTokens, regions, writing
 
 
 def _logits(out: Any) -> jax.Array:
@@ -29,6 +31,7 @@ def generate(
     max_new_tokens: int,
     *,
     attention_mask: jax.Array | None = None,
+    decoder_input_ids: jax.Array | None = None,
     name: str = "default",
 ) -> jax.Array:
     """Greedy decoding of a wrapped causal LM, one new token per step, with the model's KV cache.
@@ -42,6 +45,16 @@ def generate(
     arg-max of the last logits. Positions are ``cumsum(attention_mask) - 1`` (HF's convention), so
     left padding works; EOS does not stop decoding: all ``max_new_tokens`` are produced.
 
+    Encoder-decoders (HF Flax BART): pass ``decoder_input_ids`` (the decoder's start, such as
+    ``[[decoder_start_token_id]]`` per example); ``input_ids`` is the encoder's input. The first call
+    runs the encoder (on ``P + T`` positions for prompt and prefix methods) and the decoder on its
+    start (on ``P`` more positions for prefix methods) and creates the decoder's self-attention
+    cache; later calls feed one decoder token. The cross-attention keys and values are recomputed
+    from the encoder output each step (HF's Flax BART does not cache them), so cross-attention
+    prefixes are written at every step; the encoder itself runs once (its output is reused when the
+    model's profile is known). The result equals ``jpeft.wrap(apply_fn, method)`` on the whole
+    decoder sequence at every step. Encoder positions are ``arange(P + T)``, as HF's wrapper makes.
+
     Nothing here is jitted: ``jax.jit(generate, static_argnums=(0, 1, 4))`` compiles it whole.
 
     Args:
@@ -51,10 +64,13 @@ def generate(
       input_ids: ``(B, T)`` int token ids.
       max_new_tokens: how many tokens to append.
       attention_mask: ``(B, T)``, ones by default.
+      decoder_input_ids: ``(B, S)`` int: the decoder's start for an encoder-decoder; ``None`` for a
+        decoder-only model.
       name: the adapter to run.
 
     Returns:
-      ``(B, T + max_new_tokens)`` token ids: the inputs, then the generated tokens.
+      ``(B, T + max_new_tokens)`` token ids: the inputs, then the generated tokens; for an
+      encoder-decoder ``(B, S + max_new_tokens)``: ``decoder_input_ids``, then the generated tokens.
 
     Raises:
       JpeftError: on bad shapes or counts, or an ``apply_fn`` without HF's cache interface.
@@ -86,6 +102,8 @@ def generate(
         raise JpeftError(
             f"jpeft.generate: attention_mask has shape {mask.shape}; expected the shape of input_ids, {ids.shape}."
         )
+    if decoder_input_ids is not None:
+        return _seq2seq(apply_fn, method, peft_params, ids, mask, decoder_input_ids, max_new_tokens, name)
     if isinstance(method, VirtualTokens):
         n = method.num_virtual_tokens
         method.profile_of(peft_params)
@@ -137,3 +155,110 @@ def generate(
     last = positions[:, -1] + 1
     _, rest = lax.scan(step, (state["cache"], first, last), None, length=max_new_tokens - 1)
     return jnp.concatenate([ids, first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
+
+
+def _seq2seq(
+    apply_fn: Callable[..., Any], method: Method, peft_params: PyTree, ids: jax.Array, mask: jax.Array,
+    decoder_input_ids: Any, max_new_tokens: int, name: str,
+) -> jax.Array:
+    """:func:`generate` for an HF Flax encoder-decoder (``_get_encoder_module``, ``_get_decoder_module``)."""
+    from jpeft import profiles
+
+    dec = jnp.asarray(decoder_input_ids)
+    batch, length = ids.shape
+    if dec.ndim != 2 or dec.shape[0] != batch or not jnp.issubdtype(dec.dtype, jnp.integer):
+        raise JpeftError(
+            f"jpeft.generate: decoder_input_ids must be a (batch, seq) int array with batch {batch} (that of "
+            f"input_ids); got shape {dec.shape} and dtype {dec.dtype}."
+        )
+    found = profiles.matching(peft_params)
+    profile = found[0] if len(found) == 1 and found[0].encoder_prefix is not None else None
+    if isinstance(method, VirtualTokens):
+        profile = method.profile_of(peft_params)
+        if profile.encoder_prefix is None:
+            raise JpeftError(
+                f"jpeft.generate: decoder_input_ids is for encoder-decoder models, and profile {profile.name!r} "
+                "has no encoder_prefix; leave decoder_input_ids out for a decoder-only model."
+            )
+        n, m = method.counts(profile)
+        params = method.materialize(peft_params, method.active_name(name))
+    else:
+        n = m = 0
+        params = peft_params
+    start = dec.shape[1]
+    total = m + start + max_new_tokens
+    enc = {
+        "input_ids": jnp.concatenate([jnp.zeros((batch, n), ids.dtype), ids], 1),
+        "attention_mask": jnp.concatenate([jnp.ones((batch, n), ids.dtype), mask], 1),
+        "position_ids": jnp.broadcast_to(jnp.arange(n + length, dtype=ids.dtype), (batch, n + length)),
+    }
+    # The decoder's cache holds all m + S + max_new_tokens positions; future ones are masked by the model.
+    full_mask = jnp.ones((batch, total), ids.dtype)
+
+    def init(module: nn.Module, input_ids, attention_mask, position_ids, decoder_input_ids, decoder_attention_mask,
+             decoder_position_ids, **kwargs: Any) -> Any:
+        hidden = module._get_encoder_module()(input_ids, attention_mask, position_ids, **kwargs)[0]
+        return module._get_decoder_module()(
+            decoder_input_ids, decoder_attention_mask, decoder_position_ids, encoder_hidden_states=hidden,
+            encoder_attention_mask=attention_mask, init_cache=True, **kwargs,
+        )
+
+    dummy = jnp.zeros((batch, total), ids.dtype)
+    try:
+        shapes = jax.eval_shape(
+            lambda: apply_fn(
+                {"params": params}, **enc, decoder_input_ids=dummy, decoder_attention_mask=full_mask,
+                decoder_position_ids=dummy, method=init, mutable=["cache"],
+            )[1]["cache"]
+        )
+    except (TypeError, AttributeError) as e:
+        raise JpeftError(
+            f"jpeft.generate: apply_fn is not an HF Flax encoder-decoder's apply (one whose module has "
+            f"_get_encoder_module and _get_decoder_module, and takes method=...): {e}. Pass, for example, "
+            "FlaxBartForConditionalGeneration(...).module.apply."
+        ) from None
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    encoder_out: dict[str, Any] = {}
+
+    def keep_encoder(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+        """Stores the encoder's output on the first call and returns it, without running it, later."""
+        scope = context.module.scope
+        if (
+            context.method_name != "__call__" or scope is None or profile is None
+            or not re.fullmatch(profile.encoder_prefix, join(tuple(scope.path)))
+        ):
+            return next_fun(*args, **kwargs)
+        if "out" not in encoder_out:
+            encoder_out["out"] = next_fun(*args, **kwargs)
+        return encoder_out["out"]
+
+    def run(variables: PyTree, decoder: int | None, **inputs: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(nn.intercept_methods(keep_encoder))
+            if method.has_deltas:
+                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name)))
+            if n or m:
+                stack.enter_context(writing(n))
+                stack.enter_context(regions(profile, n or None, decoder))
+            return apply_fn(variables, **enc, **inputs, mutable=["cache"])
+
+    first_ids = jnp.concatenate([jnp.zeros((batch, m), ids.dtype), dec.astype(ids.dtype)], 1)
+    first_pos = jnp.broadcast_to(jnp.arange(m + start, dtype=ids.dtype), (batch, m + start))
+    out, state = run(
+        {"params": params, "cache": cache}, m or None,
+        decoder_input_ids=first_ids, decoder_attention_mask=full_mask, decoder_position_ids=first_pos,
+    )
+    first = jnp.argmax(_logits(out)[:, -1], axis=-1).astype(ids.dtype)
+
+    def step(carry: tuple[PyTree, jax.Array, jax.Array], _: Any) -> tuple[tuple[PyTree, jax.Array, jax.Array], jax.Array]:
+        cache, token, pos = carry
+        out, state = run(
+            {"params": params, "cache": cache}, None,
+            decoder_input_ids=token[:, None], decoder_attention_mask=full_mask, decoder_position_ids=pos[:, None],
+        )
+        nxt = jnp.argmax(_logits(out)[:, -1], axis=-1).astype(ids.dtype)
+        return (state["cache"], nxt, pos + 1), nxt
+
+    last = jnp.full((batch,), m + start, ids.dtype)
+    _, rest = lax.scan(step, (state["cache"], first, last), None, length=max_new_tokens - 1)
+    return jnp.concatenate([dec.astype(ids.dtype), first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)

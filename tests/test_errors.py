@@ -325,7 +325,8 @@ def test_wrap_without_deltas():
     params = nn.Dense(4).init(KEY, X)["params"]
     wrapped = jpeft.wrap(nn.Dense(4).apply, jpeft.LoRA(targets=".*", rank=2))
     message = (
-        r"jpeft.wrap\(LoRA\): variables\['params'\] holds no deltas of adapter 'default'\. Call peft = jpeft.apply"
+        r"jpeft.wrap\(LoRA\): variables\['params'\] holds no deltas of adapter 'default' \(it holds none\)\. "
+        r"Call peft = jpeft.apply"
     )
     with pytest.raises(JpeftError, match=message):
         wrapped({"params": params}, X)

@@ -1,4 +1,7 @@
-"""jpeft.generate: greedy decoding with the KV cache equals the wrapped model run token by token without it."""
+"""jpeft.generate: greedy decoding with the KV cache equals the wrapped model run token by token without it.
+
+On GPT-2, Llama and BART (encoder-decoder), for prompt tuning, prefix tuning, LoRA and a Houlsby adapter.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ def sharp(family: str) -> tuple[Any, dict[str, Any]]:
             initializer_range=0.3, tie_word_embeddings=False,
         )
         cls = transformers.FlaxGPT2LMHeadModel
+    elif family == "bart":
+        config = transformers.BartConfig(
+            vocab_size=H.VOCAB, d_model=H.HIDDEN, encoder_layers=H.LAYERS, decoder_layers=H.LAYERS,
+            encoder_attention_heads=H.HEADS, decoder_attention_heads=H.HEADS, encoder_ffn_dim=H.FFN,
+            decoder_ffn_dim=H.FFN, max_position_embeddings=64, init_std=0.3,
+        )
+        cls = transformers.FlaxBartForConditionalGeneration
     else:
         config, cls = transformers.LlamaConfig(**shapes), transformers.FlaxLlamaForCausalLM
     with jax.numpy_rank_promotion("allow"):
@@ -67,11 +77,49 @@ def without_cache(apply: Any, method: jpeft.Method, peft: Any, ids: jax.Array, s
     return np.asarray(seq)
 
 
+def without_cache_seq2seq(apply: Any, method: jpeft.Method, peft: Any, ids: jax.Array, start: jax.Array, steps: int) -> np.ndarray:
+    """The encoder-decoder oracle: the wrapped model on the encoder input and the whole decoder sequence.
+
+    The decoder sequence sits in a fixed buffer of S + steps positions; the decoder is causal, so the
+    unfilled tail changes nothing before it.
+    """
+    batch, length = ids.shape
+    size = start.shape[1] + steps
+    run = jax.jit(
+        lambda seq: jpeft.wrap(apply, method)(
+            {"params": peft}, input_ids=ids, attention_mask=jnp.ones_like(ids),
+            position_ids=jnp.broadcast_to(jnp.arange(length), (batch, length)),
+            decoder_input_ids=seq, decoder_attention_mask=jnp.ones_like(seq),
+            decoder_position_ids=jnp.broadcast_to(jnp.arange(size), (batch, size)),
+        ).logits
+    )
+    seq = jnp.concatenate([start, jnp.zeros((batch, steps), start.dtype)], axis=1)
+    for cur in range(start.shape[1], size):
+        seq = seq.at[:, cur].set(jnp.argmax(run(seq)[:, cur - 1], -1).astype(seq.dtype))
+    return np.asarray(seq)
+
+
+def steered(method: jpeft.Method, peft: Any) -> Any:
+    """Deltas that move this random model's arg-max: LoRA's B and an adapter's up-projection are 0 at init."""
+    def bump(path: Any, x: jax.Array) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        if isinstance(method, jpeft.LoRA) and "lora_b" in name:
+            return x + 0.5
+        if isinstance(method, jpeft.HoulsbyAdapter) and "_kernel" in name:  # random, not constant (LayerNorm)
+            return x + 3 * jax.random.normal(jax.random.key(len(name)), x.shape, x.dtype)
+        if isinstance(method, jpeft.PrefixTuning) and RESERVED in name:  # larger keys and values steer more
+            return 5 * x
+        return x
+
+    return jax.tree_util.tree_map_with_path(bump, peft)
+
+
 CASES = [
     ("gpt2", jpeft.PromptTuning(num_virtual_tokens=3)),
     ("gpt2", jpeft.PTuningV2(num_virtual_tokens=3)),
     ("gpt2", jpeft.PrefixTuning(num_virtual_tokens=3, projection_hidden_size=8)),
     ("gpt2", jpeft.LoRA(targets=("c_attn",), rank=2)),
+    ("gpt2", jpeft.HoulsbyAdapter(reduction_factor=8)),
     ("llama", jpeft.PromptTuning(num_virtual_tokens=3)),
     ("llama", jpeft.PTuningV2(num_virtual_tokens=3)),
 ]
@@ -81,13 +129,9 @@ CASES = [
 def test_cached_generation_equals_uncached_wrapped_model(family: str, method: jpeft.Method, key: jax.Array) -> None:
     params = sharp(family)[1]
     peft, other = (jpeft.apply(method, params, key=k) for k in jax.random.split(key))
-    if isinstance(method, jpeft.LoRA):  # B = 0 at init: ``other`` stays the base model, ``peft`` moves
-        peft = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, peft)
-    elif isinstance(method, jpeft.PrefixTuning):  # larger keys and values steer this random model more
-        peft, other = (
-            jax.tree_util.tree_map_with_path(lambda p, x: 5 * x if RESERVED in jax.tree_util.keystr(p) else x, t)
-            for t in (peft, other)
-        )
+    peft = steered(method, peft)  # LoRA, adapters: ``other`` stays the base model (zero at init)
+    if isinstance(method, jpeft.PrefixTuning):
+        other = steered(method, other)
     ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
     apply = apply_of(family)
     out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW))
@@ -98,6 +142,31 @@ def test_cached_generation_equals_uncached_wrapped_model(family: str, method: jp
         # the deltas steer the tokens, so the equality above is not vacuous. (On this random GPT-2
         # the input prompt barely moves the arg-max; its cache path is the one prefix tuning uses.)
         assert (out != np.asarray(jpeft.generate(apply, method, other, ids, NEW))).any()
+
+
+BART_CASES = [
+    jpeft.PromptTuning(num_virtual_tokens=3),
+    jpeft.PTuningV2(num_virtual_tokens=3),
+    jpeft.PrefixTuning(num_virtual_tokens=3, projection_hidden_size=8),
+    jpeft.HoulsbyAdapter(reduction_factor=8),
+]
+
+
+@pytest.mark.parametrize("method", BART_CASES, ids=[type(m).__name__ for m in BART_CASES])
+def test_bart_cached_generation_equals_uncached_wrapped_model(method: jpeft.Method, key: jax.Array) -> None:
+    model, params = sharp("bart")
+    peft, other = (steered(method, jpeft.apply(method, params, key=k)) for k in jax.random.split(key))
+    if not isinstance(method, jpeft.PrefixTuning):
+        other = jpeft.apply(method, params, key=key)  # prompt: another init; adapter: the base model
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 5)), jnp.int32)
+    start = jnp.full((2, 1), model.config.decoder_start_token_id, jnp.int32)
+    apply = apply_of("bart")
+    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW, decoder_input_ids=start))
+    assert out.shape == (2, 1 + NEW)
+    np.testing.assert_array_equal(out[:, :1], start)
+    np.testing.assert_array_equal(out, without_cache_seq2seq(apply, method, peft, ids, start, NEW))
+    # the deltas steer the tokens, so the equality above is not vacuous
+    assert (out != np.asarray(jpeft.generate(apply, method, other, ids, NEW, decoder_input_ids=start))).any()
 
 
 def test_errors(key: jax.Array) -> None:

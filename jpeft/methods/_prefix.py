@@ -62,8 +62,11 @@ class PrefixTuning(VirtualTokens):
       HF PEFT's ``nn.Embedding``), at ``<key module>/__jpeft__/<name>/prefix`` (and ``prefix_key``,
       ``prefix_value`` at a fused QKV module). Trainable: ``2 L P d_kv``. ``jpeft.merge`` raises.
 
-    Not identity at init, and never mergeable into the weights. Encoder-decoder models are not
-    supported yet.
+    Not identity at init, and never mergeable into the weights.
+
+    Encoder-decoders (BART), as in Li and Liang: prefixes on the encoder self-attention, the decoder
+    self-attention and the cross-attention (its own per-layer ``P_k, P_v``, overwriting the keys and
+    values of the encoder's ``P`` extra output positions), so ``L`` counts all three kinds.
 
     Args:
       num_virtual_tokens: P.
@@ -97,6 +100,8 @@ class PrefixTuning(VirtualTokens):
     prefix_projection: bool = True
     projection_hidden_size: int = 512
 
+    on_decoder = True  # an encoder-decoder's decoder self-attention gets prefixes too
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.prefix_projection, bool):
@@ -110,13 +115,27 @@ class PrefixTuning(VirtualTokens):
         ctx = Context(params)
         mods = _tree.modules(params)
         found: list[tuple[int, int, _Site]] = []
+        # An encoder-decoder's cross-attention key and value projections: the children of a
+        # cross-attention module named like the self-attention ones (BART: encoder_attn/k_proj).
+        names = {
+            field: {p[-1] for p in mods if p and re.fullmatch(getattr(profile, field), join(p))} for field in ("key", "value")
+        }
+
+        def cross(path: Path, field: str) -> bool:
+            return (
+                profile.cross_attention is not None
+                and len(path) > 1
+                and path[-1] in names[field]
+                and re.fullmatch(profile.cross_attention, join(path[:-1])) is not None
+            )
+
         for path, own in mods.items():
             joined = join(path)
             fused = profile.qkv_fused is not None and re.fullmatch(profile.qkv_fused, joined)
             kinds = [("prefix_key", 0), ("prefix_value", 1)] if fused else []
             if not fused:
-                kinds += [("prefix", 0)] if re.fullmatch(profile.key, joined) else []
-                kinds += [("prefix", 1)] if re.fullmatch(profile.value, joined) else []
+                kinds += [("prefix", 0)] if re.fullmatch(profile.key, joined) or cross(path, "key") else []
+                kinds += [("prefix", 1)] if re.fullmatch(profile.value, joined) or cross(path, "value") else []
             if not kinds:
                 continue
             layout = ctx.layout(self._name(), path, own, profile.layouts)

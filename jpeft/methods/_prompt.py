@@ -7,6 +7,12 @@ caller's length. The model's own code computes masks, positions and caches; noth
 Position ids: the extended call gives the virtual tokens the positions ``p0 .. p0+P-1``, where
 ``p0`` is the caller's first position (0, or ``pad + 1`` for RoBERTa), and shifts the caller's
 positions by ``P``. For inputs without left padding that is the model on ``[t_1..t_P] + x``.
+
+Encoder-decoders (BART): the encoder inputs grow by ``P``; the decoder inputs grow by ``P`` only
+for methods that put virtual tokens on the decoder too (prefix tuning; prompt tuning prepends to
+the encoder only, as HF PEFT does for seq2seq). :func:`regions` sets how many positions are
+overwritten inside the encoder stack, the decoder stack and the cross-attention (whose keys and
+values come from the encoder's ``P + T`` positions).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -49,9 +56,35 @@ def overwrite(y: jax.Array, rows: jax.Array, n: int, features: slice = slice(Non
     return y.at[:, :n, ..., features].set(rows)
 
 
+@contextlib.contextmanager
+def regions(profile: Profile, encoder: int | None, decoder: int | None) -> Iterator[None]:
+    """Within the block, an encoder-decoder's interceptors overwrite ``encoder`` positions in the encoder.
+
+    Inside the module that ``profile.encoder_prefix`` names, and inside every cross-attention module
+    (its keys and values project encoder positions), the first ``encoder`` positions are overwritten;
+    inside the decoder stack, elsewhere, the first ``decoder`` (``None``: none).
+    """
+    sides = [(profile.cross_attention, encoder), (profile.encoder_prefix, encoder), (profile.decoder_prefix, decoder)]
+    sides = [(re.compile(pattern), n) for pattern, n in sides if pattern is not None]
+
+    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+        scope = context.module.scope
+        if context.method_name == "__call__" and scope is not None:
+            path = join(tuple(scope.path))
+            for pattern, n in sides:
+                if pattern.fullmatch(path):
+                    with writing(n):
+                        return next_fun(*args, **kwargs)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(intercept):
+        yield
+
+
 def _extend(name: str, x: Any, n: int) -> Any:
-    """One token input, extended by ``n`` leading positions (``x`` is ``(B, T)``)."""
-    if x is None or name not in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+    """One token input, extended by ``n`` leading positions (``x`` is ``(B, T)``); ``decoder_*`` alike."""
+    name = name.removeprefix("decoder_")
+    if x is None or not n or name not in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
         return x
     x = jnp.asarray(x)
     if name == "position_ids":
@@ -79,6 +112,7 @@ class VirtualTokens(Method):
     identity_at_init = False
     mergeable = False
     site_role = "overwrite"  # prompts and prefixes overwrite positions: outermost in jpeft.compose
+    on_decoder = False  # an encoder-decoder's decoder gets the P positions too (prefix tuning)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,12 +140,22 @@ class VirtualTokens(Method):
                     "(or a jpeft.profiles.Profile of your own)."
                 )
             profile = found[0]
-        if profile.encoder_prefix is not None or profile.decoder_prefix is not None:
+        if (profile.encoder_prefix is None) != (profile.decoder_prefix is None):
             raise JpeftError(
-                f"{self._name()}: encoder-decoder models (profile {profile.name!r}) are not supported yet; "
-                "use a decoder-only or encoder-only model (GPT-2, Llama, BERT, RoBERTa)."
+                f"{self._name()}: profile {profile.name!r} sets only one of encoder_prefix "
+                f"({profile.encoder_prefix!r}) and decoder_prefix ({profile.decoder_prefix!r}); an "
+                "encoder-decoder needs both, any other model neither."
             )
         return profile
+
+    def counts(self, profile: Profile) -> tuple[int, int]:
+        """How many positions the wrapper adds in front of the encoder and the decoder inputs.
+
+        ``(P, P)`` for a decoder-only or encoder-only model (one stack), ``(P, 0)`` for an
+        encoder-decoder unless :attr:`on_decoder`.
+        """
+        n = self.num_virtual_tokens
+        return n, n if self.on_decoder or profile.encoder_prefix is None else 0
 
     def sites(self, params: PyTree, field: str) -> list[Path]:
         """The module paths of ``params`` that the profile's regex ``field`` matches, sorted."""
@@ -153,33 +197,76 @@ class VirtualTokens(Method):
         return params
 
     def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: Any) -> Any:
-        """Extends the token inputs by P positions, runs ``apply_fn``, slices the outputs back."""
+        """Extends the token inputs by P positions, runs ``apply_fn``, slices the outputs back.
+
+        An encoder-decoder's encoder inputs grow by ``P`` and its decoder inputs (``decoder_*``)
+        by ``counts(profile)[1]``; outputs named ``encoder_*`` are cut by the encoder's count and
+        the others by the decoder's (unnamed outputs by their length, see :meth:`cut`).
+        """
         name = self.active_name(active)
         if "adapter_index" in kwargs:
             raise JpeftError(f"{self._name()}: adapter_index (mixed batches) is not supported by prompt methods.")
         params = variables["params"]
-        inputs = self.profile_of(params).inputs
-        n = self.num_virtual_tokens
-        ids = args[0] if args and inputs and inputs[0] == "input_ids" else kwargs.get("input_ids")
-        if ids is None or getattr(ids, "ndim", 0) != 2:
-            raise JpeftError(
-                f"{self._name()}: the wrapped call needs input_ids of shape (batch, seq) as its first "
-                f"argument or input_ids=...; got {getattr(ids, 'shape', ids)!r}. The model's inputs are {inputs}."
-            )
-        batch, length = ids.shape
-        args = tuple(_extend(inputs[i], a, n) if i < len(inputs) else a for i, a in enumerate(args))
-        kwargs = {k: _extend(k, v, n) if k in inputs else v for k, v in kwargs.items()}
+        profile = self.profile_of(params)
+        inputs = profile.inputs
+        seq2seq = profile.encoder_prefix is not None
+        n, m = self.counts(profile)
+
+        def given(key: str) -> Any:
+            i = inputs.index(key) if key in inputs else len(args)
+            return args[i] if i < len(args) else kwargs.get(key)
+
+        lengths = {}
+        for key in ("input_ids", "decoder_input_ids") if seq2seq else ("input_ids",):
+            ids = given(key)
+            if ids is None or getattr(ids, "ndim", 0) != 2:
+                raise JpeftError(
+                    f"{self._name()}: the wrapped call needs {key} of shape (batch, seq) as argument "
+                    f"{inputs.index(key)} or {key}=...; got {getattr(ids, 'shape', ids)!r}. The model's inputs "
+                    f"are {inputs}."
+                )
+            lengths[key] = ids.shape
+        batch, length = lengths["input_ids"]
+        amount = {k: m if k.startswith("decoder_") else n for k in inputs}
+        args = tuple(_extend(inputs[i], a, amount[inputs[i]]) if i < len(inputs) else a for i, a in enumerate(args))
+        kwargs = {k: _extend(k, v, amount[k]) if k in inputs else v for k, v in kwargs.items()}
         variables = {**variables, "params": self.materialize(params, name)}
-        with writing(n):
+        sides = regions(profile, n, m or None) if seq2seq else contextlib.nullcontext()
+        with writing(n), sides:
             out = apply_fn(variables, *args, **kwargs)
-
-        def cut(x: Any) -> Any:
-            shape = getattr(x, "shape", ())
-            return x[:, n:] if len(shape) >= 2 and tuple(shape[:2]) == (batch, n + length) else x
-
+        spans = {"encoder": (n, length)}
+        spans["decoder"] = (m, lengths["decoder_input_ids"][1]) if seq2seq else (n, length)
+        cut = lambda path, x: self.cut(path, x, batch, spans)  # noqa: E731
         if kwargs.get("mutable") and isinstance(out, tuple) and len(out) == 2:
-            return jax.tree.map(cut, out[0]), out[1]
-        return jax.tree.map(cut, out)
+            return jax.tree_util.tree_map_with_path(cut, out[0]), out[1]
+        return jax.tree_util.tree_map_with_path(cut, out)
+
+    def cut(self, path: tuple, x: Any, batch: int, spans: Mapping[str, tuple[int, int]]) -> Any:
+        """One output leaf without its virtual positions on axis 1.
+
+        ``spans`` maps ``'encoder'`` and ``'decoder'`` to ``(added, caller's length)``. A leaf of a
+        named output field (``FlaxSeq2SeqLMOutput.encoder_last_hidden_state``) is cut by its side's
+        count (``encoder_*`` fields: the encoder; others: the decoder); an unnamed one by whichever
+        extended length its axis 1 has. Attention weights (``*attentions``) are returned whole.
+        """
+        shape = getattr(x, "shape", ())
+        if len(shape) < 2 or shape[0] != batch:
+            return x
+        field = next((str(getattr(k, "name", getattr(k, "key", ""))) for k in path if not hasattr(k, "idx")), None)
+        if field is not None and field.endswith("attentions"):
+            return x
+        if field is not None and spans["encoder"] != spans["decoder"]:
+            sides = [spans["encoder" if field.startswith("encoder") else "decoder"]]
+        else:
+            sides = list(spans.values())
+        added = {k for k, t in sides if shape[1] == k + t}
+        if len(added) > 1:
+            raise JpeftError(
+                f"{self._name()}: an unnamed output of shape {tuple(shape)} could be encoder-length "
+                f"({spans['encoder'][0]} + {spans['encoder'][1]}) or decoder-length ({spans['decoder'][0]} + "
+                f"{spans['decoder'][1]}); pass return_dict=True so that outputs are cut by their names."
+            )
+        return x[:, added.pop() :] if added else x
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype: Any) -> jax.Array:

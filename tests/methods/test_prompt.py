@@ -115,6 +115,25 @@ def test_prompt_tuning_equals_base_model_on_real_token_prefix(family: str, key: 
     check_oracle(family, method, peft, sliced_logits=family != "bert")
 
 
+def test_bart_prompt_goes_on_the_encoder_only(key: jax.Array) -> None:
+    """As HF PEFT for seq2seq: wrap(apply)(peft) on (x, y) equals the base model on ([t] + x, y)."""
+    m = H.make("bart")
+    method = jpeft.PromptTuning(num_virtual_tokens=P, init="text", init_ids=TOKENS)
+    peft = jpeft.apply(method, m.params, key=key)
+    out = jpeft.wrap(m.apply, method)({"params": peft}, **m.inputs, output_hidden_states=True)
+    ref = m.apply({"params": m.params}, **extend(m.inputs, TOKENS), output_hidden_states=True)
+    assert out.encoder_last_hidden_state.shape == (H.BATCH, H.SEQ, H.HIDDEN)
+    np.testing.assert_allclose(out.encoder_last_hidden_state, ref.encoder_last_hidden_state[:, P:], **TOL)
+    for a, b in zip(out.encoder_hidden_states, ref.encoder_hidden_states, strict=True):
+        np.testing.assert_allclose(a, b[:, P:], **TOL)
+    for a, b in zip(out.decoder_hidden_states, ref.decoder_hidden_states, strict=True):
+        assert a.shape == b.shape == (H.BATCH, H.SEQ, H.HIDDEN)  # the decoder is not extended
+        np.testing.assert_allclose(a, b, **TOL)
+    np.testing.assert_allclose(out.logits, ref.logits, **TOL)
+    base = m.apply({"params": m.params}, **m.inputs).logits
+    assert np.abs(np.asarray(out.logits - base)).max() > 1e-3  # the prompt does reach the decoder
+
+
 def test_roberta_positions_follow_roberta_rule(key: jax.Array) -> None:
     """RoBERTa's positions start at pad + 1 and skip padding; the prompt takes pad + 1 .. pad + P."""
     from transformers.models.roberta.modeling_flax_roberta import create_position_ids_from_input_ids
@@ -292,8 +311,21 @@ def test_errors(key: jax.Array) -> None:
         jpeft.apply(jpeft.PromptTuning(num_virtual_tokens=2, init="text", init_ids=(1, 100)), m.params, key=key)
     with pytest.raises(jpeft.JpeftError, match=r"PromptTuning: the parameter tree matches no known family .*profile="):
         jpeft.apply(jpeft.PromptTuning(), {"dense": {"kernel": jnp.ones((2, 2))}}, key=key)
-    with pytest.raises(jpeft.JpeftError, match=r"encoder-decoder models \(profile 'bart'\) are not supported"):
-        jpeft.apply(jpeft.PromptTuning(), H.make("bart").params, key=key)
+    import dataclasses
+
+    half = dataclasses.replace(jpeft.profiles.BART, decoder_prefix=None)
+    with pytest.raises(jpeft.JpeftError, match=r"profile 'bart' sets only one of encoder_prefix .* needs both"):
+        jpeft.apply(jpeft.PromptTuning(profile=half), H.make("bart").params, key=key)
+    bart = H.make("bart")
+    on_bart = jpeft.apply(jpeft.PromptTuning(num_virtual_tokens=2), bart.params, key=key)
+    no_decoder = {k: v for k, v in bart.inputs.items() if k != "decoder_input_ids"}
+    with pytest.raises(jpeft.JpeftError, match=r"needs decoder_input_ids of shape \(batch, seq\) as argument 2"):
+        jpeft.wrap(bart.apply, jpeft.PromptTuning(num_virtual_tokens=2))({"params": on_bart}, **no_decoder)
+    # return_dict=False: the (2, 10, 100) logits are encoder-length (2 + 8) or decoder-length (0 + 10)
+    short = dict(bart.inputs, decoder_input_ids=jnp.ones((2, 10), jnp.int32), decoder_attention_mask=jnp.ones((2, 10)),
+                 decoder_position_ids=jnp.broadcast_to(jnp.arange(10), (2, 10)))
+    with pytest.raises(jpeft.JpeftError, match=r"shape \(2, 10, 100\) could be encoder-length \(2 \+ 8\) .*return_dict=True"):
+        jpeft.wrap(bart.apply, jpeft.PromptTuning(num_virtual_tokens=2))({"params": on_bart}, **short, return_dict=False)
     two = dict(m.params, other=H.make("llama").params)
     with pytest.raises(jpeft.JpeftError, match=r"matches several families, \['gpt2', 'llama'\]"):
         jpeft.apply(jpeft.PromptTuning(), two, key=key)
