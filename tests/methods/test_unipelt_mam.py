@@ -116,3 +116,30 @@ def test_mam_is_prefix_plus_scaled_parallel_adapter():
     assert np.abs(run(hf, mam, tree) - run(hf, mam, quiet)).max() > 1e-4
     with pytest.raises(jpeft.JpeftError, match="adapter_bottleneck must be a positive int"):
         jpeft.MAM(adapter_bottleneck=0)
+
+
+@pytest.mark.parametrize("name", ["unipelt", "mam", "fusion"])
+def test_jit_agrees_and_does_not_retrace(name):
+    family = "gpt2" if name == "mam" else "bert"
+    hf = H.make(family)
+    if name == "unipelt":
+        method = jpeft.UniPELT(lora_targets=TARGETS[family], rank=2, prefix_tokens=3, reduction_factor=8)
+        tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+    elif name == "mam":
+        method = jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)
+        tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+    else:
+        pfeiffer = jpeft.PfeifferAdapter(reduction_factor=8)
+        tree = randomize(jpeft.apply(pfeiffer, hf.params, key=jax.random.key(0), name="a"), seed=1)
+        method = jpeft.AdapterFusion(adapters=("a",), adapter=pfeiffer)
+        tree = randomize(jpeft.apply(method, tree, key=jax.random.key(1), name="default"), seed=2)
+    traces = []
+
+    def fn(t):
+        traces.append(None)
+        return run(hf, method, t)
+
+    jitted = jax.jit(fn)
+    np.testing.assert_allclose(jitted(tree), run(hf, method, tree), **TOL)
+    jitted(randomize(tree, seed=5))
+    assert len(traces) == 1
