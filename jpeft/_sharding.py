@@ -13,10 +13,18 @@ A delta leaf sits next to the kernel it modifies, so its sharding follows from t
 
 A composition (``jpeft.compose``) nests each component's leaves under the component's key; each
 component's leaves follow its own layouts and hook.
+
+A quantised base kernel (:class:`jpeft.NF4Array`, from ``jpeft.quantize``) takes its spec in
+``base_specs`` as for the float kernel it stands for (its logical shape ``(*S, d0, d1)``, spec
+``(s, e0, e1)``); its children get specs derived from it. ``codes: (*S, d0 d1 / 2)`` holds the
+kernel row-major, so splitting its last axis like ``d0`` (``e0``) gives each device whole rows:
+``(s, e0)``. A split of ``d1`` cannot be expressed on the flat axis and is dropped (replicated).
+The scale arrays (``absmax``, ``absmax_scale``, about 1/32 of the codes) keep only ``s``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +36,7 @@ from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.quant._nf4 import NF4Array
 
 Spec = tuple[Any, ...]
 """A partition spec as a tuple with one entry per array axis: ``None``, a mesh axis or a tuple of them."""
@@ -84,6 +93,22 @@ def _default_rule(shape: tuple[int, ...], kernel_shape: tuple[int, ...] | None, 
     if kernel_shape is None or kspec is None or n_stack == 0 or shape[:n_stack] != kernel_shape[:n_stack]:
         return (None,) * len(shape)
     return kspec[:n_stack] + (None,) * (len(shape) - n_stack)
+
+
+def _nf4_specs(kspec: Spec, q: NF4Array) -> NF4Array:
+    """The specs of a quantised kernel's children, from the spec of its logical shape ``(*S, d0, d1)``."""
+    s = kspec[:-2]
+
+    def of(child: Any, spec: Spec) -> PartitionSpec | None:
+        return None if child is None else PartitionSpec(*spec)
+
+    return dataclasses.replace(
+        q,
+        codes=of(q.codes, s + kspec[-2:-1]),
+        absmax=of(q.absmax, s + (None,)),
+        absmax_scale=of(q.absmax_scale, s + (None,)),
+        absmax_offset=of(q.absmax_offset, s),
+    )
 
 
 def _component(method: Method, key: str) -> Method:
@@ -201,6 +226,8 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
                 out[k] = {name: store_specs(path, own, method, store) for name, store in v.items()}
             elif isinstance(v, Mapping):
                 out[k] = visit(v, path + (str(k),))
+            elif isinstance(v, NF4Array):
+                out[k] = _nf4_specs(spec_of(path + (str(k),), v), v)
             elif v is not None:
                 out[k] = spec_of(path + (str(k),), v)
         return out
@@ -242,6 +269,14 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
     if mesh_shape is not None:
         # Base leaves first: their specs are the user's, and the delta specs derive from them.
         for path, x in sorted(_tree.leaves(peft_params), key=lambda px: RESERVED in px[0]):
+            if isinstance(x, NF4Array):  # the given logical spec, then the derived children
+                _validate(where, path, tuple(x.shape), specs[path], mesh_shape)
+                for field in ("codes", "absmax", "absmax_scale", "absmax_offset"):
+                    child = getattr(x, field)
+                    if child is not None:
+                        spec = tuple(getattr(_tree.get(out, path), field))
+                        _validate(where, path + (field,), tuple(child.shape), spec, mesh_shape)
+                continue
             _validate(where, path, tuple(x.shape), tuple(_tree.get(out, path)), mesh_shape)
     return out
 
@@ -249,4 +284,6 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
 def _to_partition_specs(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _to_partition_specs(v) for k, v in tree.items()}
+    if isinstance(tree, NF4Array):  # its children hold PartitionSpecs already
+        return tree
     return PartitionSpec(*tree)

@@ -258,7 +258,37 @@ def test_a_hook_with_the_wrong_length_raises(key):
 
 # --- training on a simulated mesh (subprocess) ----------------------------------------------------
 # Each run type sees both models and both methods, and each model both methods and both run types.
-CASES = ("jit-synthetic-lora", "jit-gpt2-dora", "shard_map-synthetic-dora", "shard_map-gpt2-lora")
+CASES = (
+    "jit-synthetic-lora",
+    "jit-gpt2-dora",
+    "shard_map-synthetic-dora",
+    "shard_map-gpt2-lora",
+    "jit-synthetic-qlora",
+    "shard_map-gpt2-qlora",
+    "jit-gpt2-prefix",
+    "shard_map-gpt2-prefix",
+    "jit-gpt2-parallel",
+    "shard_map-synthetic-houlsby",
+)
+# Delta leaves the restored jit run must hold split over the mesh: LoRA's factors follow the kernels;
+# prefixes and adapter weights have no axis that follows a kernel's (on GPT-2 and the FFN modules of
+# the synthetic model, whose layer axes fsdp_specs leaves unsplit), so they are replicated.
+RESTORED_SHARDED = {"lora": 4, "dora": 4, "qlora": 2, "prefix": 0, "parallel": 0, "houlsby": 0}
+NF4 = jpeft.NF4(block_size=64, dq_block_size=8)
+SYNTHETIC = jpeft.profiles.Profile(
+    name="synthetic",
+    detect=r"layers/q/kernel",
+    layouts=M.LAYOUTS,
+    embedding=r"embed",
+    query=r"layers/q",
+    key=r"layers/k",
+    value=r"layers/v",
+    attn_out=r"layers/o",
+    ffn_in=r"layers/dg_in",
+    ffn_out=r"layers/dg_out",
+    layer_pattern=r"(layers)",
+)
+"""The adapters' profile of the synthetic model (as in tests/methods/test_adapters.py)."""
 TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS = 2
 
@@ -283,17 +313,35 @@ def test_mesh_steps_equal_the_single_device_step():
         # jit: leaves the 2x4 mesh actually splits; shard_map: devices that each saw 1/8 of the batch.
         assert r["sharded"] >= (8 if case.startswith("shard_map") else 10), r
         if case.startswith("jit"):  # jpeft.save + jpeft.restore onto the sharded base kept the shardings
-            assert r["restored_sharded"] >= 4, r
+            assert r["restored_sharded"] >= RESTORED_SHARDED[case.split("-")[2]], r
+
+
+def _method(model: str, name: str) -> jpeft.Method:
+    """The method of a case; QLoRA's quantised modules are QUANTISED[model]."""
+    synthetic = model == "synthetic"
+    lora_targets = ("layers/q", "layers/v") if synthetic else ("c_attn", "c_fc")
+    profile, layouts = (SYNTHETIC, M.LAYOUTS) if synthetic else (None, ())
+    return {
+        "lora": lambda: jpeft.LoRA(targets=M.ALL_TARGETS if synthetic else lora_targets, rank=2, layouts=layouts),
+        "dora": lambda: jpeft.DoRA(targets=M.LINEAR_TARGETS if synthetic else lora_targets, rank=2, layouts=layouts),
+        "qlora": lambda: jpeft.QLoRA(targets=lora_targets, rank=2, quant=NF4, compute_dtype="float32"),
+        "prefix": lambda: jpeft.PTuningV2(num_virtual_tokens=4),
+        "houlsby": lambda: jpeft.HoulsbyAdapter(reduction_factor=4, profile=profile),
+        "parallel": lambda: jpeft.ParallelAdapter(bottleneck=4, profile=profile),
+    }[name]()
+
+
+QUANTISED = {"synthetic": ("layers/q", "layers/v", "layers/o"), "gpt2": ("c_attn", "c_proj", "c_fc")}
 
 
 def _setup(model: str, name: str, batch: int):
     """(method, params, loss(peft, batch) -> scalar, batch) for one model."""
     rng = np.random.RandomState(0)
+    method = _method(model, name)
     if model == "synthetic":
-        method = (jpeft.DoRA if name == "dora" else jpeft.LoRA)(
-            targets=M.LINEAR_TARGETS if name == "dora" else M.ALL_TARGETS, rank=2, layouts=M.LAYOUTS
-        )
         params = M.params()
+        if name == "qlora":
+            params = jpeft.quantize(params, NF4, targets=QUANTISED[model])
         fwd = jpeft.wrap(M.Model().apply, method)
         data = {"ids": jnp.asarray(rng.randint(0, M.VOCAB, (batch, M.SEQ)), jnp.int32)}
 
@@ -313,7 +361,8 @@ def _setup(model: str, name: str, batch: int):
         ),
         shapes,
     )
-    method = (jpeft.DoRA if name == "dora" else jpeft.LoRA)(targets=("c_attn", "c_fc"), rank=2)
+    if name == "qlora":
+        params = jpeft.quantize(params, NF4, targets=QUANTISED[model])
     fwd = jpeft.wrap(module.apply, method)
     ids = rng.randint(0, H.VOCAB, (batch, H.SEQ))
     data = {
@@ -335,7 +384,7 @@ def _randomize(peft: Any) -> Any:
     rng = np.random.RandomState(1)
 
     def fill(path, x):
-        if R in [str(k.key) for k in path]:
+        if any(getattr(k, "key", None) == R for k in path):
             return jnp.asarray(x + 0.1 * rng.standard_normal(x.shape), x.dtype)
         return x
 

@@ -38,11 +38,16 @@ from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._method import Context
 from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.methods._ia3 import IA3
 from jpeft.methods._lora import LoRA
+from jpeft.methods._prompt import VirtualTokens
 from jpeft.profiles import Profile
 
 PREFIX = "base_model.model."
 """The prefix of every key: PEFT wraps the model in a ``PeftModel`` and a ``LoraModel``."""
+
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+"""The ``peft_type`` values that :func:`import_hf` reads."""
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -119,6 +124,36 @@ def _from_torch(name: str, x: np.ndarray, own: Mapping[str, Any]) -> tuple[str, 
     return name, x
 
 
+def write(path: str, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``path``, each atomically."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    for filename, save in (
+        (WEIGHTS, lambda f: save_file(dict(tensors), f, metadata={"format": "pt"})),
+        (CONFIG, lambda f: open(f, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{filename}.")
+        os.close(fd)
+        try:
+            save(tmp)
+            os.replace(tmp, os.path.join(path, filename))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def adapter(owner: str, tree: PyTree, target: Path, name: str) -> Mapping[str, Any]:
+    """The delta leaves of adapter ``name`` at module ``target``."""
+    store = _tree.get(tree, target).get(RESERVED, {})
+    if name not in store:
+        raise JpeftError(
+            f"{owner}: {join(target)!r} has no adapter {name!r} (it has {sorted(store)}). Pass the "
+            "tree returned by jpeft.apply(method, params, key=..., name=...) and the same name."
+        )
+    return store[name]
+
+
 def _scalar(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -173,17 +208,30 @@ def export_hf(
     References:
       HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
     """
-    from safetensors.numpy import save_file
-
     owner = "jpeft.export_hf"
-    if not isinstance(method, LoRA):
-        raise JpeftError(
-            f"{owner}: HF PEFT's LORA format holds jpeft.LoRA and its variants (DoRA, LoRA-FA, LoRA+); got "
-            f"{type(method).__name__}. Save other methods with jpeft's own checkpoints."
-        )
-    overrides = tuple(method.layouts) + _check_profile(owner, profile)
     if not isinstance(peft_params, Mapping):
         raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(peft_params).__name__}.")
+    extra = {
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+    }
+    if isinstance(method, IA3):
+        from jpeft.io._hf_peft_ia3 import export_ia3
+
+        return export_ia3(path, method, peft_params, profile, name=name, extra=extra)
+    if isinstance(method, VirtualTokens):
+        from jpeft.io._hf_peft_prompt import export_prompt
+
+        return export_prompt(path, method, peft_params, profile, name=name, extra=extra)
+    if not isinstance(method, LoRA):
+        raise JpeftError(
+            f"{owner}: HF PEFT's format holds jpeft.LoRA and its variants (DoRA, LoRA-FA, LoRA+), IA3, "
+            f"PromptTuning, PTuning, PrefixTuning and PTuningV2; got {type(method).__name__}. Save other methods "
+            "with jpeft's own checkpoints (jpeft.io.save)."
+        )
+    overrides = tuple(method.layouts) + _check_profile(owner, profile)
     ctx = Context(peft_params)
     modules = _tree.modules(peft_params)
     targets = method.select(peft_params)
@@ -193,13 +241,7 @@ def export_hf(
         own = modules[target]
         layout = _layout(owner, target, own, ctx, overrides)
         transposed |= layout.kind == "transposed"
-        store = _tree.get(peft_params, target).get(RESERVED, {})
-        if name not in store:
-            raise JpeftError(
-                f"{owner}: {join(target)!r} has no adapter {name!r} (it has {sorted(store)}). Pass the "
-                "tree returned by jpeft.apply(method, params, key=..., name=...) and the same name."
-            )
-        deltas = store[name]
+        deltas = adapter(owner, peft_params, target, name)
         key = PREFIX + ".".join(target)
         a, b = (np.ascontiguousarray(np.asarray(deltas[k]).T) for k in ("lora_a", "lora_b"))
         if layout.kind == "embed":
@@ -232,10 +274,7 @@ def export_hf(
             tensors[PREFIX + ".".join(module + (torch_name,))] = value
     config = {
         "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **extra,
         "r": method.rank,
         "lora_alpha": _scalar(method.alpha),
         "lora_dropout": float(method.dropout),
@@ -255,22 +294,11 @@ def export_hf(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    os.makedirs(path, exist_ok=True)
-    for filename, write in (
-        (WEIGHTS, lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-        (CONFIG, lambda f: open(f, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{filename}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, os.path.join(path, filename))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write(path, tensors, config)
 
 
-def _read_config(owner: str, path: str) -> dict[str, Any]:
+def read_config(owner: str, path: str) -> dict[str, Any]:
+    """``adapter_config.json`` of ``path`` as a dict, with any ``peft_type``."""
     file = os.path.join(path, CONFIG)
     if not os.path.isfile(file):
         raise JpeftError(f"{owner}: {file!r} does not exist. Pass the directory HF PEFT's save_pretrained wrote.")
@@ -281,11 +309,16 @@ def _read_config(owner: str, path: str) -> dict[str, Any]:
         raise JpeftError(f"{owner}: {file!r} is not valid JSON ({e}). Write or download it again.") from None
     if not isinstance(config, dict):
         raise JpeftError(f"{owner}: {file!r} holds a {type(config).__name__}, expected a JSON object.")
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in PEFT_TYPES:
         raise JpeftError(
-            f"{owner}: {file!r} has peft_type={config.get('peft_type')!r}; import_hf reads 'LORA' adapters "
-            "(LoRA, rsLoRA, DoRA) only."
+            f"{owner}: {file!r} has peft_type={config.get('peft_type')!r}; import_hf reads {list(PEFT_TYPES)} "
+            "adapters only."
         )
+    return config
+
+
+def _check_lora_config(owner: str, path: str, config: Mapping[str, Any]) -> None:
+    file = os.path.join(path, CONFIG)
     unsupported = {
         "bias": (config.get("bias", "none"), "none"),
         "rank_pattern": (config.get("rank_pattern") or {}, {}),
@@ -297,7 +330,6 @@ def _read_config(owner: str, path: str) -> dict[str, Any]:
                 f"{owner}: {file!r} has {field}={got!r}; jpeft.LoRA has no equivalent (expected {default!r}). "
                 "Re-save the adapter without it."
             )
-    return config
 
 
 def _saved(torch_module: str, to_save: list[str]) -> bool:
@@ -372,8 +404,17 @@ def import_hf(
     if not isinstance(name, str) or not name or "/" in name:
         raise JpeftError(f"{owner}: adapter name must be a non-empty str without '/'; got {name!r}.")
     layouts = _check_profile(owner, profile)
-    config = _read_config(owner, path)
+    config = read_config(owner, path)
     file = os.path.join(path, WEIGHTS)
+    if config["peft_type"] == "IA3":
+        from jpeft.io._hf_peft_ia3 import import_ia3
+
+        return import_ia3(path, config, read_safetensors(file, owner), params, layouts, name)
+    if config["peft_type"] != "LORA":
+        from jpeft.io._hf_peft_prompt import import_prompt
+
+        return import_prompt(path, config, read_safetensors(file, owner), params, profile, name)
+    _check_lora_config(owner, path, config)
     tensors = read_safetensors(file, owner)
     modules = _tree.modules(params)
     to_save = config.get("modules_to_save") or []

@@ -114,3 +114,80 @@ def test_jpeft_export_loads_in_hf_peft(family, tmp_path):
     jpeft.export_hf(str(tmp_path / "adapter"), method, tree)
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(torch_out(loaded), want, rtol=1e-4, atol=1e-4)
+
+
+# --- IA3, prompt tuning, prefix tuning --------------------------------------------------------------------------------
+# HF PEFT's IA3 targets per family: (target_modules, feedforward_modules); a regex for BERT, whose FFN output
+# ``layer.N.output.dense`` and attention output ``attention.output.dense`` share their last two names.
+IA3_TARGETS = {
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (r".*\.(key|value|\d+\.output\.dense)", r".*\.\d+\.output\.dense"),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+}
+TASK = {"gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "llama": "CAUSAL_LM"}
+P = 3
+
+
+def randomize_deltas(tree, seed, loc=0.0):
+    rng = np.random.RandomState(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(loc + rng.normal(0, 0.5, x.shape), x.dtype)
+        if any(getattr(k, "key", None) == jpeft.RESERVED for k in p)
+        else x,
+        tree,
+    )
+
+
+def prompt_config(kind: str, family: str):
+    common = dict(task_type=TASK[family], num_virtual_tokens=P)
+    if kind == "ia3":
+        targets, feedforward = IA3_TARGETS[family]
+        return peft.IA3Config(
+            target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=family == "gpt2",
+            init_ia3_weights=False,
+        )
+    return peft.PromptTuningConfig(**common) if kind == "prompt" else peft.PrefixTuningConfig(**common)
+
+
+def caller_positions(kind: str, logits: np.ndarray) -> np.ndarray:
+    """HF PEFT's prompt tuning returns the virtual positions too; prefix tuning and IA3 do not."""
+    return logits[:, P:] if kind == "prompt" else logits
+
+
+ORACLE = [("ia3", f) for f in FAMILIES] + [("prompt", f) for f in FAMILIES] + [("prefix", "gpt2"), ("prefix", "bert")]
+
+
+@pytest.mark.parametrize(("kind", "family"), ORACLE)
+def test_hf_peft_ia3_prompt_prefix_import_into_jpeft(kind, family, tmp_path):
+    base = torch_model(family, tmp_path / "base")
+    torch.manual_seed(1)  # IA3 vectors ~ N(0, 1) with init_ia3_weights=False; prompts and prefixes ~ N(0, 1)
+    model = peft.get_peft_model(base, prompt_config(kind, family)).eval()
+    want = caller_positions(kind, torch_out(model))
+    model.save_pretrained(tmp_path / "adapter")
+    flax_model, params = jpeft.models.load_hf_safetensors(str(tmp_path / "base"))
+    method, tree = jpeft.import_hf(str(tmp_path / "adapter"), params)
+    assert type(method) is {"ia3": jpeft.IA3, "prompt": jpeft.PromptTuning, "prefix": jpeft.PTuningV2}[kind]
+    got = run_flax(flax_model, method, tree)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(run_flax(flax_model, None, params) - want).max() > 1e-3  # the adapter changes the output
+
+
+def jpeft_method(kind: str, family: str):
+    if kind == "ia3":
+        return jpeft.IA3()  # the profile's key, value and FFN output projections
+    if kind == "prompt":
+        return jpeft.PromptTuning(num_virtual_tokens=P)
+    return jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=8)  # exported with its MLP folded
+
+
+@pytest.mark.parametrize(("kind", "family"), ORACLE)
+def test_jpeft_ia3_prompt_prefix_export_loads_in_hf_peft(kind, family, tmp_path):
+    base = torch_model(family, tmp_path / "base")
+    flax_model, params = jpeft.models.load_hf_safetensors(str(tmp_path / "base"))
+    method = jpeft_method(kind, family)
+    tree = randomize_deltas(jpeft.apply(method, params, key=jax.random.key(0)), seed=2, loc=1.0 if kind == "ia3" else 0.0)
+    want = run_flax(flax_model, method, tree)
+    jpeft.export_hf(str(tmp_path / "adapter"), method, tree, task_type=None if kind == "ia3" else TASK[family])
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(caller_positions(kind, torch_out(loaded)), want, rtol=1e-4, atol=1e-4)

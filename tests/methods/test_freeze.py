@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import jpeft
@@ -105,14 +109,107 @@ def test_full_grads_and_training_on_the_scan_model():
     K.check_training("mlp", method, jpeft.apply(method, params("mlp"), key=jax.random.key(1)), steps=40, lr=1e-2)
 
 
-# --- errors ------------------------------------------------------------------------------------
-def test_scanned_layers_raise():
-    # One leaf holds every layer; labels cannot train its last slices alone.
+# --- Freeze on nn.scan-stacked layers ---------------------------------------------------------
+SCAN = dict(scan_layers=r"layers/.*", extra_trainable=r"head/.*")
+
+
+def stacked_paths() -> dict[tuple[str, ...], jax.Array]:
+    return {p: x for p, x in K.flat(params("synthetic")).items() if p[0] == "layers"}
+
+
+@pytest.mark.parametrize("top,label", [(0, "frozen"), (1, "freeze_stacked"), (M.LAYERS, "trainable")])
+def test_freeze_labels_and_counts_stacked_leaves(top, label):
+    method = jpeft.Freeze(trainable_layers=top, **SCAN)
+    labels = K.flat(jpeft.labels(method, params("synthetic")))
+    assert {p: v for p, v in labels.items() if p[0] == "layers"} == dict.fromkeys(stacked_paths(), label)
+    assert {labels[p] for p in labels if p[0] == "head"} == {"trainable"}
+    assert {labels[p] for p in labels if p[0] == "embed"} == {"frozen"}
+    # Closed form: l of the L slices of every stacked leaf, plus the head (d x V + V).
+    per_layer = sum(x.size for x in stacked_paths().values()) // M.LAYERS
+    assert method.param_count(params("synthetic")) == top * per_layer + M.D * M.VOCAB + M.VOCAB
+    assert per_layer == 4 * (M.D * M.D + M.D) + 2 * M.D + (M.D * 8 + 8) + (8 * M.D + M.D) + (
+        M.CONV_WINDOW * M.D * M.D + M.D)
+
+
+def train_scan(method: jpeft.Freeze, *, lean: bool, steps: int = 5) -> tuple[dict, Any]:
+    """Adam steps on the scan model, by the full tree (``optimizer`` on it) or by ``split``'s halves."""
+    tree, apply = K.model("synthetic")
+    target = jax.random.normal(jax.random.key(3), K.base_output("synthetic").shape)
+    trainable, frozen = jpeft.split(method, tree) if lean else (tree, None)
+    tx = jpeft.optimizer(optax.adam(1e-2), method, trainable)
+    state = tx.init(trainable)
+
+    def loss(t):
+        full = jpeft.combine(t, frozen) if lean else t
+        return jnp.mean((apply({"params": full}) - target) ** 2)
+
+    @jax.jit
+    def step(t, s):
+        updates, s = tx.update(jax.grad(loss)(t), s, t)
+        return optax.apply_updates(t, updates), s
+
+    for _ in range(steps):
+        trainable, state = step(trainable, state)
+    return K.flat(jpeft.combine(trainable, frozen) if lean else trainable), state
+
+
+def test_freeze_trains_only_the_last_slices_of_stacked_leaves():
+    method = jpeft.Freeze(trainable_layers=1, **SCAN)
+    trained, state = train_scan(method, lean=False)
+    before = K.flat(params("synthetic"))
+    for p, x in stacked_paths().items():
+        # The first L - l slices are bit-identical; the last one moved (but layers/k/bias, which the
+        # softmax ignores: its gradient, and so its Adam update, is exactly 0).
+        np.testing.assert_array_equal(trained[p][: M.LAYERS - 1], x[: M.LAYERS - 1], err_msg=str(p))
+        assert p == ("layers", "k", "bias") or not np.array_equal(trained[p][-1], x[-1]), p
+    for p, x in before.items():
+        assert np.array_equal(trained[p], x) == (p[0] == "embed"), p
+    # The frozen slices keep zero Adam moments.
+    moments = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+               if isinstance(s, optax.ScaleByAdamState)]
+    stacked = [m for s in moments for m in jax.tree.leaves((s.mu, s.nu)) if m.shape[:1] == (M.LAYERS,)]
+    assert len(stacked) == 2 * len(stacked_paths())
+    assert all(not np.any(m[: M.LAYERS - 1]) and np.any(m[-1]) for m in stacked if m.shape != (M.LAYERS, M.D))
+
+
+def test_freeze_stacked_split_path_agrees_with_the_full_tree():
+    method = jpeft.Freeze(trainable_layers=1, **SCAN)
+    trainable, frozen = jpeft.split(method, params("synthetic"))
+    assert {p[0] for p, x in K.flat(trainable).items() if x is not None} == {"layers", "head"}
+    full, _ = train_scan(method, lean=False)
+    lean, _ = train_scan(method, lean=True)
+    for p, x in full.items():
+        np.testing.assert_allclose(lean[p], x, rtol=1e-6, atol=1e-7, err_msg=str(p))
+
+
+def test_freeze_stacked_errors():
+    tree = params("synthetic")
+    cases = [
+        (dict(scan_layers=r"nothing/.*"), r"scan_layers='nothing/\.\*'\) matches none of the leaf paths"),
+        (dict(scan_layers=r"layers/.*|embed/.*"), r"leading axes of different lengths \{2: 'layers/.*', 11: 'embed/"),
+        (dict(trainable_layers=3, scan_layers=r"layers/.*"), r"the scan_layers stack has 2 layers; pass trainable_"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(jpeft.JpeftError, match=match):
+            jpeft.apply(jpeft.Freeze(**{"trainable_layers": 1, **kw}), tree, key=jax.random.key(0))
+    both = {"layers": {"0": {"w": jnp.ones((2, 2))}}}
+    with pytest.raises(jpeft.JpeftError, match=r"'layers/0/w' matches both layer_pattern=.* \(layer 0\) and scan_layers"):
+        jpeft.Freeze(trainable_layers=1, layer_pattern=r"layers/(\d+)", scan_layers=r"layers/.*").param_count(both)
+    scalar = {"layers": {"s": jnp.ones(())}}
+    with pytest.raises(jpeft.JpeftError, match=r"'layers/s' has shape \(\) and no leading layer axis"):
+        jpeft.Freeze(trainable_layers=1, scan_layers=r"layers/.*").param_count(scalar)
+    with pytest.raises(jpeft.JpeftError, match=r"scan_layers='\(': not a valid regular expression"):
+        jpeft.Freeze(trainable_layers=1, scan_layers="(")
+
+
+def test_unnamed_scanned_layers_raise():
+    # One leaf holds every layer, and no scan_layers names it.
     method = jpeft.Freeze(trainable_layers=1, layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)")
-    with pytest.raises(jpeft.JpeftError, match=r"finds no layer index .* stacked by nn.scan .* use jpeft.Full\(\)"):
+    with pytest.raises(jpeft.JpeftError, match=r"finds no layer index .* stacked by nn.scan .* scan_layers="):
         jpeft.apply(method, M.params(), key=jax.random.key(0))
 
 
+# --- errors ------------------------------------------------------------------------------------
 def test_no_profile_and_no_layer_pattern_raises():
     with pytest.raises(jpeft.JpeftError, match=r"Freeze\(trainable_layers=1\): no architecture profile matches"):
         jpeft.apply(jpeft.Freeze(trainable_layers=1), M.params(), key=jax.random.key(0))
