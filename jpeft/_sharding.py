@@ -124,7 +124,9 @@ def _axis_size(mesh_shape: Mapping[str, int], entry: Any) -> tuple[int, tuple[st
     return math.prod(mesh_shape[a] for a in names), names
 
 
-def _validate(where: str, path: Path, shape: tuple[int, ...], spec: Spec, mesh_shape: Mapping[str, int]) -> None:
+def _validate(
+    where: str, path: Path, shape: tuple[int, ...], spec: Spec, mesh_shape: Mapping[str, int], note: str = ""
+) -> None:
     for axis, (dim, entry) in enumerate(zip(shape, spec, strict=True)):
         if entry is None or entry is PartitionSpec.UNCONSTRAINED:
             continue
@@ -140,7 +142,7 @@ def _validate(where: str, path: Path, shape: tuple[int, ...], spec: Spec, mesh_s
             raise JpeftError(
                 f"{where}: {join(path)!r} has shape {shape} and spec {PartitionSpec(*spec)}: axis {axis} "
                 f"(size {dim}) is split over mesh axis {entry!r} of size {size}, which does not divide it. "
-                "Shard another axis, use a mesh axis whose size divides it, or replicate (None)."
+                "Shard another axis, use a mesh axis whose size divides it, or replicate (None)." + note
             )
 
 
@@ -158,6 +160,11 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
       default are replicated, except leading axes equal to the kernel's stack axes ``S``, which
       keep ``s``.
 
+    A quantised kernel (:class:`jpeft.NF4Array`) takes the spec of its logical shape
+    ``(*S, d0, d1)`` in ``base_specs``, ``(s, e0, e1)``; its children get ``codes: (s, e0)`` (the
+    codes are the kernel's rows, flattened) and ``absmax``, ``absmax_scale``: ``(s, None)``,
+    ``absmax_offset: (s,)``: ``e1`` and the small scale arrays are not split.
+
     Args:
       method: the method that made the deltas.
       peft_params: the tree from :func:`jpeft.apply` (arrays or ``jax.ShapeDtypeStruct`` leaves).
@@ -168,9 +175,10 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
         known axis names, and mesh axis sizes that divide the dimensions they split.
 
     Returns:
-      A tree of ``PartitionSpec`` with the structure of ``peft_params`` (as plain dicts), one entry
-      per array axis. Wrap it with ``jax.tree.map(lambda s: NamedSharding(mesh, s), specs)`` for
-      ``jax.jit`` or ``jax.device_put``.
+      A tree of ``PartitionSpec`` with the structure of ``peft_params`` (as plain dicts, and an
+      ``NF4Array`` of specs for each quantised kernel), one entry per array axis. Wrap it with
+      ``jax.tree.map(lambda s: NamedSharding(mesh, s), specs)`` for ``jax.jit`` or
+      ``jax.device_put``.
 
     Raises:
       JpeftError: if ``base_specs`` misses a base leaf or holds something other than a
@@ -275,7 +283,12 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
                     child = getattr(x, field)
                     if child is not None:
                         spec = tuple(getattr(_tree.get(out, path), field))
-                        _validate(where, path + (field,), tuple(child.shape), spec, mesh_shape)
+                        note = (
+                            f" The spec is derived from {PartitionSpec(*specs[path])}, given for the quantised "
+                            f"kernel {join(path)!r} of shape {tuple(x.shape)}: its codes are split like its "
+                            "second-to-last axis."
+                        )
+                        _validate(where, path + (field,), tuple(child.shape), spec, mesh_shape, note)
                 continue
             _validate(where, path, tuple(x.shape), tuple(_tree.get(out, path)), mesh_shape)
     return out

@@ -173,7 +173,8 @@ def test_bart_cached_generation_equals_uncached_wrapped_model(method: jpeft.Meth
     ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 5)), jnp.int32)
     start = jnp.full((2, 1), model.config.decoder_start_token_id, jnp.int32)
     apply = apply_of("bart")
-    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW, decoder_input_ids=start))
+    generate = jax.jit(jpeft.generate, static_argnums=(0, 1, 4))  # compiled whole (the other cases run eagerly)
+    out = np.asarray(generate(apply, method, peft, ids, NEW, decoder_input_ids=start))
     assert out.shape == (2, 1 + NEW)
     np.testing.assert_array_equal(out[:, :1], start)
     np.testing.assert_array_equal(out, without_cache_seq2seq(apply, method, peft, ids, start, NEW))
@@ -199,6 +200,14 @@ def test_errors(key: jax.Array) -> None:
         jpeft.generate(apply, method, peft, ids[0], 2)
     with pytest.raises(jpeft.JpeftError, match=r"attention_mask has shape \(2, 3\); expected .* \(2, 4\)"):
         jpeft.generate(apply, method, peft, ids, 2, attention_mask=jnp.ones((2, 3)))
+    start = jnp.zeros((2, 1), jnp.int32)
+    with pytest.raises(jpeft.JpeftError, match=r"decoder_input_ids must be a \(batch, seq\) int array with batch 2 .* got shape \(3, 1\)"):
+        jpeft.generate(apply, method, peft, ids, 2, decoder_input_ids=jnp.zeros((3, 1), jnp.int32))
+    with pytest.raises(jpeft.JpeftError, match=r"decoder_input_ids is for encoder-decoder models, and profile 'gpt2'"):
+        jpeft.generate(apply, method, peft, ids, 2, decoder_input_ids=start)
+    adapter = jpeft.HoulsbyAdapter(reduction_factor=8)
+    with pytest.raises(jpeft.JpeftError, match=r"apply_fn is not an HF Flax encoder-decoder's apply"):
+        jpeft.generate(apply, adapter, jpeft.apply(adapter, params, key=key), ids, 2, decoder_input_ids=start)
     bert = H.make("bert")
     peft_bert = jpeft.apply(method, bert.params, key=key)
     with pytest.raises(jpeft.JpeftError, match=r"apply_fn does not take HF's cache interface"):

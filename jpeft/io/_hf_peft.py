@@ -16,6 +16,10 @@ reverse) by adding or stripping the first component. jpeft's factors are ``a: (i
 ``b: (r, out)`` for every kernel layout, GPT-2's ``(out, in)`` ``Conv1D`` included, so both are
 transposed; HF PEFT's ``fan_in_fan_out`` only says how the *base* weight is laid out.
 
+IA3 (``ia3_l``), prompt tuning and prefix tuning (``prompt_embeddings``) are in ``_hf_peft_ia3.py``
+and ``_hf_peft_prompt.py``; :func:`export_hf` and :func:`import_hf` dispatch on the method and on
+``peft_type``.
+
 Only safetensors is read or written, never pickle.
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 from jpeft import _tree
 from jpeft._errors import JpeftError
 from jpeft._layout import Layout
-from jpeft._method import Context
+from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
 from jpeft.methods._ia3 import IA3
 from jpeft.methods._lora import LoRA
@@ -160,7 +164,7 @@ def _scalar(x: float) -> int | float:
 
 def export_hf(
     path: str,
-    method: LoRA,
+    method: Method,
     peft_params: PyTree,
     profile: Profile | None = None,
     *,
@@ -168,7 +172,7 @@ def export_hf(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> None:
-    """Writes a LoRA adapter in the HF PEFT format: ``adapter_config.json`` and ``adapter_model.safetensors``.
+    """Writes an adapter in the HF PEFT format: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     For each target, ``lora_A = a.T: (r, in)`` and ``lora_B = b.T: (out, r)`` under
     ``base_model.model.<torch module>.lora_A.weight`` (``lora_embedding_A``/``_B`` for embeddings,
@@ -178,10 +182,24 @@ def export_hf(
     head) are saved whole as HF PEFT's ``modules_to_save``, under ``base_model.model.<module>.weight``
     in torch layout.
 
+    Other methods (``extra_trainable`` must be ``None``):
+
+    - ``jpeft.IA3`` (``peft_type: "IA3"``): ``base_model.model.<module>.ia3_l`` of shape ``(out, 1)``
+      (``ia3_out``) or ``(1, in)`` (``ia3_in``, listed in ``feedforward_modules``); 2-D Linear and
+      Conv1D targets only.
+    - ``jpeft.PromptTuning`` (``"PROMPT_TUNING"``): ``prompt_embeddings: (P, d)``; ``jpeft.PTuning``
+      writes its encoder's output the same way (HF PEFT's cached P-tuning prompt).
+    - ``jpeft.PrefixTuning`` / ``jpeft.PTuningV2`` (``"PREFIX_TUNING"``): ``prompt_embeddings: (P, 2 L d)``,
+      layer ``l``'s key prefix in columns ``2 l d .. (2 l + 1) d`` and its value prefix next, with the
+      MLP folded. Decoder-only and encoder-only models without rotary positions (GPT-2, BERT); see
+      ``jpeft/io/_hf_peft_prompt.py``. Prompt methods need ``task_type`` (e.g. ``'CAUSAL_LM'``) for
+      ``PeftModel.from_pretrained`` to run them.
+
     Args:
       path: the directory to write; created if missing. Existing files of the same names are
         replaced (each written to a temporary file first, then renamed).
-      method: the ``jpeft.LoRA`` (or DoRA, LoRA-FA, LoRA+) that made the deltas.
+      method: the ``jpeft.LoRA`` (or DoRA, LoRA-FA, LoRA+), ``IA3``, ``PromptTuning``, ``PTuning``,
+        ``PrefixTuning`` or ``PTuningV2`` that made the deltas.
       peft_params: the tree holding the deltas, from ``jpeft.apply`` and training.
       profile: the architecture profile, for kernel layouts of a family jpeft does not detect.
       name: the adapter to write.
@@ -189,9 +207,11 @@ def export_hf(
       task_type: HF PEFT's task type, e.g. ``'SEQ_CLS'`` or ``'CAUSAL_LM'``; ``None`` is fine.
 
     Raises:
-      JpeftError: if the method is not LoRA, the adapter is missing at a target, a target has no HF
-        PEFT equivalent (stacked or multi-axis kernel), or ``extra_trainable`` selects part of a
-        module, a LoRA target or a root leaf (``modules_to_save`` holds whole named modules).
+      JpeftError: if the method is none of those, the adapter is missing at a target, a target has no
+        HF PEFT equivalent (stacked or multi-axis kernel, an IA3 embedding, prefixes of a rotary,
+        encoder-decoder, stacked or uneven model), or ``extra_trainable`` selects part of a module,
+        a LoRA target or a root leaf (``modules_to_save`` holds whole named modules), or is set for
+        a method other than LoRA.
 
     Example:
       >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -204,6 +224,12 @@ def export_hf(
       ['adapter_config.json', 'adapter_model.safetensors']
       >>> json.load(open(os.path.join(out, "adapter_config.json")))["target_modules"]
       ['query']
+      >>> ia3 = jpeft.IA3(targets=["query"])  # (IA)^3: one ia3_l vector of shape (out, 1)
+      >>> jpeft.export_hf(out, ia3, jpeft.apply(ia3, params, key=jax.random.key(1)))
+      >>> json.load(open(os.path.join(out, "adapter_config.json")))["peft_type"]
+      'IA3'
+      >>> type(jpeft.import_hf(out, params)[0]).__name__
+      'IA3'
 
     References:
       HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
@@ -351,8 +377,8 @@ def _resolve(torch_path: str, modules: Mapping[Path, Any]) -> Path | None:
 
 def import_hf(
     path: str, params: PyTree, profile: Profile | None = None, *, name: str = "default"
-) -> tuple[LoRA, PyTree]:
-    """Reads an HF PEFT LoRA adapter into a jpeft method and a tree with its delta leaves.
+) -> tuple[Method, PyTree]:
+    """Reads an HF PEFT adapter into a jpeft method and a tree with its delta leaves.
 
     The inverse of :func:`export_hf`: ``a = lora_A.T: (in, r)``, ``b = lora_B.T: (r, out)`` and DoRA's
     ``m`` as is, cast to the dtype ``jpeft.apply`` would give them (the kernel's, at least float32).
@@ -361,6 +387,11 @@ def import_hf(
     the file, else those modules' paths. ``modules_to_save`` weights (a task head) replace the
     base leaves of their modules in the returned tree, in Flax layout, and become the method's
     ``extra_trainable``.
+
+    The other ``peft_type`` values, the inverse of :func:`export_hf`'s: ``"IA3"`` gives ``jpeft.IA3``
+    (``targets`` and ``feedforward`` from the file); ``"PROMPT_TUNING"`` and ``"P_TUNING"`` (whose
+    saved ``prompt_embeddings`` is the encoder's output) give ``jpeft.PromptTuning``;
+    ``"PREFIX_TUNING"`` gives ``jpeft.PTuningV2`` with the per-layer prefixes.
 
     Args:
       path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -376,9 +407,11 @@ def import_hf(
       ``params``, except those of ``modules_to_save``; ``params`` itself is not changed.
 
     Raises:
-      JpeftError: on a missing, invalid or truncated file, a ``peft_type`` other than ``'LORA'``,
-        options jpeft's LoRA lacks (``bias``, ``rank_pattern``, ``alpha_pattern``), or a checkpoint for another model: a key whose module ``params``
-        lacks, or a tensor whose shape does not fit (naming the key and both shapes).
+      JpeftError: on a missing, invalid or truncated file, a ``peft_type`` outside :data:`PEFT_TYPES`,
+        options jpeft lacks (``bias``, ``rank_pattern``, ``alpha_pattern``; ``modules_to_save`` for
+        IA3; encoder-decoder prompts), or a checkpoint for another model: a key whose module
+        ``params`` lacks, a tensor whose shape does not fit (naming the key and both shapes), or a
+        prefix file with another number of layers.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft

@@ -110,7 +110,7 @@ class Freeze(Method):
       {'0': {'dense': {'kernel': 'frozen'}}, '1': {'dense': {'kernel': 'frozen'}}, '2': {'dense': {'kernel': 'trainable'}}}
       >>> method.param_count(params)
       6
-      >>> stacked = {"layers": {"dense": {"kernel": jnp.ones((3, 2, 2))}}}  # nn.scan: 3 layers in one leaf
+      >>> stacked = {"layers": {"dense": {"kernel": jnp.ones((3, 2, 2))}}}  # nn.scan: 3 layers, 1 leaf
       >>> method = jpeft.Freeze(trainable_layers=1, scan_layers=r"layers/.*")
       >>> jpeft.labels(method, stacked), method.param_count(stacked)
       ({'layers': {'dense': {'kernel': 'freeze_stacked'}}}, 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -17,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jpeft import _intercept, _tree
+from jpeft import _errors, _intercept, _tree
 from jpeft._errors import JpeftError
 from jpeft._intercept import linear_of
 from jpeft._method import Context
@@ -27,6 +29,14 @@ from jpeft.methods._lora import LoRA
 
 _SHARED: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("jpeft_lora_drop", default=None)
 _SOW = "lora_drop_importance"
+_SLICE = re.compile(r"(.+)\[(\d+)\]")
+_TIED = "lora_drop_tied"
+
+
+def _slice_of(key: str) -> tuple[str, int | None]:
+    """Splits a ``keep``/importance key ``'layers/q[1]'`` into ``('layers/q', 1)``; ``(key, None)`` if plain."""
+    m = _SLICE.fullmatch(key)
+    return (m.group(1), int(m.group(2))) if m else (key, None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,14 +54,28 @@ class LoRADrop(LoRA):
 
     A group's gradient is the sum over the layers that share it. Trainable parameters:
     ``r (d_in + d_out)`` per kept target plus one such term per group. Mergeable: each shared layer
-    gets ``W + s A_g B_g``. Targets must be single layers, not ``nn.scan`` stacks. See
-    :class:`jpeft.LoRA` for the other arguments; ``use_dora`` is not supported.
+    gets ``W + s A_g B_g``. See :class:`jpeft.LoRA` for the other arguments; ``use_dora`` is not
+    supported.
+
+    **Stacked targets** (``nn.scan``: a kernel ``(L, d_in, d_out)`` holds every layer) are named by
+    ``scan_layers`` and kept per layer slice, as ``'layers/q[1]'``. Such a target holds LoRA factors
+    ``(L, d_in, r)`` and ``(L, r, d_out)`` like LoRA; its non-kept slices share one pair by *tying*:
+    they start equal, and their leaves get the label ``'lora_drop_tied'``, whose transform replaces
+    each tied slice's gradient by the sum over the tied slices (the gradient of the one shared
+    pair) before ``tx`` and copies the first tied slice's update to the others after it, so they
+    stay exactly equal. The stack is its own group (it shares nothing with other modules) and counts
+    ``r (d_in + d_out)`` per kept slice plus one for the tied slices.
 
     Args:
-      keep: '/'-joined paths of the targets that keep their own factors.
+      keep: '/'-joined paths of the targets that keep their own factors; ``'path[i]'`` for layer
+        ``i`` of a stacked target.
+      scan_layers: a regex (``re.fullmatch``) over target module paths whose kernels carry one leading
+        layer axis, such as ``r'layers/(q|v)'`` for an ``nn.scan`` named ``layers``.
 
     Raises:
-      JpeftError: if a ``keep`` path is not a target, a target is a stack, or a group mixes shapes.
+      JpeftError: if a ``keep`` path is not a target (or a layer of a stacked one), a stacked target
+        is not named by ``scan_layers`` or has several stack axes, ``scan_layers`` names no target,
+        or a group mixes shapes.
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft
@@ -62,12 +86,19 @@ class LoRADrop(LoRA):
       ({'default': {'q': {'lora_a': (4, 2), 'lora_b': (2, 4)}}}, {'default': {}})
       >>> method.param_count(params)  # l1/q's own pair plus the pair that l0/q and l2/q share
       32
+      >>> stacked = {"layers": {"q": {"kernel": jnp.ones((3, 4, 4))}}}  # nn.scan: 3 layers in one kernel
+      >>> method = jpeft.LoRADrop(targets=["q"], rank=2, keep=("layers/q[2]",), scan_layers="layers/q")
+      >>> peft = jpeft.apply(method, stacked, key=jax.random.key(0))
+      >>> a = peft["layers"]["q"]["__jpeft__"]["default"]["lora_a"]
+      >>> a.shape, bool((a[0] == a[1]).all()), method.param_count(stacked)  # layers 0 and 1 are tied
+      ((3, 4, 2), True, 32)
 
     References:
       Zhou et al., "LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation", 2024.
     """
 
     keep: tuple[str, ...] = ()
+    scan_layers: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,26 +112,40 @@ class LoRADrop(LoRA):
             raise JpeftError(
                 f"{self._name()}(use_dora=True): LoRA-drop shares plain LoRA factors; DoRA is not supported."
             )
+        if self.scan_layers is not None:
+            _errors.regex(self._name(), "scan_layers", self.scan_layers)
 
-    def _plan(self, params: PyTree) -> tuple[list[Path], dict[str, list[Path]]]:
-        """The targets, and the shared layers of each group; validates ``keep`` and shapes."""
+    def _is_stacked(self, path: Path) -> bool:
+        # The root (path ()) holds the groups of unstacked layers, never a stack.
+        return bool(path) and self.scan_layers is not None and re.fullmatch(self.scan_layers, join(path)) is not None
+
+    def _plan(self, params: PyTree) -> tuple[list[Path], dict[str, list[Path]], dict[Path, tuple[int, ...]]]:
+        """The targets, the shared layers of each group, and the kept slices of each stacked target.
+
+        Validates ``keep``, ``scan_layers`` and shapes.
+        """
         targets = super().select(params)
-        joined = {join(p) for p in targets}
-        unknown = sorted(set(self.keep) - joined)
-        if unknown:
-            raise JpeftError(
-                f"{self._name()}(keep=...): {unknown} are not among the {len(targets)} targets, which look "
-                f"like {join(targets[0])!r}. Pass paths of targeted modules."
-            )
         modules, ctx, groups = _tree.modules(params), Context(params), {}
         shapes: dict[str, tuple[int, ...]] = {}
+        depths: dict[Path, int] = {}
         for path in targets:
             layout = ctx.layout(self._name(), path, modules[path], self.layouts)
             shape = tuple(modules[path][layout.leaf].shape)
-            if layout.split(shape)[0]:
+            stack = layout.split(shape)[0]
+            if self._is_stacked(path):
+                if len(stack) != 1:
+                    raise JpeftError(
+                        f"{self._name()}(scan_layers={self.scan_layers!r}): target {join(path)!r} ({layout.leaf} "
+                        f"{shape}, layout {layout.spec()!r}) has {len(stack)} stack axes; a stacked target needs "
+                        "exactly one leading layer axis. Fix scan_layers or the layout."
+                    )
+                depths[path] = stack[0]
+                continue
+            if stack:
                 raise JpeftError(
                     f"{self._name()}: target {join(path)!r} is a stack of layers ({layout.leaf} {shape}); "
-                    "LoRA-drop selects single layers. Unroll the nn.scan, or exclude the stack from targets."
+                    f"name it with scan_layers={re.escape(join(path))!r} to keep and tie its layers per "
+                    "slice, or exclude the stack from targets."
                 )
             if join(path) in self.keep:
                 continue
@@ -111,17 +156,36 @@ class LoRADrop(LoRA):
                     f"(at {join(path)!r}); one pair cannot serve both. Keep these layers, or target them apart."
                 )
             groups.setdefault(group, []).append(path)
-        return targets, groups
+        if self.scan_layers is not None and not depths:
+            raise JpeftError(
+                f"{self._name()}(scan_layers={self.scan_layers!r}) names none of the {len(targets)} targets, "
+                f"which look like {join(targets[0])!r}; it must fullmatch the module path of a stacked target."
+            )
+        known = {join(p) for p in targets if p not in depths}
+        known |= {f"{join(p)}[{i}]" for p, n in depths.items() for i in range(n)}
+        unknown = sorted(set(self.keep) - known)
+        if unknown:
+            raise JpeftError(
+                f"{self._name()}(keep=...): {unknown} are not among the {len(known)} targets and layers of "
+                f"stacked targets, which look like {sorted(known)[0]!r}. Pass paths of targeted modules, and "
+                "'path[i]' for layer i of a stacked target."
+            )
+        kept = {p: tuple(i for i in range(n) if f"{join(p)}[{i}]" in self.keep) for p, n in depths.items()}
+        return targets, groups, kept
 
     # --- structure -----------------------------------------------------------------------------
     def select(self, params: PyTree) -> list[Path]:
-        targets, groups = self._plan(params)
+        targets, groups, _ = self._plan(params)
         return ([()] if groups else []) + targets
 
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
+        if path and self._is_stacked(path):
+            deltas = super().init_module(key, path, own, ctx)
+            tied = _tied(deltas["lora_a"].shape[0], self._kept(path))
+            return {k: v.at[tied].set(v[tied[0]]) if tied.size else v for k, v in deltas.items()}
         if path:
             return super().init_module(key, path, own, ctx) if join(path) in self.keep else {}
-        _, groups = self._plan(ctx.params)
+        _, groups, _ = self._plan(ctx.params)
         modules = _tree.modules(ctx.params)
         return {
             g: super(LoRADrop, self).init_module(jax.random.fold_in(key, i), ps[0], modules[ps[0]], ctx)
@@ -129,7 +193,7 @@ class LoRADrop(LoRA):
         }
 
     def param_count(self, params: PyTree) -> int:
-        targets, groups = self._plan(params)
+        targets, groups, kept = self._plan(params)
         ctx, modules = Context(params), _tree.modules(params)
 
         def per(path: Path) -> int:
@@ -137,7 +201,42 @@ class LoRADrop(LoRA):
             return self.rank * (math.prod(d_in) + math.prod(d_out))
 
         own = sum(per(p) for p in targets if join(p) in self.keep)
-        return self.extra_count(params) + own + sum(per(ps[0]) for ps in groups.values())
+        # A stacked target: one pair per kept slice, plus one for its tied slices if there are any.
+        stacked = sum(per(p) * (len(k) + (self._depth(p, modules, ctx) > len(k))) for p, k in kept.items())
+        return self.extra_count(params) + own + stacked + sum(per(ps[0]) for ps in groups.values())
+
+    def _depth(self, path: Path, modules: Mapping[Path, Any], ctx: Context) -> int:
+        _, stack, _, _ = self._shapes(path, modules[path], ctx)
+        return stack[0]
+
+    def _kept(self, path: Path) -> tuple[int, ...]:
+        """The kept layer indices of a stacked target, from ``keep``."""
+        name = join(path)
+        return tuple(sorted(i for m, i in map(_slice_of, self.keep) if m == name and i is not None))
+
+    # --- training ------------------------------------------------------------------------------
+    def delta_label_at(self, path: Path) -> str:
+        label = super().delta_label_at(path)
+        module = path[: path.index(RESERVED)] if RESERVED in path else path
+        return _TIED if label != "frozen" and self._is_stacked(module) else label
+
+    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
+        return {**super().transforms(tx), _TIED: optax.chain(self._tie(summed=True), tx, self._tie(summed=False))}
+
+    def _tie(self, *, summed: bool) -> optax.GradientTransformation:
+        """Sets each stacked leaf's tied slices to their sum (gradients) or to the first one's (updates)."""
+
+        def one(path: Any, u: jax.Array) -> jax.Array:
+            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            tied = _tied(u.shape[0], self._kept(keys[: keys.index(RESERVED)]))
+            if len(tied) < 2:
+                return u
+            return u.at[tied].set(jnp.sum(u[tied], axis=0) if summed else u[tied[0]])
+
+        def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+            return jax.tree_util.tree_map_with_path(one, updates), state
+
+        return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
     # --- forward and merge ---------------------------------------------------------------------
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
@@ -174,6 +273,11 @@ class LoRADrop(LoRA):
         return super().merge_module(path, own, stores[0], ctx)
 
 
+def _tied(depth: int, kept: tuple[int, ...]) -> np.ndarray:
+    """The layer indices of a stack that share the tied pair."""
+    return np.asarray([i for i in range(depth) if i not in kept], np.int32)
+
+
 def _check_lora(method: Any, where: str) -> None:
     if not isinstance(method, LoRA) or isinstance(method, LoRADrop) or method.use_dora:
         raise JpeftError(
@@ -206,11 +310,17 @@ def lora_drop_importance(
         arguments, or one positional argument of ``apply_fn``.
       name: the adapter to measure.
 
+    A target stacked by ``nn.scan`` gets one number per layer, keyed ``'<module path>[i]'``: the scan
+    must stack the ``'intermediates'`` collection (``variable_axes={'params': 0, 'intermediates': 0}``),
+    so that each layer's sown value keeps its slot.
+
     Returns:
-      ``{module path: importance}`` for every target, in path order.
+      ``{module path: importance}`` for every target (``{'path[i]': ...}`` per layer of a stacked
+      one), in path order.
 
     Raises:
-      JpeftError: if ``method`` is not a plain LoRA, or a target never ran.
+      JpeftError: if ``method`` is not a plain LoRA, a target never ran, or a target's sown values
+        are stacked over more than one axis.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -242,22 +352,35 @@ def lora_drop_importance(
         return y + delta.astype(y.dtype)
 
     targets = method.select(peft_params)
-    totals = {join(p): 0.0 for p in targets}
-    seen: set[str] = set()
+    sums: dict[str, np.ndarray] = {}
     with nn.intercept_methods(_intercept.interceptor(forward, name)):
         for batch in batches:
             _, state = _call(apply_fn, peft_params, batch)
             for path, value in _tree.leaves(_tree.as_dicts(state.get("intermediates", {}))):
                 if _SOW in path:
                     module = join(path[: path.index(_SOW)])
-                    totals[module] = totals.get(module, 0.0) + float(np.sum(np.asarray(value, np.float64)))
-                    seen.add(module)
-    missing = sorted(set(totals) - seen)
+                    # sow appends to a tuple; each entry is () for a layer, (L,) for an nn.scan stack.
+                    parts = value if isinstance(value, (tuple, list)) else (value,)
+                    value = sum(np.asarray(v, np.float64) for v in parts)
+                    if value.ndim > 1:
+                        raise JpeftError(
+                            f"jpeft.lora_drop_importance: target {module!r} sowed values of shape {value.shape}; "
+                            "expected () for a layer or (L,) for one nn.scan stack. Nested stacks are not supported."
+                        )
+                    sums[module] = sums[module] + value if module in sums else value
+    missing = sorted(set(map(join, targets)) - set(sums))
     if missing:
         raise JpeftError(
             f"jpeft.lora_drop_importance: targets {missing[:3]} never ran on the batches. Check that "
             "apply_fn runs the whole model, and that batches is not empty."
         )
+    totals: dict[str, float] = {}
+    for module in map(join, targets):
+        value = sums[module]
+        if value.ndim == 0:
+            totals[module] = float(value)
+        else:
+            totals.update({f"{module}[{i}]": float(v) for i, v in enumerate(value)})
     return totals
 
 
@@ -275,7 +398,9 @@ def lora_drop_select(
 
     The importances of :func:`lora_drop_importance` are normalised to shares. Sorted from the most
     important (ties by path), targets keep their own LoRA until the kept shares sum to at least
-    ``threshold``; all other targets share one pair per module name.
+    ``threshold``; all other targets share one pair per module name. Each layer of an ``nn.scan``
+    stack is ranked on its own; the method gets ``scan_layers`` naming the stacks, and their
+    non-kept layers are tied (see :class:`LoRADrop`).
 
     Args:
       method: the trained LoRA of stage 1.
@@ -325,7 +450,9 @@ def lora_drop_select(
         )
     count = int(np.argmax(cumulative >= threshold * cumulative[-1])) + 1
     fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(LoRA)}
-    new = LoRADrop(**{**fields, "keep": tuple(sorted(order[:count]))})
+    stacks = sorted({m for m, i in map(_slice_of, importance) if i is not None})
+    scan_layers = "|".join(re.escape(m) for m in stacks) or None
+    new = LoRADrop(**{**fields, "keep": tuple(sorted(order[:count])), "scan_layers": scan_layers})
 
     def strip(tree: Any) -> Any:
         if not isinstance(tree, Mapping):

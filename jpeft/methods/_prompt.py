@@ -100,6 +100,8 @@ class VirtualTokens(Method):
 
     Not identity at init, and not mergeable into the weights; ``jpeft.merge`` only folds a
     reparameterisation (P-tuning's encoder, prefix tuning's MLP) into plain prompts or prefixes.
+    On an encoder-decoder the encoder gets the ``P`` positions, and the decoder too when
+    :attr:`on_decoder` (prefix tuning); see :meth:`counts`.
 
     Attributes:
       num_virtual_tokens: P.
@@ -280,6 +282,8 @@ class PromptTuning(VirtualTokens):
     ``X' = [prompt; E(x)]`` with ``prompt: (P, d)``, stored at ``<embedding>/__jpeft__/<name>/prompt``.
     The model, including the embedding table, stays frozen. Trainable parameters: ``P d``. Not
     identity at init and not mergeable (``jpeft.merge`` raises): keep ``jpeft.wrap`` for inference.
+    On an encoder-decoder (BART) the prompt goes in front of the encoder input only, as HF PEFT
+    does for seq2seq models; the decoder's inputs and outputs keep their length.
 
     Args:
       num_virtual_tokens: P.

@@ -327,7 +327,8 @@ def test_export_errors(tmp_path):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"peft_type": "IA3"}, r"peft_type='IA3'; import_hf reads 'LORA' adapters"),
+        ({"peft_type": "ADALORA"}, r"peft_type='ADALORA'; import_hf reads \['LORA', 'IA3', 'PROMPT_TUNING', "
+                                   r"'P_TUNING', 'PREFIX_TUNING'\] adapters only"),
         ({"bias": "all"}, r"bias='all'; jpeft.LoRA has no equivalent"),
         ({"rank_pattern": {"query": 4}}, r"rank_pattern=\{'query': 4\}; jpeft.LoRA has no equivalent"),
         ({"modules_to_save": ["classifier"]}, r"lists modules_to_save=\['classifier'\], but .* holds none of their"),
@@ -411,3 +412,211 @@ def test_import_argument_errors(tmp_path):
         jpeft.import_hf(str(tmp_path), [])
     with pytest.raises(jpeft.JpeftError, match=r"profile must be a jpeft.profiles.Profile"):
         jpeft.import_hf(str(tmp_path), hf.params, profile="bert")
+
+
+# --- IA3, prompt tuning, prefix tuning -----------------------------------------------------------
+P = 3
+
+
+def other_case(kind, family):
+    """A tiny HF model, a jpeft IA3 / prompt / prefix method on it, and a tree with random deltas."""
+    hf = _hf_models.make(family)
+    method = {
+        "ia3": jpeft.IA3(),
+        "prompt": jpeft.PromptTuning(num_virtual_tokens=P),
+        "ptuning": jpeft.PTuning(num_virtual_tokens=P, encoder_hidden_size=8),
+        "prefix": jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=8),
+        "ptuningv2": jpeft.PTuningV2(num_virtual_tokens=P),
+    }[kind]
+    peft = jpeft.apply(method, hf.params, key=jax.random.key(0))
+    rng = np.random.RandomState(5)
+    peft = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(1 + 0.3 * rng.standard_normal(x.shape), x.dtype)
+        if jpeft.RESERVED in jax.tree_util.keystr(p) else x,
+        peft,
+    )
+    return hf, method, peft
+
+
+OTHER = [("ia3", f) for f in ("bert", "gpt2", "llama", "bart")] + [("prompt", f) for f in ("bert", "gpt2", "llama")] + [
+    ("ptuning", "gpt2"), ("prefix", "bert"), ("prefix", "gpt2"), ("ptuningv2", "gpt2")
+]
+
+
+@pytest.mark.parametrize(("kind", "family"), OTHER)
+def test_ia3_prompt_prefix_roundtrip(tmp_path, kind, family):
+    """export then import gives the same outputs; for IA3, P-tuning v2 and prompt tuning the same leaves."""
+    hf, method, peft = other_case(kind, family)
+    jpeft.export_hf(str(tmp_path), method, peft)
+    got_method, got = jpeft.import_hf(str(tmp_path), hf.params)
+    want_type = {"ptuning": jpeft.PromptTuning, "prefix": jpeft.PTuningV2}.get(kind, type(method))
+    assert type(got_method) is want_type
+    if want_type is type(method):
+        if kind == "ia3":  # the targets are spelled as in the file, the sites are the same
+            assert got_method._sites(hf.params) == method._sites(hf.params)
+        else:
+            assert got_method == method
+        assert jax.tree.structure(got) == jax.tree.structure(peft)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(peft), strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    want = hf.logits(jpeft.wrap(hf.apply, method)({"params": peft}, **hf.inputs))
+    out = hf.logits(jpeft.wrap(hf.apply, got_method)({"params": got}, **hf.inputs))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    base = hf.logits(hf.apply({"params": hf.params}, **hf.inputs))
+    assert np.abs(np.asarray(base) - np.asarray(want)).max() > 1e-5  # the adapter changes the output
+
+
+def test_ia3_keys_follow_peft_layout(tmp_path):
+    """GPT-2: ia3_l is (out, 1) on c_attn (output-scaled) and (1, in) on mlp.c_proj (feedforward), from the spec."""
+    hf, method, peft = other_case("ia3", "gpt2")
+    jpeft.export_hf(str(tmp_path), method, peft)
+    st = load_file(str(tmp_path / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and config["fan_in_fan_out"] is True
+    assert config["target_modules"] == ["attn.c_attn", "mlp.c_proj"] and config["feedforward_modules"] == ["mlp.c_proj"]
+    h, ffn = _hf_models.HIDDEN, _hf_models.FFN
+    assert sorted(st) == [f"base_model.model.transformer.h.{i}.{m}.ia3_l"
+                          for i in range(_hf_models.LAYERS) for m in ("attn.c_attn", "mlp.c_proj")]
+    layer = peft["transformer"]["h"]["1"]
+    out_v = st["base_model.model.transformer.h.1.attn.c_attn.ia3_l"]
+    in_v = st["base_model.model.transformer.h.1.mlp.c_proj.ia3_l"]
+    assert out_v.shape == (3 * h, 1) and in_v.shape == (1, ffn)
+    np.testing.assert_array_equal(out_v[:, 0], layer["attn"]["c_attn"][jpeft.RESERVED]["default"]["ia3_out"])
+    np.testing.assert_array_equal(in_v[0], layer["mlp"]["c_proj"][jpeft.RESERVED]["default"]["ia3_in"])
+
+
+def test_hand_written_prefix_follows_peft_layout(tmp_path):
+    """Column (2 l + s) d + j of prompt_embeddings is feature j of layer l's key (s = 0) or value (s = 1)."""
+    hf = _hf_models.make("bert")
+    h, layers = _hf_models.HIDDEN, _hf_models.LAYERS
+    flat = np.random.RandomState(3).standard_normal((P, 2 * layers * h)).astype(np.float32)
+    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": layers, "token_dim": h,
+              "num_attention_heads": _hf_models.HEADS, "num_transformer_submodules": 1, "task_type": "SEQ_CLS"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"prompt_embeddings": flat}, str(tmp_path / "adapter_model.safetensors"))
+    method, tree = jpeft.import_hf(str(tmp_path), hf.params)
+    assert method == jpeft.PTuningV2(num_virtual_tokens=P)
+    attention = tree["bert"]["encoder"]["layer"]
+    for layer in range(layers):
+        for s, m in enumerate(("key", "value")):
+            got = attention[str(layer)]["attention"]["self"][m][jpeft.RESERVED]["default"]["prefix"]
+            np.testing.assert_array_equal(got, flat[:, (2 * layer + s) * h : (2 * layer + s + 1) * h])
+
+
+def test_prompt_config_fields(tmp_path):
+    hf, method, peft = other_case("prefix", "gpt2")
+    jpeft.export_hf(str(tmp_path), method, peft, task_type="CAUSAL_LM")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    h, layers = _hf_models.HIDDEN, _hf_models.LAYERS
+    assert config["peft_type"] == "PREFIX_TUNING" and config["task_type"] == "CAUSAL_LM"
+    assert (config["num_virtual_tokens"], config["num_layers"], config["token_dim"]) == (P, layers, h)
+    assert config["prefix_projection"] is False and config["num_transformer_submodules"] == 1
+    st = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert list(st) == ["prompt_embeddings"] and st["prompt_embeddings"].shape == (P, 2 * layers * h)
+    hf, method, peft = other_case("ptuning", "gpt2")
+    jpeft.export_hf(str(tmp_path), method, peft)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == h  # the encoder's cached output
+    prompt = method.prompt(peft["transformer"]["wte"][jpeft.RESERVED]["default"])
+    np.testing.assert_array_equal(load_file(str(tmp_path / "adapter_model.safetensors"))["prompt_embeddings"], prompt)
+
+
+def test_ia3_prompt_export_errors(tmp_path):
+    hf, ia3, peft = other_case("ia3", "gpt2")
+    with pytest.raises(jpeft.JpeftError, match=r"IA3\(extra_trainable='lm_head/.\*'\) has base leaves that train"):
+        jpeft.export_hf(str(tmp_path), jpeft.IA3(extra_trainable="lm_head/.*"), peft)
+    emb = jpeft.IA3(targets=("wte",))
+    with pytest.raises(jpeft.JpeftError, match=r"IA3 target 'transformer/wte' is an embedding; HF PEFT's IA3 has"):
+        jpeft.export_hf(str(tmp_path), emb, jpeft.apply(emb, hf.params, key=jax.random.key(0)))
+    _, prompt, peft = other_case("prompt", "gpt2")
+    with pytest.raises(jpeft.JpeftError, match=r"PromptTuning\(extra_trainable='lm_head/.\*'\) has base leaves"):
+        jpeft.export_hf(str(tmp_path), jpeft.PromptTuning(num_virtual_tokens=P, extra_trainable="lm_head/.*"), peft)
+    _, prefix, peft = other_case("prefix", "llama")
+    with pytest.raises(jpeft.JpeftError, match=r"PrefixTuning on the rotary \(RoPE\) profile 'llama'; HF PEFT's prefixes"):
+        jpeft.export_hf(str(tmp_path), prefix, peft)
+    _, prompt, peft = other_case("prompt", "bart")
+    with pytest.raises(jpeft.JpeftError, match=r"PromptTuning on the encoder-decoder profile 'bart'; the export"):
+        jpeft.export_hf(str(tmp_path), prompt, peft)
+    # a model whose key and value prefixes differ in width has no HF PEFT layout
+    uneven = {"wte": {"embedding": jnp.ones((7, 4))},
+              "h": {"0": {"k": {"kernel": jnp.ones((4, 4))}, "v": {"kernel": jnp.ones((4, 6))}}}}
+    profile = profiles.Profile(name="mine", detect="h/0/k/kernel", embedding="wte", query="h/\\d+/k", key="h/\\d+/k",
+                               value="h/\\d+/v", attn_out="h/\\d+/v", ffn_in="h/\\d+/v", ffn_out="h/\\d+/v",
+                               layer_pattern="h/(\\d+)")
+    v2 = jpeft.PTuningV2(num_virtual_tokens=P, profile=profile)
+    with pytest.raises(jpeft.JpeftError, match=r"per layer, one key and one value prefix of the same width.*"
+                                               r"\('h/0/k', 'prefix', \(4,\)\), \('h/0/v', 'prefix', \(6,\)\)"):
+        jpeft.export_hf(str(tmp_path), v2, jpeft.apply(v2, uneven, key=jax.random.key(0)))
+    assert not os.path.exists(tmp_path / "adapter_config.json")  # nothing half-written
+
+
+def written(tmp_path, config, tensors):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    return str(tmp_path)
+
+
+H, L = _hf_models.HIDDEN, _hf_models.LAYERS
+IA3_KEY = "base_model.model.transformer.h.0.attn.c_attn.ia3_l"
+IA3_OK = {"peft_type": "IA3", "target_modules": ["c_attn"], "feedforward_modules": []}
+PREFIX_OK = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": L, "token_dim": H}
+
+
+@pytest.mark.parametrize(
+    "config, tensors, message",
+    [
+        (IA3_OK, {IA3_KEY: np.ones((3 * H, 1), np.float32), "x.lora_A.weight": np.ones((1, 1), np.float32)},
+         r"has key 'x.lora_A.weight', which is not an IA3 key 'base_model.model.<module>.ia3_l'"),
+        (IA3_OK, {"base_model.model.transformer.h.9.attn.c_attn.ia3_l": np.ones((1, 1), np.float32)},
+         r"is for another model: .* names module 'transformer.h.9.attn.c_attn', which params lacks"),
+        (IA3_OK, {}, r"holds no IA3 vectors"),
+        (IA3_OK, {IA3_KEY: np.ones((1, 3 * H), np.float32)},
+         rf"{IA3_KEY}' has shape \(1, {3 * H}\) float32, but .*c_attn/kernel \({3 * H}, {H}\) .* scaled on its output "
+         rf"needs \({3 * H}, 1\)"),
+        ({**IA3_OK, "target_modules": ["mlp.c_proj"]}, {IA3_KEY.replace("attn.c_attn", "mlp.c_proj"): np.ones((H, 1))},
+         r"has no feedforward_modules among its targets, but jpeft.IA3\(feedforward=None\) scales the profile's FFN"),
+        ({**IA3_OK, "feedforward_modules": 3}, {IA3_KEY: np.ones((3 * H, 1), np.float32)},
+         r"feedforward_modules=3 in .* must be a regex str or a list of module names"),
+        ({**IA3_OK, "modules_to_save": ["lm_head"]}, {IA3_KEY: np.ones((3 * H, 1), np.float32)},
+         r"modules_to_save=\['lm_head'\]; the IA3 import reads ia3_l vectors only"),
+        (PREFIX_OK, {"prompt_embeddings": np.ones((P, 2 * L * H + 1), np.float32)},
+         rf"'prompt_embeddings' in .* has shape \({P}, {2 * L * H + 1}\) float32, but PREFIX_TUNING with "
+         rf"num_virtual_tokens={P} on this model needs \({P}, {2 * L * H}\) \(P, num_layers \* 2 \* token_dim\) with "
+         rf"{L} layers of width {H}"),
+        ({**PREFIX_OK, "num_layers": L + 1}, {"prompt_embeddings": np.ones((P, 2 * (L + 1) * H), np.float32)},
+         rf"has num_layers={L + 1}, but params has {L} attention layers \('transformer/h/0/attn/c_attn' \.\.\.\)"),
+        ({**PREFIX_OK, "peft_type": "PROMPT_TUNING"}, {"prompt_embeddings": np.ones((P + 1, H), np.float32)},
+         rf"has shape \({P + 1}, {H}\) float32, but PROMPT_TUNING with num_virtual_tokens={P} on this model needs "
+         rf"\({P}, {H}\)\."),
+        ({**PREFIX_OK, "peft_type": "P_TUNING"}, {"prompt_embeddings": np.ones((P, H)), "other": np.ones(1)},
+         r"holds \['other', 'prompt_embeddings'\]; a P_TUNING adapter holds exactly one tensor, 'prompt_embeddings'"),
+        ({**PREFIX_OK, "num_virtual_tokens": 0}, {"prompt_embeddings": np.ones((P, H))},
+         r"has num_virtual_tokens=0, expected a positive int"),
+        ({**PREFIX_OK, "num_transformer_submodules": 2}, {"prompt_embeddings": np.ones((P, H))},
+         r"has num_transformer_submodules=2, an encoder-decoder adapter"),
+    ],
+    ids=["ia3-key", "ia3-module", "ia3-empty", "ia3-shape", "ia3-feedforward", "ia3-ff-type", "ia3-to-save",
+         "prefix-shape", "prefix-layers", "prompt-shape", "prompt-keys", "prompt-p", "prompt-seq2seq"],
+)
+def test_ia3_prompt_import_errors(tmp_path, config, tensors, message):
+    hf = _hf_models.make("gpt2")
+    with pytest.raises(jpeft.JpeftError, match=message):
+        jpeft.import_hf(written(tmp_path, config, tensors), hf.params)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prompt", "ptuningv2"])
+def test_ia3_prompt_import_name_taken(tmp_path, kind):
+    hf, method, peft = other_case(kind, "gpt2")
+    jpeft.export_hf(str(tmp_path), method, peft)
+    with pytest.raises(jpeft.JpeftError, match=r"adapter 'default' already exists at 'transformer/"):
+        jpeft.import_hf(str(tmp_path), peft)
+    _, got = jpeft.import_hf(str(tmp_path), peft, name="second")  # another name is fine
+    stores = [node[jpeft.RESERVED] for _, node in _walk(got) if jpeft.RESERVED in node]
+    assert stores and all(sorted(store) == ["default", "second"] for store in stores)
+
+
+def _walk(tree, path=()):
+    yield path, tree
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != jpeft.RESERVED:
+            yield from _walk(v, path + (k,))

@@ -1,7 +1,9 @@
 """LoRA-drop: the importance pass against NumPy, the selection rule, and the shared-pair method.
 
 The model is a small unscanned stack of blocks ``h <- h + v(tanh(q(h)))``, so a NumPy forward pass
-can recompute every layer's input and LoRA output independently.
+can recompute every layer's input and LoRA output independently. The ``nn.scan`` section uses the
+synthetic scan model (tests/_models.py): per-layer importance from the captured per-layer inputs,
+kept and tied slices of a stacked target, the tied gradient, training and merge.
 """
 
 from __future__ import annotations
@@ -237,13 +239,201 @@ def test_on_tiny_bert_select_runs_and_merges():
     assert not np.allclose(wrapped, run(hf.apply, hf.params), atol=1e-3)
 
 
+# --- nn.scan-stacked targets: per-layer importance, kept slices and tied slices ----------------
+SCAN_TARGETS = r"layers/(q|v)"
+SCAN_KEEP = ("layers/q[1]",)  # layer 0 of q is tied alone; both layers of v are tied
+
+
+def scan_lora() -> jpeft.LoRA:
+    return jpeft.LoRA(targets=SCAN_TARGETS, rank=RANK, alpha=ALPHA)
+
+
+def scan_method() -> jpeft.LoRADrop:
+    return jpeft.LoRADrop(targets=SCAN_TARGETS, rank=RANK, alpha=ALPHA, keep=SCAN_KEEP, scan_layers=SCAN_TARGETS)
+
+
+def numpy_scan_importance(peft: Any, ids: list[jax.Array]) -> dict[str, float]:
+    """``sum ||s x_l A_l B_l||^2`` per layer, from the inputs that M.capture sows under nn.scan."""
+    wrapped = jpeft.wrap(M.Model().apply, scan_lora())
+    out = {f"layers/{m}[{i}]": 0.0 for m in ("q", "v") for i in range(M.LAYERS)}
+    for x in ids:
+        with nn.intercept_methods(M.capture(("q", "v"))):
+            _, state = wrapped({"params": peft}, x, mutable=["intermediates"])
+        for m in ("q", "v"):
+            inputs = f64(state["intermediates"]["layers"][m]["x"][0])  # (L, batch, seq, d)
+            assert inputs.shape[0] == M.LAYERS
+            d = peft["layers"][m][jpeft.RESERVED]["default"]
+            for i in range(M.LAYERS):
+                delta = S * (inputs[i] @ f64(d["lora_a"][i])) @ f64(d["lora_b"][i])
+                out[f"layers/{m}[{i}]"] += float(np.sum(delta**2))
+    return out
+
+
+def tied_random(method: jpeft.LoRADrop, seed: int) -> Any:
+    """A random stage-2 tree whose tied slices are equal again (randomize fills every slice)."""
+    tree = randomize(jpeft.apply(method, M.params(), key=jax.random.key(1)), seed=seed)
+    for m, tied in (("v", [0, 1]), ("q", [0])):
+        store = tree["layers"][m][jpeft.RESERVED]["default"]
+        for leaf in ("lora_a", "lora_b"):
+            store[leaf] = store[leaf].at[jnp.asarray(tied)].set(store[leaf][tied[0]])
+    return tree
+
+
+def test_scan_importance_is_per_layer_and_matches_numpy():
+    peft = randomize(jpeft.apply(scan_lora(), M.params(), key=jax.random.key(1)), seed=2)
+    ids = [M.inputs(1), M.inputs(2)]
+    got = jpeft.lora_drop_importance(scan_lora(), peft, M.Model().apply, ids)
+    want = numpy_scan_importance(peft, ids)
+    assert list(got) == ["layers/q[0]", "layers/q[1]", "layers/v[0]", "layers/v[1]"]
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    assert len({round(v, 4) for v in got.values()}) == 4, "sanity: the layers differ"
+    new, tree = jpeft.lora_drop_select(scan_lora(), peft, M.Model().apply, ids, key=jax.random.key(4), threshold=0.6)
+    assert new.keep == expected_keep(want, 0.6) and new.scan_layers == "layers/q|layers/v"
+    assert 0 < len(new.keep) < 2 * M.LAYERS
+    for m in ("q", "v"):  # the non-kept layers start tied
+        tied = [i for i in range(M.LAYERS) if f"layers/{m}[{i}]" not in new.keep]
+        for x in tree["layers"][m][jpeft.RESERVED]["default"].values():
+            assert all(np.array_equal(x[i], x[tied[0]]) for i in tied)
+
+
+def test_scan_tree_labels_and_closed_form_count():
+    method = scan_method()
+    peft = jpeft.apply(method, M.params(), key=jax.random.key(1))
+    assert jpeft.RESERVED not in peft  # a stack is its own group: nothing at the root
+    v = peft["layers"]["v"][jpeft.RESERVED]["default"]
+    assert {k: x.shape for k, x in v.items()} == {"lora_a": (M.LAYERS, M.D, RANK), "lora_b": (M.LAYERS, RANK, M.D)}
+    assert np.array_equal(v["lora_a"][0], v["lora_a"][1]) and np.any(v["lora_a"][0])
+    q = peft["layers"]["q"][jpeft.RESERVED]["default"]["lora_a"]
+    assert not np.array_equal(q[0], q[1])
+    labels = {p: x for p, x in jax.tree_util.tree_flatten_with_path(jpeft.labels(method, peft))[0]}
+    assert sorted(set(labels.values())) == ["frozen", "lora_drop_tied"]
+    # q: its kept layer 1 and its tied layer 0; v: one tied pair for both layers.
+    assert method.param_count(M.params()) == RANK * (M.D + M.D) * 3
+    # Identity at init (B = 0), through nn.scan.
+    run = jax.jit(lambda fn, p: fn({"params": p}, M.inputs(1)), static_argnums=0)
+    np.testing.assert_allclose(run(jpeft.wrap(M.Model().apply, method), peft), run(M.Model().apply, M.params()),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_scan_tied_slices_get_the_shared_gradient():
+    method, tree = scan_method(), tied_random(scan_method(), seed=3)
+    wrapped = jpeft.wrap(M.Model().apply, method)
+    target = jax.random.normal(jax.random.key(5), (M.BATCH, M.SEQ, M.VOCAB))
+
+    def loss(p):
+        return jnp.mean((wrapped({"params": p}, M.inputs(1)) - target) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(tree)
+    lr = 0.1
+    tx = jpeft.optimizer(optax.sgd(lr), method, tree)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    stepped = optax.apply_updates(tree, updates)
+    for m, tied in (("v", [0, 1]), ("q", [0])):
+        for leaf in ("lora_a", "lora_b"):
+            old = f64(tree["layers"][m][jpeft.RESERVED]["default"][leaf])
+            g = f64(grads["layers"][m][jpeft.RESERVED]["default"][leaf])
+            new = f64(stepped["layers"][m][jpeft.RESERVED]["default"][leaf])
+            shared = old[tied[0]] - lr * g[tied].sum(axis=0)  # the step of one pair used by every tied layer
+            for i in range(M.LAYERS):
+                want = shared if i in tied else old[i] - lr * g[i]
+                np.testing.assert_allclose(new[i], want, rtol=1e-5, atol=1e-7, err_msg=f"{m}/{leaf}[{i}]")
+
+
+def test_scan_training_keeps_tied_slices_equal_and_merges():
+    method, tree = scan_method(), tied_random(scan_method(), seed=3)
+    wrapped = jpeft.wrap(M.Model().apply, method)
+    target = jax.random.normal(jax.random.key(5), (M.BATCH, M.SEQ, M.VOCAB))
+    tx = jpeft.optimizer(optax.adam(2e-2), method, tree)
+
+    def loss(p):
+        return jnp.mean((wrapped({"params": p}, M.inputs(1)) - target) ** 2)
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    state, trained, losses = tx.init(tree), tree, []
+    for _ in range(8):
+        trained, state, value = step(trained, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0], losses
+    for m in ("q", "v"):
+        for leaf in ("lora_a", "lora_b"):
+            after = trained["layers"][m][jpeft.RESERVED]["default"][leaf]
+            before = tree["layers"][m][jpeft.RESERVED]["default"][leaf]
+            assert all(not np.array_equal(after[i], before[i]) for i in range(M.LAYERS)), (m, leaf)
+            if m == "v":
+                np.testing.assert_array_equal(after[0], after[1])
+    for p, x in flat(M.params()).items():
+        assert np.array_equal(flat(trained)[p], x), p
+    merged = jpeft.merge(method, trained)
+    assert jax.tree.structure(merged) == jax.tree.structure(M.params())
+    np.testing.assert_allclose(M.Model().apply({"params": merged}, M.inputs(1)),
+                               wrapped({"params": trained}, M.inputs(1)), rtol=1e-5, atol=1e-5)
+
+
+def flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(k.key) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_scan_errors():
+    def make(**kw: Any) -> Any:
+        fields = dict(targets=SCAN_TARGETS, rank=RANK, scan_layers=SCAN_TARGETS) | kw
+        return jpeft.apply(jpeft.LoRADrop(**fields), M.params(), key=jax.random.key(0))
+
+    with pytest.raises(jpeft.JpeftError, match=r"\['layers/q'\] are not among .* 'path\[i\]' for layer i"):
+        make(keep=("layers/q",))
+    with pytest.raises(jpeft.JpeftError, match=r"\['layers/v\[2\]'\] are not among the 4 targets and layers"):
+        make(keep=("layers/v[2]",))
+    with pytest.raises(jpeft.JpeftError, match=r"scan_layers='nothing'\) names none of the 8 targets"):
+        jpeft.LoRADrop(targets=("q", "v"), rank=RANK, scan_layers="nothing").param_count(params())
+    with pytest.raises(jpeft.JpeftError, match=r"target 'block_0/q' \(kernel \(6, 6\), layout 'dense'\) has 0 stack"):
+        jpeft.LoRADrop(targets=("q",), rank=RANK, scan_layers="block_0/q").param_count(params())
+    with pytest.raises(jpeft.JpeftError, match=r"LoRADrop\(scan_layers='\('\): not a valid regular expression"):
+        jpeft.LoRADrop(targets=("q",), scan_layers="(")
+    with pytest.raises(jpeft.JpeftError, match=r"'layers/q' is a stack of .* name it with scan_layers='layers/q'"):
+        jpeft.apply(jpeft.LoRADrop(targets=("layers/q",), rank=2), M.params(), key=jax.random.key(0))
+
+
+class Nested(nn.Module):
+    """Two nested nn.scan stacks: each target sows a (2, 2) importance."""
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        class Inner(nn.Module):
+            @nn.compact
+            def __call__(self, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
+                return nn.Dense(D, name="q")(h), None
+
+        class Mid(nn.Module):
+            @nn.compact
+            def __call__(self, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
+                scan = nn.scan(Inner, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                               length=2)
+                return scan(name="inner")(h, None)[0], None
+
+        scan = nn.scan(Mid, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True}, length=2)
+        return scan(name="outer")(h, None)[0]
+
+
+def test_nested_scan_importance_raises():
+    tree = Nested().init(jax.random.key(0), batch(0))["params"]
+    method = jpeft.LoRA(targets=("q",), rank=RANK)
+    peft = randomize(jpeft.apply(method, tree, key=jax.random.key(1)), seed=2)
+    with pytest.raises(jpeft.JpeftError, match=r"'outer/inner/q' sowed values of shape \(2, 2\); expected \(\)"):
+        jpeft.lora_drop_importance(method, peft, Nested().apply, [batch(1)])
+
+
 # --- errors ------------------------------------------------------------------------------------
 def test_errors():
     with pytest.raises(jpeft.JpeftError, match=r"keep must be a sequence of '/'-joined module paths"):
         jpeft.LoRADrop(targets=("q",), keep="block_0/q")
     with pytest.raises(jpeft.JpeftError, match=r"DoRA is not supported"):
         jpeft.LoRADrop(targets=("q",), use_dora=True)
-    with pytest.raises(jpeft.JpeftError, match=r"\['block_9/q'\] are not among the 8 targets"):
+    with pytest.raises(jpeft.JpeftError, match=r"\['block_9/q'\] are not among the 8 targets and layers"):
         jpeft.LoRADrop(targets=("q", "v"), keep=("block_9/q",)).param_count(params())
     with pytest.raises(jpeft.JpeftError, match=r"'layers/q' is a stack of layers \(kernel \(2, 8, 8\)\)"):
         jpeft.apply(jpeft.LoRADrop(targets=("layers/q",), rank=2), M.params(), key=jax.random.key(0))

@@ -221,6 +221,24 @@ def test_param_counts_closed_form(key: jax.Array) -> None:
     assert jpeft.PTuningV2(num_virtual_tokens=5).param_count(gqa) == counted(jpeft.PTuningV2(num_virtual_tokens=5), gqa) == 2 * 2 * 5 * 16
 
 
+def test_mam_on_bart_at_init_is_its_prefixes(key: jax.Array) -> None:
+    """MAM's parallel adapter is zero at init, so on BART it runs exactly its three kinds of prefixes."""
+    m = H.make("bart")
+    mam = jpeft.MAM(prefix_tokens=P, adapter_bottleneck=4)
+    peft = jpeft.apply(mam, m.params, key=key)
+    plain = jpeft.PTuningV2(num_virtual_tokens=P)
+    sites = plain.prefix_sites(m.params)
+    same = jpeft.apply(plain, m.params, key=key)
+    for s in sites:
+        _node(same, s.path)[RESERVED]["default"] = {"prefix": _node(peft, s.path)[RESERVED]["default"]["prefix"]["prefix"]}
+    a = jpeft.wrap(m.apply, mam)({"params": peft}, **m.inputs)
+    b = jpeft.wrap(m.apply, plain)({"params": same}, **m.inputs)
+    np.testing.assert_allclose(a.logits, b.logits, **TOL)
+    np.testing.assert_allclose(a.encoder_last_hidden_state, b.encoder_last_hidden_state, **TOL)
+    base = m.apply({"params": m.params}, **m.inputs).logits
+    assert np.abs(np.asarray(a.logits - base)).max() > 1e-3
+
+
 def test_bart_large_counts_closed_form_and_mam_share(key: jax.Array) -> None:
     """BART-large shapes (eval_shape only, no download): 36 attention modules get prefixes.
 
