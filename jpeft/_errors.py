@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax.numpy as jnp
+
 
 class JpeftError(ValueError):
     """Raised for bad input to jpeft, before any tracing.
@@ -68,3 +70,16 @@ def regex(owner: str, field: str, value: Any) -> None:
                 f"{owner}({field}={value!r}): not a valid regular expression ({e}). "
                 "Escape literal characters with re.escape()."
         ) from None
+
+
+def float_dtype(owner: str, field: str, value: Any) -> str | None:
+    """Returns the name of a float dtype (``None`` stays ``None``); raises for anything else."""
+    if value is None:
+        return None
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise JpeftError(f"{owner}({field}={value!r}): {field} must name a float dtype, e.g. 'float32'.")
+    return dt.name

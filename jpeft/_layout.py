@@ -100,6 +100,27 @@ class Layout:
         return self.kind
 
 
+def overrides(owner: str, layouts: Any) -> tuple[tuple[str, str], ...]:
+    """Validates a method's ``layouts`` field: ``(regex, spelling)`` pairs, returned as a tuple."""
+    from jpeft import _errors
+
+    try:
+        pairs = tuple((str(p), str(s)) for p, s in layouts)
+    except (TypeError, ValueError):
+        raise JpeftError(
+            f"{owner}(layouts={layouts!r}): layouts must be a sequence of (regex, layout) pairs, "
+            "e.g. ((r'.*/conv', 'conv'),)."
+        ) from None
+    for pattern, spec in pairs:
+        _errors.regex(owner, "layouts", pattern)
+        if re.fullmatch(SPELLING, spec) is None:
+            raise JpeftError(
+                f"{owner}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
+                "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
+            )
+    return pairs
+
+
 def parse(spec: str | Layout, shape: tuple[int, ...] | None = None) -> Layout:
     """Parses a layout spelling.
 

@@ -95,14 +95,7 @@ class _Adapter(Method):
                 f"(detect from the tree); got {type(self.profile).__name__}."
             )
         _errors.one_of(name, "nonlinearity", self.nonlinearity, tuple(ACTIVATIONS))
-        if self.dtype is not None:
-            try:
-                dt = jnp.dtype(self.dtype)
-            except TypeError:
-                dt = None
-            if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                raise JpeftError(f"{name}(dtype={self.dtype!r}): dtype must name a float dtype, e.g. 'float32'.")
-            object.__setattr__(self, "dtype", dt.name)
+        object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 
     # --- profile and shapes --------------------------------------------------------------------
     def resolve_profile(self, params: PyTree) -> profiles.Profile:

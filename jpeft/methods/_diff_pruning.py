@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,29 +90,8 @@ class DiffPruning(Method):
         value = self.log_alpha_init
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise JpeftError(f"{name}(log_alpha_init={value!r}): log_alpha_init must be a finite number.")
-        try:
-            layouts = tuple((str(p), str(s)) for p, s in self.layouts)
-        except (TypeError, ValueError):
-            raise JpeftError(
-                f"{name}(layouts={self.layouts!r}): layouts must be a sequence of (regex, layout) pairs, "
-                "e.g. ((r'.*/conv', 'conv'),)."
-            ) from None
-        for pattern, spec in layouts:
-            _errors.regex(name, "layouts", pattern)
-            if re.fullmatch(_layout.SPELLING, spec) is None:
-                raise JpeftError(
-                    f"{name}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
-                    "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
-                )
-        object.__setattr__(self, "layouts", layouts)
-        if self.dtype is not None:
-            try:
-                dt = jnp.dtype(self.dtype)
-            except TypeError:
-                dt = None
-            if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                raise JpeftError(f"{name}(dtype={self.dtype!r}): dtype must name a float dtype, e.g. 'float32'.")
-            object.__setattr__(self, "dtype", dt.name)
+        object.__setattr__(self, "layouts", _layout.overrides(name, self.layouts))
+        object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 
     # --- gates ---------------------------------------------------------------------------------
     def gate(self, log_alpha: jax.Array, key: jax.Array | None = None) -> jax.Array:

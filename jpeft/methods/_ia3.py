@@ -148,29 +148,8 @@ class IA3(Method):
         for field in ("targets", "feedforward"):
             if getattr(self, field) is not None:
                 object.__setattr__(self, field, _tree.normalize_targets(name, getattr(self, field)))
-        try:
-            layouts = tuple((str(p), str(s)) for p, s in self.layouts)
-        except (TypeError, ValueError):
-            raise JpeftError(
-                f"{name}(layouts={self.layouts!r}): layouts must be a sequence of (regex, layout) pairs, "
-                "e.g. ((r'.*/conv', 'conv'),)."
-            ) from None
-        for pattern, spec in layouts:
-            _errors.regex(name, "layouts", pattern)
-            if re.fullmatch(_layout.SPELLING, spec) is None:
-                raise JpeftError(
-                    f"{name}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
-                    "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
-                )
-        object.__setattr__(self, "layouts", layouts)
-        if self.dtype is not None:
-            try:
-                dt = jnp.dtype(self.dtype)
-            except TypeError:
-                dt = None
-            if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                raise JpeftError(f"{name}(dtype={self.dtype!r}): dtype must name a float dtype, e.g. 'float32'.")
-            object.__setattr__(self, "dtype", dt.name)
+        object.__setattr__(self, "layouts", _layout.overrides(name, self.layouts))
+        object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 
     # --- structure -----------------------------------------------------------------------------
     def _sites(self, params: PyTree) -> dict[Path, str]:

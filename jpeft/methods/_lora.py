@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,29 +106,8 @@ class LoRA(Method):
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise JpeftError(f"{name}({flag}={getattr(self, flag)!r}): {flag} must be a bool.")
-        try:
-            layouts = tuple((str(p), str(s)) for p, s in self.layouts)
-        except (TypeError, ValueError):
-            raise JpeftError(
-                f"{name}(layouts={self.layouts!r}): layouts must be a sequence of (regex, layout) "
-                "pairs, e.g. ((r'.*/conv', 'conv'),)."
-            ) from None
-        for pattern, spec in layouts:
-            _errors.regex(name, "layouts", pattern)
-            if re.fullmatch(_layout.SPELLING, spec) is None:
-                raise JpeftError(
-                    f"{name}(layouts=...): unknown layout {spec!r} for {pattern!r}. Use 'dense', "
-                    "'transposed', 'embed', 'conv', 'conv:N' or 'dense_general:I,O'."
-                )
-        object.__setattr__(self, "layouts", layouts)
-        if self.dtype is not None:
-            try:
-                dt = jnp.dtype(self.dtype)
-            except TypeError:
-                dt = None
-            if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                raise JpeftError(f"{name}(dtype={self.dtype!r}): dtype must name a float dtype, e.g. 'float32'.")
-            object.__setattr__(self, "dtype", dt.name)
+        object.__setattr__(self, "layouts", _layout.overrides(name, self.layouts))
+        object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 
     @property
     def scale(self) -> float:
