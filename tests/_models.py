@@ -125,3 +125,21 @@ def capture(names: tuple[str, ...]) -> Callable[..., Any]:
         return out
 
     return intercept
+
+
+def random_deltas(tree: Any, seed: int, scale: float = 0.1, adapters: tuple[str, ...] | None = None) -> Any:
+    """Every delta leaf (of ``adapters``, or of all) replaced by ``N(0, scale^2)`` NumPy noise.
+
+    Base leaves stay the same objects. NumPy, not ``jax.random``, so no kernel compiles per shape.
+    """
+    import jpeft
+
+    rng = np.random.RandomState(seed)
+
+    def fill(path: Any, x: Any) -> Any:
+        keys = [getattr(k, "key", None) for k in path]
+        if jpeft.RESERVED not in keys or (adapters is not None and keys[keys.index(jpeft.RESERVED) + 1] not in adapters):
+            return x
+        return jnp.asarray(rng.normal(0, scale, x.shape), x.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)

@@ -9,6 +9,7 @@ import pytest
 
 import jpeft
 from tests import _hf_models as H
+from tests import _models as M
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 R = jpeft.RESERVED
@@ -18,13 +19,7 @@ def setup():
     hf = H.make("gpt2")
     method = jpeft.LoRA(targets=("c_attn", "c_fc"), rank=2, alpha=4.0)
     tree = jpeft.apply(method, hf.params, key=jax.random.key(1))
-    rng = np.random.RandomState(0)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
-        if any(getattr(k, "key", None) == R for k in p)
-        else x,
-        tree,
-    )
+    tree = M.random_deltas(tree, seed=0, scale=0.2)
     return hf, method, tree
 
 

@@ -34,22 +34,11 @@ def mlp_params() -> dict[str, Any]:
     return MLP().init(jax.random.key(0), X)["params"]
 
 
-def randomize(tree: Any, seed: int) -> Any:
-    """Random non-zero values for every delta leaf; base leaves stay the same objects."""
-    rng = np.random.RandomState(seed)
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = [
-        jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype) if any(getattr(k, "key", None) == R for k in p) else x
-        for p, x in pairs
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def with_adapters(method: jpeft.LoRA, names: tuple[str, ...], params: Any = None, seed: int = 0) -> Any:
     tree = mlp_params() if params is None else params
     for i, n in enumerate(names):
         tree = jpeft.apply(method, tree, key=jax.random.key(i + 1), name=n)
-    return randomize(tree, seed)
+    return M.random_deltas(tree, seed, scale=0.3)
 
 
 def numpy_mlp(tree: Any, deltas: dict[str, list[tuple[np.ndarray, np.ndarray, float]]], x: np.ndarray) -> np.ndarray:
@@ -113,8 +102,8 @@ def test_mixed_batch_rows_equal_single_adapter_runs():
 def test_mixed_batch_on_tiny_gpt2():
     hf = H.make("gpt2")
     method = jpeft.LoRA(targets=("c_attn", "c_proj"), rank=2, alpha=4.0)
-    tree = randomize(jpeft.apply(method, jpeft.apply(method, hf.params, key=jax.random.key(1), name="x"),
-                                 key=jax.random.key(2), name="y"), seed=5)
+    tree = M.random_deltas(jpeft.apply(method, jpeft.apply(method, hf.params, key=jax.random.key(1), name="x"),
+                                 key=jax.random.key(2), name="y"), seed=5, scale=0.3)
     index = jnp.array([1, 0])  # the batch has 2 rows
     got = hf.logits(jpeft.wrap(hf.apply, method, active=("x", "y"))({"params": tree}, **hf.inputs, adapter_index=index))
     for row, name in enumerate(("y", "x")):
@@ -127,7 +116,7 @@ def test_mixed_batch_on_the_scanned_model():
     tree = M.params()
     for i, n in enumerate(("a", "b")):
         tree = jpeft.apply(method, tree, key=jax.random.key(i), name=n)
-    tree = randomize(tree, seed=3)
+    tree = M.random_deltas(tree, seed=3, scale=0.3)
     ids = M.inputs()
     index = jnp.array([1, -1])
     run = jpeft.wrap(M.Model().apply, method, active=("a", "b"))
@@ -177,8 +166,8 @@ def test_add_weighted_single_adapter_at_weight_one_equals_it(combination):
 def test_add_weighted_cat_and_svd_are_the_exact_weighted_sum():
     ma = jpeft.LoRA(targets=("up", "down"), rank=2, alpha=4.0)
     mb = jpeft.LoRA(targets=("up", "down"), rank=1, alpha=3.0)
-    tree = randomize(jpeft.apply(mb, jpeft.apply(ma, mlp_params(), key=jax.random.key(1), name="a"),
-                                 key=jax.random.key(2), name="b"), seed=9)
+    tree = M.random_deltas(jpeft.apply(mb, jpeft.apply(ma, mlp_params(), key=jax.random.key(1), name="a"),
+                                 key=jax.random.key(2), name="b"), seed=9, scale=0.3)
     weights = {"a": 0.7, "b": -0.4}
     fa, fb = factors(tree, "a", 0.7 * ma.scale), factors(tree, "b", -0.4 * mb.scale)
     want = numpy_mlp(tree, {m: fa[m] + fb[m] for m in fa}, np.asarray(X))
@@ -205,7 +194,7 @@ def test_add_weighted_on_stacked_factors():
     tree = M.params()
     for i, n in enumerate(("a", "b")):
         tree = jpeft.apply(method, tree, key=jax.random.key(i), name=n)
-    tree = randomize(tree, seed=4)
+    tree = M.random_deltas(tree, seed=4, scale=0.3)
     ids = M.inputs()
     new, out = jpeft.add_weighted(tree, {"a": 1.0, "b": 1.0}, method=method, combination="svd", svd_rank=4)
     got = jpeft.wrap(M.Model().apply, new, active="weighted")({"params": out}, ids)

@@ -34,16 +34,6 @@ def mlp_params() -> dict[str, Any]:
     return MLP().init(jax.random.key(0), X)["params"]
 
 
-def randomize(tree: Any, seed: int) -> Any:
-    rng = np.random.RandomState(seed)
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = [
-        jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype) if any(getattr(k, "key", None) == R for k in p) else x
-        for p, x in pairs
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def lora_pair() -> jpeft.Compose:
     return jpeft.compose(jpeft.LoRAPlus(targets=("up",), rank=2, alpha=4.0), jpeft.LoRAFA(targets=("down",), rank=3))
 
@@ -75,7 +65,7 @@ def test_deltas_are_namespaced_per_component():
 
 def test_wrapped_equals_numpy_and_merge():
     method = lora_pair()
-    tree = randomize(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2)
+    tree = M.random_deltas(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2, scale=0.3)
     got = jpeft.wrap(MLP().apply, method)({"params": tree}, X)
     np.testing.assert_allclose(got, numpy_mlp(tree, method, np.asarray(X)), **TOL)
     merged = jpeft.merge(method, tree)
@@ -86,7 +76,7 @@ def test_wrapped_equals_numpy_and_merge():
 
 def test_labels_optimizer_and_count_combine_the_components():
     method = lora_pair()
-    tree = randomize(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2)
+    tree = M.random_deltas(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2, scale=0.3)
     lab = jpeft.labels(method, tree)
     assert lab["up"][R]["default"]["loraplus"] == {"lora_a": "loraplus:lora_a", "lora_b": "loraplus:lora_b"}
     assert lab["down"][R]["default"]["lorafa"] == {"lora_a": "frozen", "lora_b": "lorafa:trainable"}
@@ -106,7 +96,7 @@ def test_labels_optimizer_and_count_combine_the_components():
 
 def test_gradients_reach_exactly_the_trainable_leaves():
     method = lora_pair()
-    tree = randomize(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2)
+    tree = M.random_deltas(jpeft.apply(method, mlp_params(), key=jax.random.key(1)), seed=2, scale=0.3)
     trainable, frozen = jpeft.split(method, tree)
     wrapped = jpeft.wrap(MLP().apply, method)
     grads = jax.grad(lambda t: jnp.sum(wrapped({"params": jpeft.combine(t, frozen)}, X) ** 2))(trainable)
@@ -121,7 +111,7 @@ def test_gradients_reach_exactly_the_trainable_leaves():
 
 def test_on_the_scanned_model_under_jit():
     method = jpeft.compose(jpeft.LoRA(targets=r"layers/q", rank=2), jpeft.DoRA(targets=r"layers/v", rank=2))
-    tree = randomize(jpeft.apply(method, M.params(), key=jax.random.key(1)), seed=3)
+    tree = M.random_deltas(jpeft.apply(method, M.params(), key=jax.random.key(1)), seed=3, scale=0.3)
     assert tree["layers"]["q"][R]["default"]["lora"]["lora_a"].shape == (M.LAYERS, M.D, 2)
     ids = M.inputs()
     run = jpeft.wrap(M.Model().apply, method)

@@ -12,22 +12,11 @@ import pytest
 
 import jpeft
 from tests import _hf_models as H
+from tests._models import random_deltas
 
 R = jpeft.RESERVED
 TOL = dict(rtol=1e-5, atol=1e-5)
 PFEIFFER = jpeft.PfeifferAdapter(reduction_factor=8)
-
-
-def randomize(tree, seed, names):
-    rng = np.random.RandomState(seed)
-
-    def fill(path, x):
-        keys = [getattr(k, "key", None) for k in path]
-        if R in keys and keys[keys.index(R) + 1] in names:
-            return jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(fill, tree)
 
 
 @functools.cache
@@ -36,7 +25,7 @@ def trained(names=("a", "b")):
     tree = hf.params
     for i, n in enumerate(names):
         tree = jpeft.apply(PFEIFFER, tree, key=jax.random.key(i), name=n)
-    return hf, randomize(tree, 3, names)
+    return hf, random_deltas(tree, 3, scale=0.3, adapters=names)
 
 
 def run(hf, method, tree, active):
@@ -118,7 +107,7 @@ def test_only_the_fusion_weights_train_and_the_count_is_closed_form():
 def test_houlsby_adapters_fuse_at_both_sites():
     hf = H.make("bert")
     houlsby = jpeft.HoulsbyAdapter(reduction_factor=8)
-    tree = randomize(jpeft.apply(houlsby, hf.params, key=jax.random.key(0), name="a"), 1, ("a",))
+    tree = random_deltas(jpeft.apply(houlsby, hf.params, key=jax.random.key(0), name="a"), 1, scale=0.3, adapters=("a",))
     fusion = jpeft.AdapterFusion(adapters=("a",), adapter=houlsby)
     tree = jpeft.apply(fusion, tree, key=jax.random.key(2), name="f")
     assert len(fusion.select(tree)) == 2 * H.LAYERS

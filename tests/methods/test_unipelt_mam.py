@@ -11,17 +11,11 @@ import pytest
 import jpeft
 from jpeft.methods._unipelt import GATE, GatedLoRA
 from tests import _hf_models as H
+from tests._models import random_deltas
 
 R = jpeft.RESERVED
 TOL = dict(rtol=1e-5, atol=1e-5)
 TARGETS = {"bert": ("query", "value"), "gpt2": ("c_attn",)}
-
-
-def randomize(tree, seed, scale=0.2):
-    rng = np.random.RandomState(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.asarray(rng.normal(0, scale, x.shape), x.dtype) if R in jax.tree_util.keystr(p) else x, tree
-    )
 
 
 def strip_gates(tree):
@@ -39,7 +33,7 @@ def test_unipelt_with_open_gates_equals_the_ungated_composition(family):
     hf = H.make(family)
     kw = dict(lora_targets=TARGETS[family], rank=2, prefix_tokens=3, reduction_factor=8)
     gated = jpeft.UniPELT(**kw, force_open=True)
-    tree = randomize(jpeft.apply(gated, hf.params, key=jax.random.key(0)), seed=1)
+    tree = random_deltas(jpeft.apply(gated, hf.params, key=jax.random.key(0)), seed=1, scale=0.2)
     plain = jpeft.compose(
         jpeft.LoRA(targets=TARGETS[family], rank=2, alpha=16.0),
         jpeft.PrefixTuning(num_virtual_tokens=3, prefix_projection=False),
@@ -61,7 +55,7 @@ def test_gated_lora_matches_numpy():
     x = np.random.RandomState(0).normal(size=(3, 4)).astype(np.float32)
     params = One().init(jax.random.key(0), x)["params"]
     method = GatedLoRA(targets=("lin",), rank=2, alpha=4.0)
-    tree = randomize(jpeft.apply(method, params, key=jax.random.key(1)), seed=2, scale=0.5)
+    tree = random_deltas(jpeft.apply(method, params, key=jax.random.key(1)), seed=2, scale=0.5)
     d = tree["lin"][R]["default"]
     gate = 1 / (1 + np.exp(-(x @ np.asarray(d["gate_kernel"]) + np.asarray(d["gate_bias"]))))
     want = x @ np.asarray(params["lin"]["kernel"]) + np.asarray(params["lin"]["bias"])
@@ -73,7 +67,7 @@ def test_gated_lora_matches_numpy():
 def test_unipelt_count_is_the_closed_form_and_gates_get_gradients():
     hf = H.make("bert")
     method = jpeft.UniPELT(lora_targets=("query", "value"), rank=2, prefix_tokens=3, reduction_factor=8)
-    tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+    tree = random_deltas(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1, scale=0.2)
     d, L, P, r = H.HIDDEN, H.LAYERS, 3, H.HIDDEN // 8
     lora = 2 * L * (2 * (d + d) + d + 1)  # query and value: r (d_in + d_out) + gate
     prefix = 2 * L * (P * d + d + 1)  # key and value modules: P d prefix + gate
@@ -98,7 +92,7 @@ def test_unipelt_bad_fields():
 def test_mam_is_prefix_plus_scaled_parallel_adapter():
     hf = H.make("gpt2")
     mam = jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)
-    tree = randomize(jpeft.apply(mam, hf.params, key=jax.random.key(0)), seed=3)
+    tree = random_deltas(jpeft.apply(mam, hf.params, key=jax.random.key(0)), seed=3, scale=0.2)
     d, L = H.HIDDEN, H.LAYERS
     assert mam.param_count(hf.params) == L * 2 * 3 * d + L * (2 * d * 8 + 8 + d)
     # With the adapter's up-projection at zero, MAM is its prefix component alone.
@@ -124,15 +118,15 @@ def test_jit_agrees_and_does_not_retrace(name):
     hf = H.make(family)
     if name == "unipelt":
         method = jpeft.UniPELT(lora_targets=TARGETS[family], rank=2, prefix_tokens=3, reduction_factor=8)
-        tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+        tree = random_deltas(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1, scale=0.2)
     elif name == "mam":
         method = jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)
-        tree = randomize(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1)
+        tree = random_deltas(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1, scale=0.2)
     else:
         pfeiffer = jpeft.PfeifferAdapter(reduction_factor=8)
-        tree = randomize(jpeft.apply(pfeiffer, hf.params, key=jax.random.key(0), name="a"), seed=1)
+        tree = random_deltas(jpeft.apply(pfeiffer, hf.params, key=jax.random.key(0), name="a"), seed=1, scale=0.2)
         method = jpeft.AdapterFusion(adapters=("a",), adapter=pfeiffer)
-        tree = randomize(jpeft.apply(method, tree, key=jax.random.key(1), name="default"), seed=2)
+        tree = random_deltas(jpeft.apply(method, tree, key=jax.random.key(1), name="default"), seed=2, scale=0.2)
     traces = []
 
     def fn(t):
@@ -141,5 +135,5 @@ def test_jit_agrees_and_does_not_retrace(name):
 
     jitted = jax.jit(fn)
     np.testing.assert_allclose(jitted(tree), run(hf, method, tree), **TOL)
-    jitted(randomize(tree, seed=5))
+    jitted(random_deltas(tree, seed=5, scale=0.2))
     assert len(traces) == 1
