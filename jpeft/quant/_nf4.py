@@ -150,6 +150,13 @@ class NF4Array:
       orig_dtype: the dtype :func:`dequantize` restores by default.
       block_size: weights per block.
       dq_block_size: scales per second-level block; None without double quantisation.
+
+    Example:
+      >>> import numpy as np, jpeft
+      >>> w = np.random.RandomState(0).normal(size=(64, 32)).astype(np.float32)
+      >>> q = jpeft.quantize({"d": {"kernel": w}}, jpeft.NF4(), targets=["d"])["d"]["kernel"]
+      >>> q.shape, q.codes.shape, q.codes.dtype.name, q.absmax.dtype.name
+      ((64, 32), (1024,), 'uint8', 'int8')
     """
 
     codes: jax.Array
