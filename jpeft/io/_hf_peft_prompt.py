@@ -161,10 +161,10 @@ def import_prompt(
     leaves: dict[Path, dict[str, Any]] = {}
     if kind == "PREFIX_TUNING":
         for i, s in enumerate(sites):
-            dtype = next(iter(modules[s.path].values())).dtype  # as PTuningV2's init
+            dtype = method.delta_dtype(next(iter(modules[s.path].values())).dtype)  # as PTuningV2's init
             leaves.setdefault(s.path, {})[s.leaf] = jnp.asarray(x[:, i * d : (i + 1) * d], dtype)
     else:
-        leaves[site] = {"prompt": jnp.asarray(x, table.dtype)}
+        leaves[site] = {"prompt": jnp.asarray(x, method.delta_dtype(table.dtype))}  # as PromptTuning's init
     for target, deltas in leaves.items():
         node = _tree.get(out, target)
         store = node.get(RESERVED, {})

@@ -43,6 +43,7 @@ class AdapterFusion(Method):
       adapter: the sequential adapter method they were trained with (``PfeifferAdapter(...)`` or
         ``HoulsbyAdapter(...)``); every site of it gets a fusion layer.
       temperature: the softmax temperature ``T``.
+      dtype: dtype of the fusion weights; by default the adapters', promoted to at least float32.
 
     Example:
       >>> import jpeft
@@ -57,6 +58,7 @@ class AdapterFusion(Method):
     adapters: tuple[str, ...]
     adapter: _Sequential
     temperature: float = 1.0
+    dtype: str | None = None
 
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
@@ -78,6 +80,7 @@ class AdapterFusion(Method):
                 "were trained with, jpeft.PfeifferAdapter(...) or jpeft.HoulsbyAdapter(...)."
             )
         _errors.positive_number(name, "temperature", self.temperature)
+        object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 
     # --- structure -----------------------------------------------------------------------------
     def select(self, params: PyTree) -> list[Path]:
@@ -101,6 +104,7 @@ class AdapterFusion(Method):
 
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
         stack, d, dtype = self._width(path, ctx.params)
+        dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.promote_types(dtype, jnp.float32)
         kq, kk = jax.random.split(key)
         eye = jnp.broadcast_to(jnp.eye(d, dtype=dtype), stack + (d, d))
         zeros = jnp.zeros(stack + (d,), dtype)

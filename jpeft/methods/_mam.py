@@ -33,6 +33,8 @@ class MAM(Compose):
       prefix_projection: train prefixes through an MLP (then ``jpeft.merge`` cannot fold the
         composition; keep it off for the paper's count).
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of both components' trainable leaves; by default the base's, promoted to at
+        least float32.
 
     Example:
       >>> import jpeft
@@ -49,16 +51,23 @@ class MAM(Compose):
     adapter_scaling: float | str = 4.0
     prefix_projection: bool = False
     profile: Profile | None = None
+    dtype: str | None = None
     methods: tuple[Method, ...] = ()
     keys: tuple[str, ...] | None = ("prefix", "adapter")
 
     def __post_init__(self) -> None:
         _errors.positive_int("MAM", "prefix_tokens", self.prefix_tokens)
         _errors.positive_int("MAM", "adapter_bottleneck", self.adapter_bottleneck)
+        object.__setattr__(self, "dtype", _errors.float_dtype("MAM", "dtype", self.dtype))
         prefix = PrefixTuning(
-            num_virtual_tokens=self.prefix_tokens, prefix_projection=self.prefix_projection, profile=self.profile
+            num_virtual_tokens=self.prefix_tokens,
+            prefix_projection=self.prefix_projection,
+            profile=self.profile,
+            dtype=self.dtype,
         )
-        adapter = ScaledParallelAdapter(bottleneck=self.adapter_bottleneck, scaling=self.adapter_scaling, profile=self.profile)
+        adapter = ScaledParallelAdapter(
+            bottleneck=self.adapter_bottleneck, scaling=self.adapter_scaling, profile=self.profile, dtype=self.dtype
+        )
         object.__setattr__(self, "methods", (prefix, adapter))
         object.__setattr__(self, "keys", ("prefix", "adapter"))
         super().__post_init__()

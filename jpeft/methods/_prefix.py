@@ -73,11 +73,14 @@ class PrefixTuning(VirtualTokens):
       prefix_projection: train the MLP reparameterisation.
       projection_hidden_size: k.
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of the prefixes (or of the MLP and ``E``); by default the base's, promoted to at
+        least float32. The forward casts the prefixes to the key and value projections' dtype.
       extra_trainable: regex over base leaf paths that train fully.
 
     Raises:
-      JpeftError: on ``num_virtual_tokens <= 0``, ``projection_hidden_size <= 0``, a tree whose
-        profile cannot be detected, or key and value modules of a layout it cannot slice.
+      JpeftError: on ``num_virtual_tokens <= 0``, ``projection_hidden_size <= 0``, a non-float
+        ``dtype``, a tree whose profile cannot be detected, or key and value modules of a layout it
+        cannot slice.
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
@@ -172,7 +175,7 @@ class PrefixTuning(VirtualTokens):
         n = self.num_virtual_tokens
         if not self.prefix_projection:
             sites = [s for s in self.prefix_sites(ctx.params) if s.path == path]
-            dtype = next(v.dtype for v in own.values())
+            dtype = self.delta_dtype(next(v.dtype for v in own.values()))
             return {
                 s.leaf: jnp.moveaxis(
                     jax.random.normal(jax.random.fold_in(key, i), (n,) + s.stack + s.features, dtype), 0, len(s.stack)
@@ -182,13 +185,13 @@ class PrefixTuning(VirtualTokens):
         table = own["embedding"]
         d, k = int(table.shape[1]), self.projection_hidden_size
         total = sum(s.size for s in self.prefix_sites(ctx.params))
-        keys = jax.random.split(key, 5)
+        keys, dtype = jax.random.split(key, 5), self.delta_dtype(table.dtype)
         return {  # torch's defaults: N(0, 1) embeddings, Linear uniform in ±1/sqrt(fan_in)
-            "prefix_embedding": jax.random.normal(keys[0], (n, d), table.dtype),
-            "w1": _uniform(keys[1], (d, k), 1 / math.sqrt(d), table.dtype),
-            "b1": _uniform(keys[2], (k,), 1 / math.sqrt(d), table.dtype),
-            "w2": _uniform(keys[3], (k, total), 1 / math.sqrt(k), table.dtype),
-            "b2": _uniform(keys[4], (total,), 1 / math.sqrt(k), table.dtype),
+            "prefix_embedding": jax.random.normal(keys[0], (n, d), dtype),
+            "w1": _uniform(keys[1], (d, k), 1 / math.sqrt(d), dtype),
+            "b1": _uniform(keys[2], (k,), 1 / math.sqrt(d), dtype),
+            "w2": _uniform(keys[3], (k, total), 1 / math.sqrt(k), dtype),
+            "b2": _uniform(keys[4], (total,), 1 / math.sqrt(k), dtype),
         }
 
     def param_count(self, params: PyTree) -> int:
@@ -231,7 +234,9 @@ class PrefixTuning(VirtualTokens):
 
     def folded_method(self) -> PTuningV2:
         """The method (plain prefixes) that runs the tree ``jpeft.merge(self, tree)`` returns."""
-        return PTuningV2(num_virtual_tokens=self.num_virtual_tokens, profile=self.profile, extra_trainable=self.extra_trainable)
+        return PTuningV2(
+            num_virtual_tokens=self.num_virtual_tokens, profile=self.profile, dtype=self.dtype, extra_trainable=self.extra_trainable
+        )
 
     def merge_tree(self, peft_params: PyTree, name: str) -> PyTree | None:
         if not self.prefix_projection:
@@ -279,6 +284,7 @@ class PTuningV2(PrefixTuning):
       prefix_projection: optional MLP reparameterisation, off by default.
       projection_hidden_size: its hidden width.
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of the prefixes; by default the base's, promoted to at least float32.
       extra_trainable: regex over base leaf paths that train fully, such as a classifier head.
 
     Example:

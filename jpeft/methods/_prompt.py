@@ -106,10 +106,13 @@ class VirtualTokens(Method):
     Attributes:
       num_virtual_tokens: P.
       profile: the architecture profile; ``None`` detects a shipped one from the tree.
+      dtype: dtype of the trainable leaves; by default the base's, promoted to at least float32
+        (a bf16 base gets float32 prompts). The forward casts them to the activation dtype.
     """
 
     num_virtual_tokens: int = 20
     profile: Profile | None = None
+    dtype: str | None = None
 
     identity_at_init = False
     mergeable = False
@@ -119,11 +122,17 @@ class VirtualTokens(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         _errors.positive_int(self._name(), "num_virtual_tokens", self.num_virtual_tokens)
+        object.__setattr__(self, "dtype", _errors.float_dtype(self._name(), "dtype", self.dtype))
         if self.profile is not None and not isinstance(self.profile, Profile):
             raise JpeftError(
                 f"{self._name()}(profile={self.profile!r}): profile must be a jpeft.profiles.Profile, "
                 "such as jpeft.profiles.GPT2, or None to detect one."
             )
+
+    def delta_dtype(self, base: Any) -> jnp.dtype:
+        """The dtype of the trainable leaves on a base of dtype ``base``: :attr:`dtype`, or ``base``'s
+        promoted to at least float32."""
+        return jnp.dtype(self.dtype) if self.dtype is not None else jnp.promote_types(base, jnp.float32)
 
     # --- the architecture ----------------------------------------------------------------------
     def profile_of(self, params: PyTree) -> Profile:
@@ -296,11 +305,12 @@ class PromptTuning(VirtualTokens):
         tokenizers return). It is used in the constructor and not kept, so the method stays hashable
         and serialisable.
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of the prompt; by default the embedding table's, promoted to at least float32.
       extra_trainable: regex over base leaf paths that train fully (e.g. a classifier head).
 
     Raises:
       JpeftError: on ``num_virtual_tokens <= 0``, an unknown ``init``, ``init="text"`` without ids,
-        ids outside the vocabulary, or a tree whose profile cannot be detected.
+        ids outside the vocabulary, a non-float ``dtype``, or a tree whose profile cannot be detected.
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
@@ -360,11 +370,11 @@ class PromptTuning(VirtualTokens):
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
         table = own["embedding"]
         vocab, d = table.shape
-        n = self.num_virtual_tokens
+        n, dtype = self.num_virtual_tokens, self.delta_dtype(table.dtype)
         if self.init == "random":
-            return {"prompt": _uniform(key, (n, d), 0.5, table.dtype)}
+            return {"prompt": _uniform(key, (n, d), 0.5, dtype)}
         if self.init == "vocab":
-            return {"prompt": jnp.take(table, jax.random.randint(key, (n,), 0, vocab), axis=0)}
+            return {"prompt": jnp.take(table, jax.random.randint(key, (n,), 0, vocab), axis=0).astype(dtype)}
         ids = (self.init_ids * math.ceil(n / len(self.init_ids)))[:n]
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
@@ -372,7 +382,7 @@ class PromptTuning(VirtualTokens):
                 f"{self._name()}(init_ids=...): ids {bad} are outside the vocabulary of {join(path)}/embedding "
                 f"(shape {tuple(table.shape)}); expected 0 <= id < {vocab}."
             )
-        return {"prompt": jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)}
+        return {"prompt": jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0).astype(dtype)}
 
     def param_count(self, params: PyTree) -> int:
         return self.num_virtual_tokens * int(self.embedding_site(params)[1].shape[1])
@@ -427,7 +437,18 @@ class PTuning(PromptTuning):
       encoder: ``"mlp"`` or ``"lstm"``.
       encoder_hidden_size: k; ``None`` means the embedding width d.
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of ``h`` and the encoder; by default the embedding table's, promoted to at least
+        float32.
       extra_trainable: regex over base leaf paths that train fully.
+
+    :class:`PromptTuning`'s ``init``, ``init_ids``, ``init_text`` and ``tokenizer`` do not apply:
+    the encoder's inputs ``h`` are learned embeddings of pseudo tokens, ``N(0, 1)`` at init as in
+    the paper and HF PEFT's ``PromptEncoder`` (which has no init from text), and the prompt is the
+    encoder's output, so there is no prompt to initialise from vocabulary rows.
+
+    Raises:
+      JpeftError: on an unknown ``encoder``, ``encoder_hidden_size <= 0``, a non-float ``dtype``, or
+        any of ``init``, ``init_ids``, ``init_text``, ``tokenizer`` (PromptTuning's fields).
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
@@ -450,6 +471,16 @@ class PTuning(PromptTuning):
     encoder_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
+        given = [f for f in ("init_ids", "init_text", "tokenizer") if getattr(self, f) is not None]
+        given = (["init"] if self.init != "random" else []) + given
+        if given:
+            field = given[0]
+            raise JpeftError(
+                f"{self._name()}({field}={getattr(self, field)!r}): P-tuning has no {field}; its prompt is the "
+                "output of the prompt encoder over learned N(0, 1) input embeddings (as HF PEFT's "
+                "PromptEncoder). Drop the argument, or use jpeft.PromptTuning(init=...) for a prompt "
+                "initialised from vocabulary rows or text."
+            )
         super().__post_init__()
         _errors.one_of(self._name(), "encoder", self.encoder, ("mlp", "lstm"))
         if self.encoder_hidden_size is not None:
@@ -472,16 +503,16 @@ class PTuning(PromptTuning):
 
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
         table = own["embedding"]
-        shapes = self._shapes(int(table.shape[1]))
+        shapes, dtype = self._shapes(int(table.shape[1])), self.delta_dtype(table.dtype)
         out = {}
         for i, (leaf, shape) in enumerate(sorted(shapes.items())):
             k = jax.random.fold_in(key, i)
             if leaf == "input_embeds":  # torch.nn.Embedding's N(0, 1)
-                out[leaf] = jax.random.normal(k, shape, table.dtype)
+                out[leaf] = jax.random.normal(k, shape, dtype)
                 continue
             # torch's defaults: uniform in ±1/sqrt(hidden) for the LSTM, ±1/sqrt(fan_in) for Linear
             fan = shape[-1] // 4 if leaf.startswith("lstm") else shapes[leaf.replace("bias", "kernel")][0]
-            out[leaf] = _uniform(k, shape, 1 / math.sqrt(fan), table.dtype)
+            out[leaf] = _uniform(k, shape, 1 / math.sqrt(fan), dtype)
         return out
 
     def param_count(self, params: PyTree) -> int:
@@ -503,7 +534,10 @@ class PTuning(PromptTuning):
     def prompt_method(self) -> PromptTuning:
         """The :class:`PromptTuning` that runs the tree ``jpeft.merge(self, tree)`` returns."""
         return PromptTuning(
-            num_virtual_tokens=self.num_virtual_tokens, profile=self.profile, extra_trainable=self.extra_trainable
+            num_virtual_tokens=self.num_virtual_tokens,
+            profile=self.profile,
+            dtype=self.dtype,
+            extra_trainable=self.extra_trainable,
         )
 
     def merge_tree(self, peft_params: PyTree, name: str) -> PyTree:

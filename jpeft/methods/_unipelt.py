@@ -178,6 +178,8 @@ class UniPELT(Compose):
       reduction_factor: the adapter's d / r.
       force_open: gates fixed at 1 (an ablation, and the identity the tests check).
       profile: the architecture profile; ``None`` detects one.
+      dtype: dtype of every trainable leaf (factors, prefixes, adapter, gates); by default the
+        base's, promoted to at least float32.
 
     Example:
       >>> import jpeft
@@ -195,6 +197,7 @@ class UniPELT(Compose):
     reduction_factor: int = 16
     force_open: bool = False
     profile: Profile | None = None
+    dtype: str | None = None
     methods: tuple[Method, ...] = ()
     keys: tuple[str, ...] | None = ("lora", "prefix", "adapter")
 
@@ -202,9 +205,11 @@ class UniPELT(Compose):
         if not isinstance(self.force_open, bool):
             raise JpeftError(f"UniPELT(force_open={self.force_open!r}): force_open must be a bool.")
         _errors.positive_int("UniPELT", "prefix_tokens", self.prefix_tokens)
-        lora = GatedLoRA(targets=self.lora_targets, rank=self.rank, alpha=self.alpha, force_open=self.force_open)
-        prefix = GatedPrefix(num_virtual_tokens=self.prefix_tokens, profile=self.profile, force_open=self.force_open)
-        adapter = GatedAdapter(reduction_factor=self.reduction_factor, profile=self.profile, force_open=self.force_open)
+        object.__setattr__(self, "dtype", _errors.float_dtype("UniPELT", "dtype", self.dtype))
+        common = dict(force_open=self.force_open, dtype=self.dtype)
+        lora = GatedLoRA(targets=self.lora_targets, rank=self.rank, alpha=self.alpha, **common)
+        prefix = GatedPrefix(num_virtual_tokens=self.prefix_tokens, profile=self.profile, **common)
+        adapter = GatedAdapter(reduction_factor=self.reduction_factor, profile=self.profile, **common)
         object.__setattr__(self, "methods", (lora, prefix, adapter))
         object.__setattr__(self, "keys", ("lora", "prefix", "adapter"))
         super().__post_init__()

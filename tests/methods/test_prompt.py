@@ -340,3 +340,18 @@ def test_errors(key: jax.Array) -> None:
         jpeft.wrap(m.apply, method, active=("default", "b"))({"params": both}, **m.inputs)
     with pytest.raises(jpeft.JpeftError, match=r"holds no deltas of adapter 'x'"):
         jpeft.merge(jpeft.PTuning(num_virtual_tokens=2), jpeft.apply(jpeft.PTuning(num_virtual_tokens=2), m.params, key=key, name="y"), name="x")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"init": "vocab"}, {"init": "text", "init_ids": (5, 6)}, {"init_ids": (5, 6)}, {"init_text": "hi"},
+     {"init_text": "hi", "tokenizer": lambda s: [1, 2]}],
+    ids=["init", "init-text", "init_ids", "init_text", "init_text-tokenizer"],
+)
+def test_ptuning_refuses_prompt_tuning_init_fields(kw: dict[str, Any]) -> None:
+    """P-tuning's prompt is the encoder's output over learned N(0, 1) inputs (HF PEFT's PromptEncoder has
+    no text init), so PromptTuning's init fields would be silently ignored: they are refused."""
+    field = next(iter(kw))
+    with pytest.raises(jpeft.JpeftError, match=rf"PTuning\({field}=.*\): P-tuning has no {field}; .*jpeft\.PromptTuning\(init=\.\.\.\)"):
+        jpeft.PTuning(num_virtual_tokens=2, **kw)
+    jpeft.PTuning(num_virtual_tokens=2, init="random")  # the default is accepted
