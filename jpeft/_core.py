@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 
-from jpeft import _errors, _intercept, _tree
+from jpeft import _errors, _intercept, _tied, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
@@ -79,7 +79,9 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
       name: the adapter name; several named adapters can live on one tree.
 
     Returns:
-      The tree with delta leaves added.
+      The tree with delta leaves added. Its base leaves *are* the caller's arrays: donating the
+      whole tree (``jax.jit(step, donate_argnums=0)``) deletes ``params`` too. Donate the
+      ``trainable`` half of :func:`split` instead, and pass the ``frozen`` half undonated.
 
     Raises:
       JpeftError: on a target that matches nothing, a rank too large for a layer, a missing key,
@@ -321,7 +323,7 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
         store = node.pop(RESERVED)
         if name in store:
             own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
-            node.update(method.merge_module(path, own, store[name], ctx))
+            node.update(_tied.merge_module(method, path, own, store[name], ctx))  # refuses tied embeddings
             merged += 1
     if not merged:
         raise JpeftError(
@@ -345,6 +347,9 @@ def regularizer(method: Method, peft_params: PyTree, *, name: str = "default") -
     """
     _check_method(method, "jpeft.regularizer")
     _check_params(peft_params, "jpeft.regularizer")
+    whole = method.tree_penalty(peft_params, name)  # AdaLoRA's mean over all factor matrices
+    if whole is not None:
+        return whole
     terms = []
     for path in _sites(peft_params):
         node = _tree.get(peft_params, path)

@@ -147,6 +147,13 @@ class Method:
         return "trainable"
 
     def base_label(self, path: Path) -> str:
+    def tree_penalty(self, peft_params: PyTree, name: str) -> jax.Array | None:
+        """A whole-tree loss term for ``jpeft.regularizer``, or ``None`` (the default) for the per-module sum.
+
+        For terms that are not a sum over modules, such as AdaLoRA's mean over all factor matrices.
+        """
+        return None
+
         """The optimizer label of a base leaf at ``path``."""
         if self.extra_trainable is not None and re.fullmatch(self.extra_trainable, join(path)):
             return "trainable"

@@ -30,13 +30,14 @@ class AdapterFusion(Method):
     ``o_i = g_i(y)`` (its bottleneck, without the residual). The fusion layer attends over them with
     the query taken from ``y`` (the FFN output for Pfeiffer adapters):
 
-    ``q = y W_q + b_q``, ``k_i = o_i W_k + b_k``, ``v_i = o_i W_v + b_v``,
-    ``a = softmax_i(q . k_i / T)``, and the output is ``y + sum_i a_i v_i``.
+    ``q = y W_q + b_q``, ``k_i = o_i W_k + b_k``, ``v_i = o_i W_v`` (no value bias, as in the paper
+    and AdapterHub's ``BertFusion``), ``a = softmax_i(q . k_i / T)``, and the output is
+    ``y + sum_i a_i v_i``.
 
     ``W_q`` and ``W_k`` start as N(0, 0.02^2), ``W_v`` as the identity and the biases at zero, so
     with one adapter (or uniform attention and identical adapters) the fused model equals the
     adapter's. Only the fusion weights train: ``jpeft.labels`` marks the named adapters frozen.
-    Trainable parameters per site: ``3 d^2 + 3 d``. Not mergeable.
+    Trainable parameters per site: ``3 d^2 + 2 d``. Not mergeable.
 
     Args:
       adapters: the names of the trained adapters on the tree (``jpeft.apply(..., name=...)``).
@@ -114,14 +115,13 @@ class AdapterFusion(Method):
             "key": 0.02 * jax.random.normal(kk, stack + (d, d), dtype),
             "key_bias": zeros,
             "value": jnp.array(eye),
-            "value_bias": zeros,
         }
 
     def param_count(self, params: PyTree) -> int:
         total = self.extra_count(params)
         for path in self.select(params):
             stack, d, _ = self._width(path, params)
-            total += math.prod(stack) * (3 * d * d + 3 * d)
+            total += math.prod(stack) * (3 * d * d + 2 * d)
         return total
 
     # --- forward -------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class AdapterFusion(Method):
         outs = jnp.stack([self.adapter._g(y, store[n], dtype) for n in self.adapters], axis=-2)  # (..., n, d)
         q = y.astype(dtype) @ w["query"] + _bias(w["query_bias"], y.ndim)
         k = outs @ w["key"] + _bias(w["key_bias"], outs.ndim)
-        v = outs @ w["value"] + _bias(w["value_bias"], outs.ndim)
+        v = outs @ w["value"]
         scores = jnp.einsum("...d,...nd->...n", q, k) / jnp.asarray(self.temperature, dtype)
         fused = jnp.einsum("...n,...nd->...d", jax.nn.softmax(scores, axis=-1), v)
         return y + fused.astype(y.dtype)

@@ -54,6 +54,14 @@ class LoRA(Method):
     Dropout on the LoRA input is active when the caller passes a ``'dropout'`` rng to the wrapped
     apply, the Flax convention for training mode.
 
+    Tied embeddings: on an embedding that an output head reads directly (GPT-2's ``wte``, BART's
+    ``shared`` under their LM heads), the delta adapts only the input lookup and the head keeps the
+    base table, as in HF PEFT. ``jpeft.merge`` refuses to fold it into the tied leaf (it would change
+    the head too): keep ``jpeft.wrap`` for inference, or untie the head first
+    (``jpeft.profiles.tied_embeddings`` lists the tied leaves). A custom model whose head calls
+    ``nn.Embed.attend`` on the adapted module is tied the same way, but jpeft cannot see that from
+    the tree: do not merge such a delta.
+
     Args:
       targets: a regex over '/'-joined module paths, matched in full (``r".*/(query|value)"``), or a
         sequence of module-name suffixes (``("query", "value")``, like HF PEFT's

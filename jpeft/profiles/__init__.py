@@ -8,8 +8,10 @@ from jpeft.profiles._families import LLAMA as LLAMA
 from jpeft.profiles._families import ROBERTA as ROBERTA
 from jpeft.profiles._families import detect as detect
 from jpeft.profiles._families import matching as matching
+from jpeft.profiles._families import tied_embeddings as tied_embeddings
 from jpeft.profiles._profile import Profile as Profile
 from jpeft.profiles._profile import ProfileError as ProfileError
+from jpeft.profiles._profile import TiedHead as TiedHead
 from jpeft.profiles._profile import check as check
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "ROBERTA",
     "Profile",
     "ProfileError",
+    "TiedHead",
     "check",
     "detect",
     "matching",
+    "tied_embeddings",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from jpeft.profiles._profile import Profile, ProfileError, PyTree, leaf_paths
+from jpeft.profiles._profile import Profile, ProfileError, PyTree, TiedHead, leaf_paths
 
 BERT = Profile(
     name="bert",
@@ -30,12 +30,30 @@ BERT = Profile(
     ffn_out=r"(.*/)?encoder/layer/\d+/output/dense",
     layer_pattern=r"(?:^|/)encoder/layer/(\d+)(?=/|$)",
     inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+    # FlaxBertForMaskedLM / ForPreTraining / ForCausalLM: cls/predictions reads the word embedding.
+    tied_heads=(
+        TiedHead(
+            embedding=r"(?P<root>(?:.*/)?)bert/embeddings/word_embeddings/embedding",
+            head="cls/predictions/decoder/kernel",
+            keys=("bert", "cls"),
+        ),
+    ),
 )
 """BERT (``FlaxBertModel`` and its task heads). It also claims a *bare* ``FlaxRobertaModel``,
 whose tree is indistinguishable from BERT's; every site is the same."""
 
 ROBERTA = dataclasses.replace(
-    BERT, name="roberta", detect=r"(.*/)?roberta/encoder/layer/\d+/attention/self/query/kernel"
+    BERT,
+    name="roberta",
+    detect=r"(.*/)?roberta/encoder/layer/\d+/attention/self/query/kernel",
+    # FlaxRobertaForMaskedLM / ForCausalLM: lm_head reads the word embedding.
+    tied_heads=(
+        TiedHead(
+            embedding=r"(?P<root>(?:.*/)?)roberta/embeddings/word_embeddings/embedding",
+            head="lm_head/decoder/kernel",
+            keys=("lm_head", "roberta"),
+        ),
+    ),
 )
 """RoBERTa under a task head (its tree nests ``roberta/``). Its position ids start at
 ``pad_token_id + 1`` and skip padding: extended inputs need position ids computed the same way."""
@@ -55,6 +73,10 @@ GPT2 = Profile(
     ffn_out=r"(.*/)?h/\d+/mlp/c_proj",
     layer_pattern=r"(?:^|/)h/(\d+)(?=/|$)",
     inputs=("input_ids", "attention_mask", "position_ids"),
+    # FlaxGPT2LMHeadModel with tie_word_embeddings (the default): its tree is only 'transformer'.
+    tied_heads=(
+        TiedHead(embedding=r"(?P<root>(?:.*/)?)transformer/wte/embedding", head="lm_head/kernel", keys=("transformer",)),
+    ),
 )
 """GPT-2. Its ``FlaxConv1D`` kernels are ``(out, in)``; ``c_attn`` is ``(3 * hidden, hidden)``."""
 
@@ -73,7 +95,8 @@ LLAMA = Profile(
     inputs=("input_ids", "attention_mask", "position_ids"),
 )
 """Llama-style decoders (gated FFN). With grouped-query attention, ``k_proj`` and ``v_proj``
-output ``num_key_value_heads * head_dim`` features, fewer than ``q_proj``."""
+output ``num_key_value_heads * head_dim`` features, fewer than ``q_proj``. ``FlaxLlamaForCausalLM``
+always applies its own ``lm_head`` kernel, even with ``tie_word_embeddings``, so it has no tied head."""
 
 BART = Profile(
     name="bart",
@@ -98,6 +121,17 @@ BART = Profile(
         "position_ids",
         "decoder_position_ids",
     ),
+    # FlaxBartForConditionalGeneration (and FlaxBartForCausalLM) with tie_word_embeddings (the default).
+    tied_heads=(
+        TiedHead(
+            embedding=r"(?P<root>(?:.*/)?)model/shared/embedding",
+            head="lm_head/kernel",
+            keys=("final_logits_bias", "model"),
+        ),
+        TiedHead(
+            embedding=r"(?P<root>(?:.*/)?)model/decoder/embed_tokens/embedding", head="lm_head/kernel", keys=("model",)
+        ),
+    ),
 )
 """BART encoder-decoders. The ``shared`` embedding embeds both the encoder's and the decoder's
 tokens, so its site fires twice per forward pass."""
@@ -119,6 +153,38 @@ def matching(params: PyTree) -> tuple[Profile, ...]:
     """
     paths = leaf_paths(params)
     return tuple(p for p in ALL if any(re.fullmatch(p.detect, path) for path in paths))
+
+
+def tied_embeddings(params: PyTree) -> tuple[str, ...]:
+    """Returns the leaf paths of token embeddings that an output head of ``params`` reads directly.
+
+    The head of such a model (``FlaxGPT2LMHeadModel``, ``FlaxBartForConditionalGeneration``,
+    ``FlaxBertForMaskedLM``, ... with ``tie_word_embeddings``) multiplies by the embedding leaf
+    without calling the embedding module. ``jpeft.wrap`` therefore adapts only the input lookup, as
+    HF PEFT does, and ``jpeft.merge`` refuses to fold a delta into these leaves. A tree that holds the
+    head's own kernel (``lm_head/kernel``) is untied.
+
+    Example:
+        >>> import numpy as np
+        >>> from jpeft import profiles
+        >>> lm = {"transformer": {"wte": {"embedding": np.zeros((10, 4))},
+        ...                       "h": {"0": {"attn": {"c_attn": {"kernel": np.zeros((12, 4))}}}}}}
+        >>> profiles.tied_embeddings(lm)
+        ('transformer/wte/embedding',)
+        >>> profiles.tied_embeddings({**lm, "lm_head": {"kernel": np.zeros((4, 10))}})
+        ()
+    """
+    return tuple(tied_heads(params))
+
+
+def tied_heads(params: PyTree) -> dict[str, str]:
+    """``{embedding leaf path: the head kernel path that would untie it}`` for :func:`tied_embeddings`."""
+    out: dict[str, str] = {}
+    for profile in matching(params):
+        for tie in profile.tied_heads:
+            for path in tie.tied(params):
+                out.setdefault(path, re.fullmatch(tie.embedding, path).group("root") + tie.head)
+    return out
 
 
 def detect(params: PyTree, *, strict: bool = True) -> Profile | None:

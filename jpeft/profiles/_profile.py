@@ -42,6 +42,65 @@ class ProfileError(JpeftError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TiedHead:
+    r"""An output head that reads an embedding leaf directly (tied word embeddings).
+
+    Such a head never calls the embedding module, so ``jpeft.wrap`` adapts only the input lookup
+    (HF PEFT's semantics), while folding a delta into the embedding leaf would change the head too;
+    ``jpeft.merge`` therefore refuses to fold into a tied embedding.
+
+    Attributes:
+      embedding: a regex over *leaf* paths, ``re.fullmatch``-ed, with a group named ``root`` that
+        captures the prefix of the head model's node (``''`` at the top of the tree).
+      head: the head's own kernel, a leaf path relative to ``root``; a tree that holds it is untied.
+      keys: the exact keys of the head model's node when it is tied, so that another model that
+        nests the same backbone under the same name is not taken for it; ``()`` checks no keys.
+
+    Example:
+        >>> from jpeft import profiles
+        >>> profiles.GPT2.tied_heads[0].head
+        'lm_head/kernel'
+    """
+
+    embedding: str
+    head: str
+    keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            groups = re.compile(self.embedding).groupindex if isinstance(self.embedding, str) else {}
+        except re.error as e:
+            raise ProfileError(f"TiedHead(embedding={self.embedding!r}) is not a valid regular expression ({e}).") from None
+        if "root" not in groups:
+            raise ProfileError(
+                f"TiedHead(embedding={self.embedding!r}): the regex needs a group named 'root' that captures the "
+                "head model's prefix, such as r'(?P<root>(?:.*/)?)transformer/wte/embedding'."
+            )
+        if not isinstance(self.head, str) or not self.head:
+            raise ProfileError(f"TiedHead(head={self.head!r}): head must be a non-empty leaf path relative to root.")
+        if not isinstance(self.keys, tuple) or not all(isinstance(k, str) for k in self.keys):
+            raise ProfileError(f"TiedHead(keys={self.keys!r}): keys must be a tuple of str.")
+
+    def tied(self, params: PyTree) -> list[str]:
+        """The leaf paths of ``params`` whose embedding this head reads, when the head is tied."""
+        paths = leaf_paths(params)
+        have = set(paths)
+        out = []
+        for path in paths:
+            m = re.fullmatch(self.embedding, path)
+            if m is None or m.group("root") + self.head in have:
+                continue
+            if self.keys:
+                node = params
+                for k in m.group("root").split("/")[:-1]:
+                    node = node[k]
+                if tuple(sorted(k for k in node if k != _tree.RESERVED)) != tuple(sorted(self.keys)):
+                    continue
+            out.append(path)
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Profile:
     r"""Where the sites of one model family sit in its Flax parameter tree.
 
@@ -73,6 +132,8 @@ class Profile:
       decoder_prefix: the same for the decoder stack.
       cross_attention: the decoder's cross-attention modules, or ``None``.
       inputs: the names of the array arguments the family's Flax module takes, in its order.
+      tied_heads: the family's output heads that read the token embedding leaf directly
+        (:class:`TiedHead`); see :func:`jpeft.profiles.tied_embeddings`.
 
     Example:
         >>> import dataclasses
@@ -101,6 +162,7 @@ class Profile:
     decoder_prefix: str | None = None
     cross_attention: str | None = None
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    tied_heads: tuple[TiedHead, ...] = ()
 
     def __post_init__(self) -> None:
         # Validates only: nothing compiled is stored, so the record stays hashable and comparable.
@@ -131,6 +193,11 @@ class Profile:
             )
         for i, (pattern, _) in enumerate(self.layouts):
             self._regex(f"layouts[{i}]", pattern)
+        if not isinstance(self.tied_heads, tuple) or not all(isinstance(t, TiedHead) for t in self.tied_heads):
+            raise ProfileError(
+                f"Profile(name={self.name!r}): tied_heads must be a tuple of jpeft.profiles.TiedHead; "
+                f"got {self.tied_heads!r}."
+            )
 
     def _regex(self, field: str, value: Any) -> None:
         if not isinstance(value, str):

@@ -73,9 +73,10 @@ def test_only_the_fusion_weights_train_and_the_count_is_closed_form():
     trainable, frozen = jpeft.split(fusion, tree)
     names = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
     assert names and all("/__jpeft__/fusion/" in n for n in names)
-    assert fusion.param_count(jpeft.remove(tree, "fusion")) == H.LAYERS * (
-        3 * H.HIDDEN**2 + 3 * H.HIDDEN
-    )
+    # Q and K with biases, V without (the paper, AdapterHub's BertFusion: nn.Linear(d, d, bias=False)).
+    assert fusion.param_count(jpeft.remove(tree, "fusion")) == H.LAYERS * (3 * H.HIDDEN**2 + 2 * H.HIDDEN)
+    assert {n.rsplit("/", 1)[1] for n in names} == {"query", "query_bias", "key", "key_bias", "value"}
+    assert sum(x.size for x in jax.tree.leaves(trainable)) == fusion.param_count(jpeft.remove(tree, "fusion"))
     wrapped = jpeft.wrap(hf.apply, fusion, active="fusion")
 
     def loss(t):
