@@ -286,6 +286,10 @@ def save(
         "adapter": name,
         "step": step,
         "params": [[join(p), *_describe(x)] for p, x in saved],
+        # Every module that holds the adapter, including empty delta nodes (QLoRA's quantised but
+        # untargeted modules, LoRA-drop's markers of layers that share the root pair): restore
+        # recreates them, since they have no leaf to carry them.
+        "sites": [join(p) for p in _adapter_sites(peft_params, name)],
         "opt_state": None if opt_leaves is None else [_describe(x) for x in opt_leaves],
         "base": {"fingerprint": _fingerprint(base), "leaves": base},
     }
@@ -322,6 +326,17 @@ def save(
         replaced.rmtree()
     _barrier("jpeft.save:done")
     return str(final)
+
+
+def _adapter_sites(tree: PyTree, name: str, path: Path = ()) -> list[Path]:
+    """Paths of the modules whose delta store holds adapter ``name`` (empty stores included)."""
+    if not isinstance(tree, Mapping):
+        return []
+    out = [path] if isinstance(tree.get(RESERVED), Mapping) and name in tree[RESERVED] else []
+    for k, v in tree.items():
+        if k != RESERVED:
+            out.extend(_adapter_sites(v, name, path + (str(k),)))
+    return out
 
 
 def _barrier(name: str) -> None:
@@ -472,6 +487,7 @@ def restore(
                 "Pass the base parameters the adapter was trained on, without its deltas."
             )
     abstract = _tree.as_dicts(params)
+    _add_sites(abstract, meta, name)
     for p, shape, dtype in meta["params"]:
         keys = tuple(p.split("/"))
         if RESERVED in keys:
@@ -497,6 +513,7 @@ def restore(
     request = {"params": ocp.args.StandardRestore(targets)}
 
     out = _tree.as_dicts(params)
+    _add_sites(out, meta, name)
     template = None
     if opt_state is not None:
         if meta["opt_state"] is None:
@@ -532,6 +549,15 @@ def restore(
         values = [arrays["opt_state"][f"{i:06d}"] for i in range(len(leaves))] if leaves else []
         restored_state = jax.tree.unflatten(treedef, values)
     return Checkpoint(saved_method, out, restored_state, step)
+
+
+def _add_sites(tree: dict, meta: Mapping[str, Any], name: str) -> None:
+    """Recreates the adapter's delta nodes, empty ones included, in ``tree`` (in place)."""
+    for site in meta.get("sites", []):
+        node = tree
+        for k in (tuple(site.split("/")) if site else ()):
+            node = node.setdefault(k, {})
+        node.setdefault(RESERVED, {}).setdefault(name, {})
 
 
 def _sharding_like(x: Any) -> jax.sharding.Sharding:

@@ -397,3 +397,31 @@ def test_nothing_to_save_and_an_unknown_field_raise(tmp_path):
     with pytest.raises(jpeft.JpeftError, match=r"cannot rebuild the checkpoint's LoRA as LoRA\(\*\*\{.*'rank_schedule': "
                        r"\(1, 2\)\}\): .*unexpected keyword argument 'rank_schedule'. Pass the method yourself"):
         jpeft.restore(tmp_path, params)
+
+
+def test_empty_delta_nodes_survive_a_round_trip(tmp_path):
+    """QLoRA gives quantised modules it does not target an empty delta node, which tells the wrapped
+    forward to run them dequantised. A node without leaves must come back from restore, or the
+    untargeted module runs its own ``__call__`` on the NF4 kernel (found by the feature matrix)."""
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="out")(nn.relu(nn.Dense(16, name="hidden")(x)))
+
+    model, x = MLP(), jnp.asarray(np.random.RandomState(1).standard_normal((2, 64)), jnp.float32)
+    base = model.init(jax.random.key(0), x)["params"]
+    method = jpeft.QLoRA(targets=["hidden"], rank=2, compute_dtype="float32")
+    quantised = jpeft.quantize(base, method.quant, targets=("hidden", "out"))
+    peft = jpeft.apply(method, quantised, key=jax.random.key(1))
+    assert peft["out"][R] == {"default": {}}  # the untargeted quantised module's marker
+    jpeft.save(tmp_path / "ckpt", method, peft, step=3)
+    restored = jpeft.restore(tmp_path / "ckpt", quantised)
+    assert restored.params["out"][R] == {"default": {}}
+    apply_fn = jpeft.wrap(model.apply, method)
+    np.testing.assert_array_equal(
+        np.asarray(apply_fn({"params": restored.params}, x)), np.asarray(apply_fn({"params": peft}, x))
+    )
+    # Independent oracle: the plain model on the dequantised kernels (B = 0 at init).
+    want = model.apply({"params": jpeft.dequantize(quantised)}, x)
+    np.testing.assert_allclose(np.asarray(apply_fn({"params": restored.params}, x)), np.asarray(want), atol=1e-5)
