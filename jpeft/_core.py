@@ -181,7 +181,7 @@ def wrap(
     if not callable(apply_fn):
         raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
     if not method.has_deltas:
-        return apply_fn
+        return _without_deltas(apply_fn, method, drop_layers, drop_random)
     dropping = drop_layers is not None or drop_random is not None
     if drop_layers is not None:
         try:
@@ -240,6 +240,34 @@ def wrap(
         intercept = _intercept.interceptor(method.forward, names, index, drop)
         with nn.intercept_methods(intercept):
             return method.call(apply_fn, variables, args, kwargs, active=active)
+
+    return wrapped
+
+
+def _without_deltas(
+    apply_fn: Callable[..., Any], method: Method, drop_layers: Any, drop_random: Any
+) -> Callable[..., Any]:
+    """``wrap`` for methods that only choose which base leaves train (BitFit, Freeze, Full).
+
+    The model runs unchanged. AdapterDrop and mixed batches have nothing to act on, so asking for
+    them is an error rather than a silent no-op.
+    """
+    name = type(method).__name__
+    if drop_layers is not None or drop_random is not None:
+        raise JpeftError(
+            f"jpeft.wrap({name}, drop_layers=/drop_random=): {name} trains base leaves in place and adds no "
+            "delta leaves, so there is nothing to drop. AdapterDrop applies to methods with deltas (adapters, "
+            "LoRA, ...); remove drop_layers=/drop_random=."
+        )
+
+    @functools.wraps(apply_fn)
+    def wrapped(variables: PyTree, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_index" in kwargs:
+            raise JpeftError(
+                f"jpeft.wrap({name}): adapter_index= (a mixed batch) needs named delta adapters, but {name} trains "
+                "base leaves in place, so every row runs the same weights. Run one model per weight set instead."
+            )
+        return apply_fn(variables, *args, **kwargs)
 
     return wrapped
 

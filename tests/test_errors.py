@@ -495,3 +495,19 @@ def test_check_names_non_finite_delta_leaves():
         jpeft.check(bad)
     with pytest.raises(jpeft.JpeftError, match="outside jax.jit"):
         jax.jit(jpeft.check)(peft)
+
+
+@pytest.mark.parametrize("method", [jpeft.BitFit(), jpeft.Full()], ids=["bitfit", "full"])
+def test_methods_without_deltas_refuse_adapterdrop_and_mixed_batches(method):
+    """BitFit, Freeze and Full train base leaves in place: AdapterDrop and adapter_index= used to be
+    silently ignored (or reached the model as an unknown keyword)."""
+    model = nn.Dense(3)
+    params = model.init(KEY, X)["params"]
+    with pytest.raises(JpeftError, match=r"nothing to drop.*remove drop_layers="):
+        jpeft.wrap(model.apply, method, drop_layers=[0])
+    with pytest.raises(JpeftError, match=r"nothing to drop"):
+        jpeft.wrap(model.apply, method, drop_random=2)
+    apply_fn = jpeft.wrap(model.apply, method)
+    with pytest.raises(JpeftError, match=r"adapter_index= \(a mixed batch\) needs named delta adapters"):
+        apply_fn({"params": params}, X, adapter_index=jnp.zeros((2,), jnp.int32))
+    np.testing.assert_array_equal(np.asarray(apply_fn({"params": params}, X)), np.asarray(model.apply({"params": params}, X)))

