@@ -129,6 +129,15 @@ def _new(what: str) -> tuple[str, str]:
 NO_PROFILE = ("error", r"no known architecture|profile")
 RESTORE_EMPTY = _new("jpeft.restore drops empty delta nodes (QLoRA's factor-less quantised modules, LoRADrop's markers)")
 TIED_5 = _f(5, "LoRA on a tied embedding: wrap != apply(merge)")
+ONE_AT_A_TIME = ("error", "prompt and prefix methods run one adapter at a time", r"one adapter at a time")
+PARALLEL = {
+    "mixed": ("error", "a parallel adapter cannot run in a mixed batch", r"cannot run in a mixed batch"),
+    "drop_random": _f(1, "a parallel adapter under drop_random=0 raises the mixed-batch error"),
+}
+DROP_4 = _f(4, "a dropped prefix layer still attends to the placeholder positions (all dropped != base)")
+GENERATE_3 = _f(3, "jpeft.generate ignores the virtual tokens of a composed method")
+OPTIMIZER_7 = _f(7, "jpeft.optimizer clips each label group separately")
+BF16_9 = _f(9, "prompt, P-tuning and prefix parameters are stored in bf16 on a bf16 base")
 
 CASES: tuple[Case, ...] = (
     Case("LoRA", _lora(jpeft.LoRA), embedding=True, expect={"tied": TIED_5}),
@@ -139,7 +148,7 @@ CASES: tuple[Case, ...] = (
         "LoRAPlus",
         _lora(jpeft.LoRAPlus, lr_ratio=16.0),
         embedding=True,
-        expect={"tied": TIED_5, "optimizer": _f(7, "jpeft.optimizer clips each label group separately")},
+        expect={"tied": TIED_5, "optimizer": OPTIMIZER_7},
     ),
     Case(
         "AdaLoRA",
@@ -162,6 +171,8 @@ CASES: tuple[Case, ...] = (
     Case("QLoRA", _lora(jpeft.QLoRA, quant=NF4, compute_dtype="float32"),
         setup="quantize",
         expect={
+            "mixed": _f(6, "QLoRA under adapter_index calls the module on an NF4Array (ScopeParamShapeError)"),
+            "drop_random": _f(6, "QLoRA under drop_random calls the module on an NF4Array (ScopeParamShapeError)"),
             "drop_static": _f(6, "QLoRA with AdapterDrop calls the module on an NF4Array (ScopeParamShapeError)"),
             "generate": _new("jpeft.generate with QLoRA calls the module on an NF4Array (ScopeParamShapeError)"),
             "save_restore": RESTORE_EMPTY,
@@ -177,22 +188,28 @@ CASES: tuple[Case, ...] = (
         },
     ),
     Case("BitFit", _fixed(jpeft.BitFit)),
-    Case("DiffPruning", lambda family, **kw: jpeft.DiffPruning(**{"targets": LORA_TARGETS[family], **kw}), embedding=True),
+    Case(
+        "DiffPruning",
+        lambda family, **kw: jpeft.DiffPruning(**{"targets": LORA_TARGETS[family], **kw}),
+        embedding=True,
+        expect={"tied": _f(5, "DiffPruning on a tied embedding: wrap != apply(merge)")},
+    ),
     Case("Freeze", lambda family, **kw: jpeft.Freeze(**{"trainable_layers": 1, **kw})),
     Case("Full", _fixed(jpeft.Full)),
-    Case("PromptTuning", lambda family, **kw: jpeft.PromptTuning(**{"num_virtual_tokens": 2, **kw}), profile=True),
-    Case("PTuning", lambda family, **kw: jpeft.PTuning(**{"num_virtual_tokens": 2, "encoder_hidden_size": 8, **kw}), profile=True),
+    Case("PromptTuning", lambda family, **kw: jpeft.PromptTuning(**{"num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME, "bf16": BF16_9}),
+    Case("PTuning", lambda family, **kw: jpeft.PTuning(**{"num_virtual_tokens": 2, "encoder_hidden_size": 8, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME, "bf16": BF16_9}),
     Case(
         "PrefixTuning",
         lambda family, **kw: jpeft.PrefixTuning(**{"num_virtual_tokens": 2, "projection_hidden_size": 8, **kw}),
         profile=True,
+        expect={"mixed": ONE_AT_A_TIME, "bf16": BF16_9, "drop_static": DROP_4},
     ),
-    Case("PTuningV2", lambda family, **kw: jpeft.PTuningV2(**{"num_virtual_tokens": 2, **kw}), profile=True),
+    Case("PTuningV2", lambda family, **kw: jpeft.PTuningV2(**{"num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME, "bf16": BF16_9, "drop_static": DROP_4}),
     Case("Houlsby", _fixed(lambda **kw: jpeft.HoulsbyAdapter(**{"reduction_factor": 8, **kw})), profile=True),
     Case("Pfeiffer", _fixed(lambda **kw: jpeft.PfeifferAdapter(**{"reduction_factor": 8, **kw})), profile=True),
-    Case("Parallel", _fixed(lambda **kw: jpeft.ParallelAdapter(**{"bottleneck": 4, **kw})), profile=True),
-    Case("ScaledParallel", _fixed(lambda **kw: jpeft.ScaledParallelAdapter(**{"bottleneck": 4, **kw})), profile=True),
-    Case("MultiHeadParallel", _fixed(lambda **kw: jpeft.MultiHeadParallelAdapter(**{"bottleneck": 4, "num_heads": 2, **kw})), profile=True),
+    Case("Parallel", _fixed(lambda **kw: jpeft.ParallelAdapter(**{"bottleneck": 4, **kw})), profile=True, expect=PARALLEL),
+    Case("ScaledParallel", _fixed(lambda **kw: jpeft.ScaledParallelAdapter(**{"bottleneck": 4, **kw})), profile=True, expect=PARALLEL),
+    Case("MultiHeadParallel", _fixed(lambda **kw: jpeft.MultiHeadParallelAdapter(**{"bottleneck": 4, "num_heads": 2, **kw})), profile=True, expect=PARALLEL),
     Case(
         "AdapterFusion",
         _fixed(lambda **kw: jpeft.AdapterFusion(**{"adapters": FUSED, "adapter": jpeft.PfeifferAdapter(reduction_factor=8), **kw})),
@@ -203,6 +220,14 @@ CASES: tuple[Case, ...] = (
         "MAM",
         lambda family, **kw: jpeft.MAM(**{"prefix_tokens": 2, "adapter_bottleneck": 4, **kw}),
         profile=True,
+        expect={
+            "mixed": ONE_AT_A_TIME,
+            "generate": GENERATE_3,
+            "bf16": BF16_9,
+            "optimizer": OPTIMIZER_7,
+            "drop_static": DROP_4,
+            "drop_random": _f(1, "MAM's parallel adapter under drop_random=0 raises the mixed-batch error"),
+        },
     ),
     Case(
         "UniPELT",
@@ -210,6 +235,15 @@ CASES: tuple[Case, ...] = (
             **{"lora_targets": LORA_TARGETS[family], "rank": R, "prefix_tokens": 2, "reduction_factor": 8, **kw}
         ),
         profile=True,
+        expect={
+            "mixed": ONE_AT_A_TIME,
+            # sequence-mean gates (the paper's): a token's output depends on later tokens, so no cached decoding
+            # equals the full-sequence model; force_open=True generates (tests/test_generate.py)
+            "generate": ("error", r"generate\(UniPELT\): its gates average over the whole sequence"),
+            "bf16": BF16_9,
+            "optimizer": OPTIMIZER_7,
+            "drop_static": DROP_4,
+        },
     ),
     Case(
         "Prompt+LoRA",
@@ -217,6 +251,12 @@ CASES: tuple[Case, ...] = (
             jpeft.PromptTuning(num_virtual_tokens=2), jpeft.LoRA(targets=LORA_TARGETS[family], rank=R, alpha=A)
         ),
         profile=True,
+        expect={
+            "mixed": ONE_AT_A_TIME,
+            "generate": GENERATE_3,
+            "bf16": BF16_9,
+            "optimizer": OPTIMIZER_7,
+        },
     ),
 )
 BY_NAME = {c.name: c for c in CASES}
@@ -241,6 +281,8 @@ def status(case: Case, feature: str) -> tuple[str, str, str]:
             return (*_new("a method without deltas silently ignores AdapterDrop"), "drop_layers|drop_random|AdapterDrop")
     if feature == "scan" and case.profile:
         return ("error", "needs an architecture profile; the synthetic scan model has none", PROFILE_ERROR)
+    if feature == "tied" and not case.has_deltas:
+        return ("n/a", "no deltas: the lookup and the tied head read the one trained leaf (asserted: wrap is apply)", "")
     if feature == "tied" and not case.embedding:
         return ("n/a", "never targets an embedding (asserted: `wte` untouched, wrap == base on it)", "")
     return ("oracle", "", "")

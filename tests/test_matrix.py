@@ -29,6 +29,7 @@ from tests import test_generate as G
 
 R = jpeft.RESERVED
 TOL = dict(rtol=1e-5, atol=1e-5)
+KEY = jax.random.key(4)
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -149,12 +150,13 @@ def compiled(case_name: str) -> tuple[Callable[..., Any], Callable[..., Any], li
     shape = run("gpt2", method, tree(case)).shape
     loss = loss_fn("gpt2", method, shape)
     traces: list[None] = []
+    rngs = {"dropout": KEY}  # DiffPruning samples its gates in training; the other methods ignore it
 
     def traced(t: Any, f: Any) -> Any:
         traces.append(None)
-        return jax.value_and_grad(loss)(t, f)
+        return jax.value_and_grad(loss)(t, f, rngs=rngs)
 
-    return jax.jit(traced), loss, traces
+    return jax.jit(traced), functools.partial(loss, rngs=rngs), traces
 
 
 def check_jit(case: X.Case) -> None:
@@ -275,21 +277,23 @@ def check_drop_static(case: X.Case) -> None:
         left = any("'default'" in p for p in deltas(rest))
         want = run("gpt2", method, rest) if left else base_output(case.name, "gpt2")
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"drop_layers={sorted(drop)}")
-    assert differs(got, run("gpt2", method, t)), "dropping must change the output"
+    if deltas(rest).keys() != deltas(t).keys():  # deltas outside the layers (a prompt) are never dropped
+        assert differs(got, run("gpt2", method, t)), "dropping must change the output"
 
 
 def check_drop_random(case: X.Case) -> None:
     method = case.method()
-    t, f = jpeft.split(method, tree(case, scale=0.3))
-    shape = run("gpt2", method, tree(case, scale=0.3)).shape
-    v0, g0 = jax.value_and_grad(loss_fn("gpt2", method, shape, drop_random=0))(t, f, rngs={"dropout": jax.random.key(4)})
-    v, g = jax.value_and_grad(loss_fn("gpt2", method, shape))(t, f)
+    t, f = jpeft.split(method, tree(case))
+    jitted, _, _ = compiled(case.name)  # the loss and gradient without AdapterDrop
+    v, g = jitted(t, f)
+    shape = run("gpt2", method, tree(case)).shape
+    v0, g0 = jax.value_and_grad(loss_fn("gpt2", method, shape, drop_random=0))(t, f, rngs={"dropout": KEY})
     np.testing.assert_allclose(v0, v, rtol=1e-5)
     got, want = flat(g0), flat(g)
     assert got.keys() == want.keys()
     assert any(np.any(np.asarray(x) != 0) for x in want.values())
     for p in want:
-        np.testing.assert_allclose(got[p], want[p], rtol=1e-4, atol=1e-6, err_msg=p)
+        np.testing.assert_allclose(got[p], want[p], rtol=1e-4, atol=1e-5, err_msg=p)
 
 
 # --- cached generation -------------------------------------------------------------------------------
@@ -323,16 +327,12 @@ def check_pooled(case: X.Case) -> None:
     assert got.shape == (H.BATCH, 3) and np.isfinite(got).all()
     assert differs(got, base_output(case.name, "bert")), "the deltas must change the output"
 
-    def other_placeholder(node: Any, path: tuple[str, ...] = ()) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if path[-2:] == ("word_embeddings",) and "embedding" in node:
-            e = np.array(node["embedding"])
-            e[0] = 5 * np.random.RandomState(1).standard_normal(e.shape[1])
-            return {**node, "embedding": jnp.asarray(e, node["embedding"].dtype)}
-        return {k: other_placeholder(v, (*path, k)) for k, v in node.items()}
-
-    np.testing.assert_allclose(run("bert", method, other_placeholder(t)), got, **TOL)
+    # Token 0 is jpeft's placeholder id (and BERT's padding, masked out of the one padded position).
+    words = t["bert"]["embeddings"]["word_embeddings"]
+    e = np.array(words["embedding"])
+    e[0] = 5 * np.random.RandomState(1).standard_normal(e.shape[1])
+    other = {**t, "bert": {**t["bert"], "embeddings": {**t["bert"]["embeddings"], "word_embeddings": {**words, "embedding": e}}}}
+    np.testing.assert_allclose(run("bert", method, other), got, **TOL)
     if method.identity_at_init:
         init = tree(case, "bert", method=method, random=False)
         np.testing.assert_allclose(run("bert", method, init), base_output(case.name, "bert"), rtol=1e-5, atol=1e-6)
@@ -351,6 +351,9 @@ def check_tied(case: X.Case) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         return
     method = case.method()
+    if not method.has_deltas:  # the lookup and the tied head read the one (trained) leaf
+        assert jpeft.wrap(apply, method) is apply
+        return
     t = tree(case)
     assert t["transformer"]["wte"]["embedding"] is wte
     if method.mergeable and method.has_deltas:
