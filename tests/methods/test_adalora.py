@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import jpeft
+from jpeft.methods._adalora import AdaLoRAState
 from tests import _hf_models as H
 from tests import _models as M
 from tests import _reference as R
@@ -253,23 +254,49 @@ def test_dropout_only_with_a_dropout_rng():
 
 # --- the orthogonality penalty -----------------------------------------------------------------
 def test_penalty_matches_numpy():
+    """HF PEFT's form: weight * mean over all 2n factor matrices of the unsquared Frobenius norms."""
     c = case("synthetic")
     _, peft = trees("synthetic")
     method = dataclasses.replace(c.method, orth_reg_weight=0.3)
-    want = 0.0
+    norms = []
     for path, (_, stack, _, _) in c.expected.items():
         d = get(peft, path)[jpeft.RESERVED]["default"]
         for layer in range(stack):
             p = np.asarray(d["lora_a"][layer] if path[0] == "layers" else d["lora_a"], np.float64)
             q = np.asarray(d["lora_b"][layer] if path[0] == "layers" else d["lora_b"], np.float64)
             p, q = p.reshape(-1, INIT_R), q.reshape(INIT_R, -1)
-            want += np.sum((p.T @ p - np.eye(INIT_R)) ** 2) + np.sum((q @ q.T - np.eye(INIT_R)) ** 2)
+            norms += [np.linalg.norm(p.T @ p - np.eye(INIT_R)), np.linalg.norm(q @ q.T - np.eye(INIT_R))]
+    assert len(norms) == 2 * (1 + 6 * L)  # the embedding, and each layer of six stacked targets
     got = jpeft.regularizer(method, peft)
-    np.testing.assert_allclose(float(got), 0.3 * want, rtol=1e-5)
-    # Orthonormal P and Q have no penalty.
+    np.testing.assert_allclose(float(got), 0.3 * np.mean(norms), rtol=1e-5)
+    # Orthonormal P and Q have no penalty, and a finite (zero) gradient there.
     tree = {"w": {"kernel": jnp.ones((5, 4)), jpeft.RESERVED: {"default": {
         "lora_a": jnp.eye(5, 3), "lora_e": jnp.ones(3), "lora_b": jnp.eye(3, 4)}}}}
     assert float(jpeft.regularizer(method, tree)) == 0.0
+    grads = jax.grad(lambda t: jpeft.regularizer(method, t))(tree)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grads))
+    # Another adapter name on the same tree has its own penalty; a name without triplets raises.
+    with pytest.raises(jpeft.JpeftError, match=r"no lora_a/lora_e/lora_b triplet of adapter 'other'"):
+        jpeft.regularizer(method, tree, name="other")
+
+
+def test_penalty_matches_hf_peft_formula():
+    """The same number as HF PEFT's AdaLoraModel.forward computes, from its A = P^T and B = Q^T."""
+    torch = pytest.importorskip("torch")
+    _, peft = trees("synthetic")
+    method = case("synthetic").method
+    want, count = 0.0, 0
+    for path, (_, stack, _, _) in case("synthetic").expected.items():
+        d = get(peft, path)[jpeft.RESERVED]["default"]
+        for layer in range(stack):
+            p = np.asarray(d["lora_a"][layer] if path[0] == "layers" else d["lora_a"]).reshape(-1, INIT_R)
+            q = np.asarray(d["lora_b"][layer] if path[0] == "layers" else d["lora_b"]).reshape(INIT_R, -1)
+            for name, w in (("lora_A", torch.from_numpy(p.T.copy())), ("lora_B", torch.from_numpy(q.T.copy()))):
+                cov = w @ w.T if "lora_A" in name else w.T @ w  # peft/tuners/adalora/model.py
+                want += float(torch.norm(cov - torch.eye(*cov.size()), p="fro"))
+                count += 1
+    assert method.orth_reg_weight == 0.5  # HF PEFT's AdaLoraConfig default
+    np.testing.assert_allclose(float(jpeft.regularizer(method, peft)), 0.5 * want / count, rtol=1e-5)
 
 
 # --- the schedule ------------------------------------------------------------------------------
@@ -372,6 +399,38 @@ def test_split_half_and_full_tree_train_identically():
     ranks = jpeft.adalora_ranks(s_half)
     assert int(ranks["q"]) + int(ranks["s"].sum()) == 2 * 3
     assert jax.tree.map(np.asarray, ranks).keys() == jpeft.adalora_ranks(s_full).keys()
+
+
+@pytest.mark.parametrize("placement", ["inside", "outside"])
+def test_multisteps_schedule_counts_real_updates(placement):
+    """MultiSteps(every_k_schedule=2) over 2k micro-steps (each real step's gradient fed twice) gives the
+    params, masks, ranks and step count of k plain steps, whether MultiSteps is the tx that
+    jpeft.optimizer wraps ('inside') or wraps jpeft.optimizer ('outside')."""
+    params = {"q": {"kernel": jnp.ones((6, 5))}, "s": {"kernel": jnp.ones((2, 5, 7))}}
+    method = jpeft.AdaLoRA(targets=["q", "s"], init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, delta_t=2)
+    plain_tree = micro_tree = jpeft.apply(method, params, key=jax.random.key(0))
+    plain = jpeft.optimizer(optax.adam(1e-1), method, plain_tree)
+    if placement == "inside":
+        micro = jpeft.optimizer(optax.MultiSteps(optax.adam(1e-1), every_k_schedule=2), method, micro_tree)
+    else:
+        micro = optax.MultiSteps(jpeft.optimizer(optax.adam(1e-1), method, micro_tree), every_k_schedule=2)
+    s_plain, s_micro = plain.init(plain_tree), micro.init(micro_tree)
+    rng = np.random.RandomState(0)
+    for k in range(1, 12):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), plain_tree)
+        u, s_plain = plain.update(g, s_plain, plain_tree)
+        plain_tree = optax.apply_updates(plain_tree, u)
+        for _ in range(2):
+            u, s_micro = micro.update(g, s_micro, micro_tree)
+            micro_tree = optax.apply_updates(micro_tree, u)
+        sched = [x for x in jax.tree.leaves(s_micro, is_leaf=lambda x: isinstance(x, AdaLoRAState))
+                 if isinstance(x, AdaLoRAState)][0]
+        assert int(sched.count) == k
+        for a, b in zip(jax.tree.leaves(micro_tree), jax.tree.leaves(plain_tree), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"step {k}")
+        ranks, want = jpeft.adalora_ranks(s_micro), jpeft.adalora_ranks(s_plain)
+        assert {m: np.asarray(r).tolist() for m, r in ranks.items()} == {m: np.asarray(r).tolist() for m, r in want.items()}
+    assert int(ranks["q"]) + int(ranks["s"].sum()) == 2 * 3  # the final budget after k = total_step updates
 
 
 def test_full_schedule_on_the_scan_model():

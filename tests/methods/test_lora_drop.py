@@ -239,6 +239,67 @@ def test_on_tiny_bert_select_runs_and_merges():
     assert not np.allclose(wrapped, run(hf.apply, hf.params), atol=1e-3)
 
 
+# --- LoRA-FA and LoRA+ inputs keep their rules (issue 10, finding 12) --------------------------
+def variant_select(method: jpeft.LoRA) -> tuple[jpeft.LoRADrop, Any]:
+    peft = randomize(jpeft.apply(method, params(), key=jax.random.key(1)), seed=3)
+    return jpeft.lora_drop_select(method, peft, Stack().apply, [batch(1)], key=jax.random.key(4), threshold=0.6)
+
+
+def sgd_step(method: jpeft.LoRADrop, tree: Any) -> tuple[Any, Any]:
+    """One ``jpeft.optimizer(optax.sgd(1))`` step on the MSE of the wrapped model: (updates, grads)."""
+
+    def loss(t: Any) -> jax.Array:
+        return jnp.mean(jpeft.wrap(Stack().apply, method)({"params": t}, batch(2)) ** 2)
+
+    grads = jax.grad(loss)(tree)
+    tx = jpeft.optimizer(optax.sgd(1.0), method, tree)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    return updates, grads
+
+
+def delta_leaves(tree: Any) -> dict[str, Any]:
+    return {p: x for p, x in zip(jpeft.list_paths(tree), jax.tree.leaves(tree), strict=True) if jpeft.RESERVED in p}
+
+
+def test_select_from_lora_fa_keeps_a_frozen():
+    new, tree = variant_select(jpeft.LoRAFA(targets=("q", "v"), rank=RANK, alpha=ALPHA))
+    assert type(new) is jpeft.LoRADrop and new.freeze_a and new.lr_ratio is None
+    assert 0 < len(new.keep) < len(TARGETS)  # kept pairs and shared pairs both exist
+    labels = delta_leaves(jpeft.labels(new, tree))
+    assert {p: lab for p, lab in labels.items() if p.endswith("lora_a")} == {
+        p: "frozen" for p in labels if p.endswith("lora_a")
+    }
+    assert {labels[p] for p in labels if p.endswith("lora_b")} == {"trainable"}
+    trainable = sum(x.size for p, x in delta_leaves(tree).items() if p.endswith("lora_b"))
+    assert new.param_count(params()) == trainable
+    updates, grads = sgd_step(new, randomize(tree, seed=5))
+    for p, u in delta_leaves(updates).items():
+        g = delta_leaves(grads)[p]
+        want = np.zeros_like(g) if p.endswith("lora_a") else -np.asarray(g)
+        np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=p)
+    assert any(np.abs(np.asarray(g)).max() > 0 for p, g in delta_leaves(grads).items() if p.endswith("lora_a"))
+
+
+def test_select_from_lora_plus_keeps_the_ratio():
+    new, tree = variant_select(jpeft.LoRAPlus(targets=("q", "v"), rank=RANK, alpha=ALPHA, lr_ratio=4.0))
+    assert type(new) is jpeft.LoRADrop and new.lr_ratio == 4.0 and not new.freeze_a
+    updates, grads = sgd_step(new, randomize(tree, seed=5))
+    for p, u in delta_leaves(updates).items():
+        ratio = 4.0 if p.endswith("lora_b") else 1.0
+        np.testing.assert_allclose(u, -ratio * np.asarray(delta_leaves(grads)[p]), rtol=1e-6, err_msg=p)
+    assert jpeft.LoRADrop(targets=("q",), keep=(), lr_ratio=2.0).delta_label("lora_b") == "lora_b"
+
+
+def test_select_refuses_other_lora_variants_and_bad_fields():
+    qlora = jpeft.QLoRA(targets=("q", "v"), rank=RANK)
+    with pytest.raises(jpeft.JpeftError, match="plain LoRA.*QLoRA"):
+        jpeft.lora_drop_select(qlora, params(), Stack().apply, [batch(1)], key=jax.random.key(0))
+    with pytest.raises(jpeft.JpeftError, match=r"freeze_a=True, lr_ratio=2.0.*Pass one of them"):
+        jpeft.LoRADrop(targets=("q",), freeze_a=True, lr_ratio=2.0)
+    with pytest.raises(jpeft.JpeftError, match="freeze_a must be a bool"):
+        jpeft.LoRADrop(targets=("q",), freeze_a=1)
+
+
 # --- nn.scan-stacked targets: per-layer importance, kept slices and tied slices ----------------
 SCAN_TARGETS = r"layers/(q|v)"
 SCAN_KEEP = ("layers/q[1]",)  # layer 0 of q is tied alone; both layers of v are tied
@@ -316,8 +377,10 @@ def test_scan_tree_labels_and_closed_form_count():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_scan_tied_slices_get_the_shared_gradient():
-    method, tree = scan_method(), tied_random(scan_method(), seed=3)
+@pytest.mark.parametrize("lr_ratio", [None, 3.0])
+def test_scan_tied_slices_get_the_shared_gradient(lr_ratio):
+    method = dataclasses.replace(scan_method(), lr_ratio=lr_ratio)  # LoRA+ scales kept and tied B alike
+    tree = tied_random(method, seed=3)
     wrapped = jpeft.wrap(M.Model().apply, method)
     target = jax.random.normal(jax.random.key(5), (M.BATCH, M.SEQ, M.VOCAB))
 
@@ -334,9 +397,10 @@ def test_scan_tied_slices_get_the_shared_gradient():
             old = f64(tree["layers"][m][jpeft.RESERVED]["default"][leaf])
             g = f64(grads["layers"][m][jpeft.RESERVED]["default"][leaf])
             new = f64(stepped["layers"][m][jpeft.RESERVED]["default"][leaf])
-            shared = old[tied[0]] - lr * g[tied].sum(axis=0)  # the step of one pair used by every tied layer
+            step = lr * (lr_ratio if lr_ratio and leaf == "lora_b" else 1.0)
+            shared = old[tied[0]] - step * g[tied].sum(axis=0)  # the step of one pair used by every tied layer
             for i in range(M.LAYERS):
-                want = shared if i in tied else old[i] - lr * g[i]
+                want = shared if i in tied else old[i] - step * g[i]
                 np.testing.assert_allclose(new[i], want, rtol=1e-5, atol=1e-7, err_msg=f"{m}/{leaf}[{i}]")
 
 
