@@ -343,12 +343,19 @@ def check_tied(case: X.Case) -> None:
     params, apply = model("gpt2")[:2]
     assert "lm_head" not in params, "tiny GPT-2's LM head is tied to wte"
     wte = params["transformer"]["wte"]["embedding"]
-    if case.embedding:
+    if case.embedding:  # HF PEFT's semantics: the delta adapts the input lookup, the tied head reads the base table
         method = case.method("gpt2", targets=X.EMBEDDING["gpt2"])
         t = tree(case, method=method, scale=0.3)
         got = run("gpt2", method, t)
-        want = np.asarray(call("gpt2", apply, {"params": jpeft.merge(method, t)}), np.float32)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        # The adapted table, from merge on the *untied* tree (an lm_head leaf of its own).
+        untied = jpeft.merge(method, {**t, "lm_head": {"kernel": wte.T}})
+        adapted = {**params, "transformer": {**params["transformer"], "wte": untied["transformer"]["wte"]}}
+        assert not np.allclose(adapted["transformer"]["wte"]["embedding"], wte)
+        hf = H.make("gpt2")
+        hidden = hf.apply({"params": adapted}, **hf.inputs, output_hidden_states=True).hidden_states[-1]
+        np.testing.assert_allclose(got, np.asarray(hidden, np.float64) @ np.asarray(wte, np.float64).T, rtol=1e-4, atol=2e-4)
+        with pytest.raises(jpeft.JpeftError, match="tied embedding"):
+            jpeft.merge(method, t)
         return
     method = case.method()
     if not method.has_deltas:  # the lookup and the tied head read the one (trained) leaf
