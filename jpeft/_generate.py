@@ -16,7 +16,7 @@ from jpeft import _core, _intercept
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._tree import PyTree, join
-from jpeft.methods._prompt import VirtualTokens, regions, writing
+from jpeft.methods._prompt import regions, virtual_part, writing
 
 
 def _logits(out: Any) -> jax.Array:
@@ -38,8 +38,9 @@ def generate(
 
     ``apply_fn`` is a bare HF Flax causal-LM module's apply (``model.module.apply``): it must take
     ``input_ids``, ``attention_mask``, ``position_ids``, ``init_cache`` and ``mutable=['cache']``
-    as keywords. The first call runs the prompt (for prompt and prefix methods extended by the P
-    virtual positions, which it writes, so the prefix keys and values enter the cache); each later
+    as keywords. The first call runs the prompt (for prompt and prefix methods, bare or inside
+    ``jpeft.compose``, MAM and UniPELT, extended by the P virtual positions, which it writes, so the
+    prefix keys and values enter the cache); each later
     call feeds one token at position ``P + T + i`` and writes nothing. The result equals running
     ``jpeft.wrap(apply_fn, method)`` on the whole sequence at every step (no cache) and taking the
     arg-max of the last logits. Positions are ``cumsum(attention_mask) - 1`` (HF's convention), so
@@ -73,7 +74,8 @@ def generate(
       encoder-decoder ``(B, S + max_new_tokens)``: ``decoder_input_ids``, then the generated tokens.
 
     Raises:
-      JpeftError: on bad shapes or counts, or an ``apply_fn`` without HF's cache interface.
+      JpeftError: on bad shapes or counts, an ``apply_fn`` without HF's cache interface, or a method
+        whose outputs depend on later tokens (UniPELT's sequence-mean gates, unless ``force_open``).
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft, transformers
@@ -102,12 +104,21 @@ def generate(
         raise JpeftError(
             f"jpeft.generate: attention_mask has shape {mask.shape}; expected the shape of input_ids, {ids.shape}."
         )
+    if getattr(method, "sequence_gates", False):
+        raise JpeftError(
+            f"jpeft.generate({type(method).__name__}): its gates average over the whole sequence, so every "
+            "token's output depends on the tokens after it, and no cached decoding equals the model run on "
+            "the full sequence. Pass force_open=True (the gates fixed at 1), or decode without the cache by "
+            "running jpeft.wrap(apply_fn, method) on the whole sequence at each step."
+        )
     if decoder_input_ids is not None:
         return _seq2seq(apply_fn, method, peft_params, ids, mask, decoder_input_ids, max_new_tokens, name)
-    if isinstance(method, VirtualTokens):
-        n = method.num_virtual_tokens
-        method.profile_of(peft_params)
-        params = method.materialize(peft_params, method.active_name(name))
+    part = virtual_part(method)  # a prompt or prefix method, bare or inside jpeft.compose (MAM, UniPELT)
+    if part is not None:
+        virtual, component = part
+        n = virtual.num_virtual_tokens
+        virtual.profile_of(peft_params)
+        params = virtual.materialize(peft_params, virtual.active_name(name), component)
     else:
         n, params = 0, peft_params
     total = n + length + max_new_tokens
@@ -173,15 +184,17 @@ def _seq2seq(
         )
     found = profiles.matching(peft_params)
     profile = found[0] if len(found) == 1 and found[0].encoder_prefix is not None else None
-    if isinstance(method, VirtualTokens):
-        profile = method.profile_of(peft_params)
+    part = virtual_part(method)
+    if part is not None:
+        virtual, component = part
+        profile = virtual.profile_of(peft_params)
         if profile.encoder_prefix is None:
             raise JpeftError(
                 f"jpeft.generate: decoder_input_ids is for encoder-decoder models, and profile {profile.name!r} "
                 "has no encoder_prefix; leave decoder_input_ids out for a decoder-only model."
             )
-        n, m = method.counts(profile)
-        params = method.materialize(peft_params, method.active_name(name))
+        n, m = virtual.counts(profile)
+        params = virtual.materialize(peft_params, virtual.active_name(name), component)
     else:
         n = m = 0
         params = peft_params

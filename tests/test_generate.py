@@ -17,6 +17,7 @@ import transformers
 import jpeft
 from jpeft._tree import RESERVED
 from tests import _hf_models as H
+from tests._models import random_deltas
 
 NEW = 4
 
@@ -188,6 +189,45 @@ def test_bart_cached_generation_equals_uncached_wrapped_model(method: jpeft.Meth
     assert not_greedy(logits[:, :-1], out[:, 1:])
 
 
+COMPOSED = [
+    ("gpt2", jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)),
+    ("gpt2", jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8, prefix_projection=True)),
+    ("gpt2", jpeft.UniPELT(lora_targets=("c_attn",), rank=2, prefix_tokens=3, reduction_factor=8, force_open=True)),
+    ("gpt2", jpeft.compose(jpeft.PromptTuning(num_virtual_tokens=3), jpeft.LoRA(targets=("c_attn",), rank=2))),
+    ("llama", jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8)),
+]
+
+
+@pytest.mark.parametrize(("family", "method"), COMPOSED, ids=["mam", "mam_mlp", "unipelt_open", "prompt_lora", "llama_mam"])
+def test_composed_virtual_tokens_cached_generation_equals_uncached(family: str, method: jpeft.Method, key: jax.Array) -> None:
+    """MAM, UniPELT and compose(PromptTuning, LoRA): generate finds the prompt or prefix component.
+
+    Before, only a bare prompt or prefix method added its virtual positions, so the cached run of a
+    composition ran without its prompt or prefixes and differed from the wrapped model.
+    """
+    params = sharp(family)[1]
+    peft = random_deltas(jpeft.apply(method, params, key=key), seed=3, scale=0.5)
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
+    apply = apply_of(family)
+    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW))
+    np.testing.assert_array_equal(out, without_cache(apply, method, peft, ids, NEW))
+    # not vacuous: the base model's greedy decoding gives other tokens
+    pos = jnp.broadcast_to(jnp.arange(out.shape[1]), out.shape)
+    base = apply({"params": params}, input_ids=jnp.asarray(out), attention_mask=jnp.ones_like(out), position_ids=pos).logits
+    assert not_greedy(base[:, 3:-1], out[:, 4:])
+
+
+def test_bart_mam_cached_generation_equals_uncached(key: jax.Array) -> None:
+    model, params = sharp("bart")
+    method = jpeft.MAM(prefix_tokens=3, adapter_bottleneck=8, prefix_projection=True)
+    peft = random_deltas(jpeft.apply(method, params, key=key), seed=3, scale=0.5)
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 5)), jnp.int32)
+    start = jnp.full((2, 1), model.config.decoder_start_token_id, jnp.int32)
+    apply = apply_of("bart")
+    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW, decoder_input_ids=start))
+    np.testing.assert_array_equal(out, without_cache_seq2seq(apply, method, peft, ids, start, NEW))
+
+
 def test_errors(key: jax.Array) -> None:
     method = jpeft.PromptTuning(num_virtual_tokens=2)
     params = sharp("gpt2")[1]
@@ -208,6 +248,9 @@ def test_errors(key: jax.Array) -> None:
     adapter = jpeft.HoulsbyAdapter(reduction_factor=8)
     with pytest.raises(jpeft.JpeftError, match=r"apply_fn is not an HF Flax encoder-decoder's apply"):
         jpeft.generate(apply, adapter, jpeft.apply(adapter, params, key=key), ids, 2, decoder_input_ids=start)
+    gated = jpeft.UniPELT(lora_targets=("c_attn",), rank=2, prefix_tokens=2, reduction_factor=8)
+    with pytest.raises(jpeft.JpeftError, match=r"generate\(UniPELT\): its gates average over the whole sequence"):
+        jpeft.generate(apply, gated, jpeft.apply(gated, params, key=key), ids, 2)
     bert = H.make("bert")
     peft_bert = jpeft.apply(method, bert.params, key=key)
     with pytest.raises(jpeft.JpeftError, match=r"apply_fn does not take HF's cache interface"):

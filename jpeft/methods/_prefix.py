@@ -104,6 +104,7 @@ class PrefixTuning(VirtualTokens):
     projection_hidden_size: int = 512
 
     on_decoder = True  # an encoder-decoder's decoder self-attention gets prefixes too
+    virtual_queries = False  # placeholders are keys and values only: dropped before any head
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,16 +203,23 @@ class PrefixTuning(VirtualTokens):
         return n * d + d * k + k + k * total + total
 
     # --- the reparameterisation ----------------------------------------------------------------
-    def prefixes(self, params: PyTree, name: str) -> dict[Path, dict[str, jax.Array]]:
-        """The MLP's per-module prefix leaves ``{path: {leaf: (*stack, P, *features)}}``."""
+    def prefixes(self, params: PyTree, name: str, component: str | None = None) -> dict[Path, dict[str, jax.Array]]:
+        """The MLP's per-module prefix leaves ``{path: {leaf: (*stack, P, *features)}}``.
+
+        ``component``: this method's key inside a :func:`jpeft.compose` (MAM), whose deltas sit at
+        ``__jpeft__/<name>/<component>``; ``None`` for the bare method.
+        """
         path, _ = self.embedding_site(params)
         store = _tree.get(params, path).get(RESERVED, {})
-        if name not in store:
+        mlp = store.get(name)
+        if component is not None and isinstance(mlp, Mapping):
+            mlp = mlp.get(component)
+        if not isinstance(mlp, Mapping) or "w2" not in mlp:
+            where = name if component is None else f"{name}/{component}"
             raise JpeftError(
-                f"{self._name()}: {join(path)} holds no prefix MLP of adapter {name!r}. Pass the tree "
+                f"{self._name()}: {join(path)} holds no prefix MLP of adapter {where!r}. Pass the tree "
                 "returned by jpeft.apply(method, params, key=..., name=...)."
             )
-        mlp = store[name]
         flat = jnp.tanh(mlp["prefix_embedding"] @ mlp["w1"] + mlp["b1"][None, :]) @ mlp["w2"] + mlp["b2"][None, :]
         out: dict[Path, dict[str, jax.Array]] = {}
         start = 0
@@ -221,14 +229,17 @@ class PrefixTuning(VirtualTokens):
             start += s.size
         return out
 
-    def materialize(self, params: PyTree, active: str) -> PyTree:
+    def materialize(self, params: PyTree, active: str, component: str | None = None) -> PyTree:
         if not self.prefix_projection:
             return params
         out = _tree.as_dicts(params)
-        for path, leaves in self.prefixes(params, active).items():
+        for path, leaves in self.prefixes(params, active, component).items():
             node = _tree.get(out, path)
             store = dict(node.get(RESERVED, {}))
-            store[active] = leaves
+            if component is None:
+                store[active] = leaves
+            else:  # a composed tree: this component's leaves beside the others' on the module
+                store[active] = {**store.get(active, {}), component: leaves}
             node[RESERVED] = store
         return out
 

@@ -8,6 +8,15 @@ Position ids: the extended call gives the virtual tokens the positions ``p0 .. p
 ``p0`` is the caller's first position (0, or ``pad + 1`` for RoBERTa), and shifts the caller's
 positions by ``P``. For inputs without left padding that is the model on ``[t_1..t_P] + x``.
 
+Query positions (prefix methods): the ``P`` placeholder positions are overwritten in every key and
+value, so real positions read them only as prefix keys and values; their own hidden states are
+meaningless. For a single-stack model (BERT, RoBERTa, GPT-2, Llama) ``_positions.exits`` drops them at the
+exit of the layer stack, so no head ever reads them (BERT's pooler reads the real ``[CLS]``). They
+stay in *front*, so that the real tokens' positions are ``P .. P+T-1`` however the caller's model
+computes them, exactly as HF PEFT's ``past_key_values`` shift BERT's and RoBERTa's position ids by
+``past_key_values_length = P``. Prompt tuning is different: its virtual tokens are real inputs
+(HF PEFT prepends them, and BERT's pooler reads the first one), so nothing is dropped inside.
+
 Encoder-decoders (BART): the encoder inputs grow by ``P``; the decoder inputs grow by ``P`` only
 for methods that put virtual tokens on the decoder too (prefix tuning; prompt tuning prepends to
 the encoder only, as HF PEFT does for seq2seq). :func:`regions` sets how many positions are
@@ -34,6 +43,7 @@ from jpeft import _errors, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.methods._positions import _REAL, _SIDE, exits, real_positions
 from jpeft.profiles import Profile
 
 _WRITE: contextvars.ContextVar[int | None] = contextvars.ContextVar("jpeft_virtual_tokens", default=None)
@@ -64,17 +74,26 @@ def regions(profile: Profile, encoder: int | None, decoder: int | None) -> Itera
     (its keys and values project encoder positions), the first ``encoder`` positions are overwritten;
     inside the decoder stack, elsewhere, the first ``decoder`` (``None``: none).
     """
-    sides = [(profile.cross_attention, encoder), (profile.encoder_prefix, encoder), (profile.decoder_prefix, decoder)]
-    sides = [(re.compile(pattern), n) for pattern, n in sides if pattern is not None]
+    query = ("cross", profile.query.rsplit("/", 1)[-1])
+    sides = [
+        (profile.cross_attention, encoder, query),
+        (profile.encoder_prefix, encoder, "encoder"),
+        (profile.decoder_prefix, decoder, "decoder"),
+    ]
+    sides = [(re.compile(pattern), n, side) for pattern, n, side in sides if pattern is not None]
 
     def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
         scope = context.module.scope
         if context.method_name == "__call__" and scope is not None:
             path = join(tuple(scope.path))
-            for pattern, n in sides:
+            for pattern, n, side in sides:
                 if pattern.fullmatch(path):
-                    with writing(n):
-                        return next_fun(*args, **kwargs)
+                    token = _SIDE.set(side)
+                    try:
+                        with writing(n):
+                            return next_fun(*args, **kwargs)
+                    finally:
+                        _SIDE.reset(token)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(intercept):
@@ -116,6 +135,7 @@ class VirtualTokens(Method):
 
     identity_at_init = False
     mergeable = False
+    virtual_queries = True  # the virtual positions are inputs the heads may read (prompts), not only keys
     site_role = "overwrite"  # prompts and prefixes overwrite positions: outermost in jpeft.compose
     on_decoder = False  # an encoder-decoder's decoder gets the P positions too (prefix tuning)
 
@@ -203,16 +223,26 @@ class VirtualTokens(Method):
             )
         return names[0]
 
-    def materialize(self, params: PyTree, active: str) -> PyTree:
-        """The tree the interceptors read; prefix tuning's MLP computes its prefixes here."""
+    def materialize(self, params: PyTree, active: str, component: str | None = None) -> PyTree:
+        """The tree the interceptors read; prefix tuning's MLP computes its prefixes here.
+
+        ``component``: the method's key inside a :func:`jpeft.compose` (its deltas sit one level
+        deeper, at ``__jpeft__/<active>/<component>``); ``None`` for the bare method.
+        """
         return params
 
-    def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: Any) -> Any:
+    def call(
+        self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: Any,
+        component: str | None = None,
+    ) -> Any:
         """Extends the token inputs by P positions, runs ``apply_fn``, slices the outputs back.
 
         An encoder-decoder's encoder inputs grow by ``P`` and its decoder inputs (``decoder_*``)
         by ``counts(profile)[1]``; outputs named ``encoder_*`` are cut by the encoder's count and
-        the others by the decoder's (unnamed outputs by their length, see :meth:`cut`).
+        the others by the decoder's (unnamed outputs by their length, see :meth:`cut`). For a
+        method without :attr:`virtual_queries` (prefixes) on a single-stack model, the outputs of
+        the layer stack are cut already (``_positions.exits``), before any head reads them.
+        ``component``: see :meth:`materialize`.
         """
         name = self.active_name(active)
         if "adapter_index" in kwargs:
@@ -239,15 +269,23 @@ class VirtualTokens(Method):
             lengths[key] = ids.shape
         batch, length = lengths["input_ids"]
         amount = {k: m if k.startswith("decoder_") else n for k in inputs}
+        real = {"encoder": real_positions(given("attention_mask"), batch, length, n)}
+        real["decoder"] = real_positions(given("decoder_attention_mask"), batch, lengths["decoder_input_ids"][1], m) if seq2seq else real["encoder"]
         args = tuple(_extend(inputs[i], a, amount[inputs[i]]) if i < len(inputs) else a for i, a in enumerate(args))
         kwargs = {k: _extend(k, v, amount[k]) if k in inputs else v for k, v in kwargs.items()}
-        variables = {**variables, "params": self.materialize(params, name)}
-        sides = regions(profile, n, m or None) if seq2seq else contextlib.nullcontext()
-        with writing(n), sides:
-            out = apply_fn(variables, *args, **kwargs)
+        variables = {**variables, "params": self.materialize(params, name, component)}
         spans = {"encoder": (n, length)}
         spans["decoder"] = (m, lengths["decoder_input_ids"][1]) if seq2seq else (n, length)
         cut = lambda path, x: self.cut(path, x, batch, spans)  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(writing(n))
+            if seq2seq:
+                stack.enter_context(regions(profile, n, m or None))
+            elif not self.virtual_queries:
+                stack.enter_context(exits(profile, cut))
+            token = _REAL.set(real)
+            stack.callback(_REAL.reset, token)
+            out = apply_fn(variables, *args, **kwargs)
         if kwargs.get("mutable") and isinstance(out, tuple) and len(out) == 2:
             return jax.tree_util.tree_map_with_path(cut, out[0]), out[1]
         return jax.tree_util.tree_map_with_path(cut, out)
@@ -278,6 +316,17 @@ class VirtualTokens(Method):
                 f"{spans['decoder'][1]}); pass return_dict=True so that outputs are cut by their names."
             )
         return x[:, added.pop() :] if added else x
+
+
+def virtual_part(method: Method) -> tuple[VirtualTokens, str | None] | None:
+    """The virtual-token method of ``method`` and its component key: ``(method, None)`` for a bare one,
+    ``(component, key)`` inside a :func:`jpeft.compose` (MAM, UniPELT), ``None`` if there is none."""
+    if isinstance(method, VirtualTokens):
+        return method, None
+    for key, part in zip(getattr(method, "keys", None) or (), getattr(method, "methods", ()), strict=False):
+        if isinstance(part, VirtualTokens):
+            return part, key
+    return None
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype: Any) -> jax.Array:

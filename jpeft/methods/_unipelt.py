@@ -19,6 +19,7 @@ from jpeft._tree import Path, PyTree, join
 from jpeft.methods._adapters import PfeifferAdapter
 from jpeft.methods._compose import Compose
 from jpeft.methods._lora import LoRA
+from jpeft.methods._positions import real_mask
 from jpeft.methods._prefix import PrefixTuning
 from jpeft.methods._prompt import _WRITE
 from jpeft.profiles import Profile
@@ -35,12 +36,29 @@ def _gate_leaves(key: jax.Array, stack: tuple[int, ...], d_in: int, dtype: Any) 
     }
 
 
-def _gate(x: jax.Array, deltas: Mapping[str, Any], open_: bool) -> jax.Array:
-    """``sigmoid(x W_g + b_g)`` with shape ``(..., 1)``, or exactly 1 when the gates are forced open."""
+def gate(module: nn.Module, x: jax.Array, deltas: Mapping[str, Any], open_: bool) -> jax.Array:
+    """One gate value per example, ``(B, 1)``: ``mean_t sigmoid(x_t W_g + b_g)`` over ``x: (B, *seq, d)``.
+
+    The mean runs over the caller's real positions only: inside a wrapped UniPELT call the
+    virtual (prefix) positions and the positions the caller's attention mask zeroes are left out
+    (see :func:`jpeft.methods._prompt.real_mask`); elsewhere over all of ``seq``. Exactly 1 when the
+    gates are forced open.
+    """
     if open_:
-        return jnp.ones(x.shape[:-1] + (1,), x.dtype)
+        return jnp.ones((x.shape[0], 1), x.dtype)
     w, b = deltas["gate_kernel"].astype(x.dtype), deltas["gate_bias"].astype(x.dtype)
-    return jax.nn.sigmoid(x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape))
+    g = jax.nn.sigmoid(x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape))  # (B, *seq, 1)
+    axes = tuple(range(1, g.ndim - 1))
+    mask = real_mask(module, x.shape[1]) if axes else None
+    if mask is None:
+        return jnp.mean(g, axis=axes)
+    m = mask.astype(g.dtype).reshape(mask.shape + (1,) * (g.ndim - 2))
+    return jnp.sum(g * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1)
+
+
+def _per_example(g: jax.Array, y: jax.Array) -> jax.Array:
+    """``g: (B, 1)`` shaped to broadcast against ``y: (B, ...)``."""
+    return g.reshape((g.shape[0],) + (1,) * (y.ndim - 1)).astype(y.dtype)
 
 
 def _without_gate(deltas: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,7 +67,11 @@ def _without_gate(deltas: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GatedLoRA(LoRA):
-    """LoRA whose update is scaled by ``G_L = sigmoid(x W_g + b_g)``, ``x`` the layer's input."""
+    """LoRA whose update ``x A B`` is scaled by the gate ``G_L`` instead of ``alpha / r``.
+
+    ``G_L = mean_t sigmoid(x_t W_g + b_g)`` per example (see :func:`gate`), ``x`` the layer's input:
+    ``y = x W + G_L x A B``. With ``force_open`` the gate is off: ``y = x W + (alpha / r) x A B``.
+    """
 
     force_open: bool = False
 
@@ -73,14 +95,18 @@ class GatedLoRA(LoRA):
 
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
         y = next_fun(*args, **kwargs)
-        out = super().forward(module, lambda *a, **k: y, args, kwargs, _without_gate(deltas))
+        if self.force_open:  # the gate is off: plain LoRA with its alpha / r
+            return super().forward(module, lambda *a, **k: y, args, kwargs, _without_gate(deltas))
+        unit = dataclasses.replace(self, alpha=math.sqrt(self.rank) if self.use_rslora else float(self.rank))
+        out = LoRA.forward(unit, module, lambda *a, **k: y, args, kwargs, _without_gate(deltas))  # y + x A B
         x = linear_of(module).inputs(args, kwargs)
-        return y + (_gate(x.astype(out.dtype), deltas, self.force_open) * (out - y)).astype(y.dtype)
+        g = gate(module, x.astype(out.dtype), deltas, False)
+        return y + (_per_example(g, out) * (out - y)).astype(y.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GatedAdapter(PfeifferAdapter):
-    """A sequential (Pfeiffer-placed) adapter scaled by ``G_A = sigmoid(h W_g + b_g)``, ``h`` its input."""
+    """A sequential (Pfeiffer-placed) adapter scaled by ``G_A = mean_t sigmoid(h_t W_g + b_g)``, ``h`` its input."""
 
     force_open: bool = False
 
@@ -99,15 +125,16 @@ class GatedAdapter(PfeifferAdapter):
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
         y = next_fun(*args, **kwargs)
         out = super().forward(module, lambda *a, **k: y, args, kwargs, _without_gate(deltas))
-        return y + (_gate(y.astype(out.dtype), deltas, self.force_open) * (out - y)).astype(y.dtype)
+        g = gate(module, y.astype(out.dtype), deltas, self.force_open)
+        return y + (_per_example(g, out) * (out - y)).astype(y.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GatedPrefix(PrefixTuning):
-    """Plain per-layer prefixes scaled per example by ``G_P = sigmoid(mean_t(x) W_g + b_g)``.
+    """Plain per-layer prefixes scaled per example by ``G_P = mean_t sigmoid(x_t W_g + b_g)``.
 
-    ``x`` is the input of the key or value projection (the attention input), averaged over the
-    sequence as in the UniPELT code; the gate multiplies that projection's prefix rows.
+    ``x`` is the input of the key or value projection (the attention input); the mean runs over
+    the caller's real positions (see :func:`gate`). The gate multiplies that projection's prefix rows.
     """
 
     prefix_projection: bool = False
@@ -142,7 +169,7 @@ class GatedPrefix(PrefixTuning):
         if n is None:
             return y
         x = linear_of(module).inputs(args, kwargs)
-        g = _gate(jnp.mean(x.astype(y.dtype), axis=tuple(range(1, x.ndim - 1))), deltas, self.force_open)  # (B, 1)
+        g = gate(module, x.astype(y.dtype), deltas, self.force_open)  # (B, 1)
 
         def write(y: jax.Array, rows: jax.Array, features: slice) -> jax.Array:
             gated = g.reshape((g.shape[0],) + (1,) * rows.ndim) * rows.astype(y.dtype)[None]
@@ -161,14 +188,21 @@ class UniPELT(Compose):
 
     Components (keys ``'lora'``, ``'prefix'``, ``'adapter'``):
 
-    - LoRA on ``lora_targets`` (query and value by default): ``y = x W + G_L s x A B`` with
-      ``G_L = sigmoid(x W_gL + b_gL)`` per token;
+    - LoRA on ``lora_targets`` (query and value by default): ``y = x W + G_L x A B``, the gate in
+      place of ``alpha / r`` (the paper's rule; ``alpha`` applies only with ``force_open``);
     - prefix tuning with plain prefixes of length ``prefix_tokens`` on every key and value
-      projection, the prefix rows scaled per example by ``G_P = sigmoid(mean_t(x) W_gP + b_gP)``;
-    - a Pfeiffer-placed adapter after the FFN: ``h <- h + G_A g(h)``, ``G_A = sigmoid(h W_gA + b_gA)``.
+      projection, the prefix rows scaled by ``G_P``;
+    - a Pfeiffer-placed adapter after the FFN: ``h <- h + G_A g(h)``.
 
-    Each gate is a ``(d_in, 1)`` kernel and a bias per module (``d_in + 1`` parameters). With
-    ``force_open=True`` every gate is exactly 1 and UniPELT equals the un-gated composition.
+    Each gate is one scalar per example and module, as in the paper: ``G = mean_t sigmoid(u_t W_g +
+    b_g)`` over the sequence of the submodule's input ``u`` (the layer's input for LoRA and the
+    prefix, the adapter's input for the adapter), a ``(d_in, 1)`` kernel and a bias (``d_in + 1``
+    parameters). The mean runs over the caller's positions whose ``attention_mask`` is 1; the
+    prefix positions never count. With ``force_open=True`` every gate is off (1, and LoRA's scale
+    is ``alpha / r``): UniPELT equals the un-gated composition.
+
+    The gates average over the whole sequence, so on a causal LM a token's output depends on later
+    tokens: ``jpeft.generate`` (cached decoding) refuses UniPELT unless ``force_open=True``.
 
     Args:
       lora_targets: LoRA's targets (module-name suffixes or a regex).
@@ -200,6 +234,11 @@ class UniPELT(Compose):
     dtype: str | None = None
     methods: tuple[Method, ...] = ()
     keys: tuple[str, ...] | None = ("lora", "prefix", "adapter")
+
+    @property
+    def sequence_gates(self) -> bool:
+        """Whether outputs depend on the whole sequence through the gates (not with ``force_open``)."""
+        return not self.force_open
 
     def __post_init__(self) -> None:
         if not isinstance(self.force_open, bool):

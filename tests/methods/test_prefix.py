@@ -47,14 +47,16 @@ def _node(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def oracle_tree(method: jpeft.PrefixTuning, family: str, key: jax.Array) -> Any:
+def oracle_tree(method: jpeft.PrefixTuning, family: str, key: jax.Array, *, within: jpeft.Method | None = None,
+                component: str | None = None) -> Any:
     """``jpeft.apply``, then every layer's prefixes set to the base model's own k/v of TOKENS.
 
     With the MLP reparameterisation, W2 is solved so that ``tanh(E W1 + b1) W2 + b2`` hits the
     targets: the hidden ``(P, k)`` has full row rank, so the least-squares solution is exact.
+    ``within``: a composition holding ``method`` under the key ``component`` (its tree is made).
     """
     m = H.make(family)
-    peft = jpeft.apply(method, m.params, key=key)
+    peft = jpeft.apply(within or method, m.params, key=key)
     kv = real_kv(family)
     sites = method.prefix_sites(m.params)
     assert len(sites) == 2 * H.LAYERS and {s.path for s in sites} <= set(kv)
@@ -67,6 +69,7 @@ def oracle_tree(method: jpeft.PrefixTuning, family: str, key: jax.Array) -> Any:
         return peft
     target = np.concatenate([np.asarray(_leaves(s.path, kv[s.path])[s.leaf], np.float64) for s in sites], axis=1)
     store = _node(peft, method.embedding_site(m.params)[0])[RESERVED]["default"]
+    store = store if component is None else store[component]
     e, w1, b1, b2 = (np.asarray(store[k], np.float64) for k in ("prefix_embedding", "w1", "b1", "b2"))
     hidden = np.tanh(e @ w1 + b1)
     store["w2"] = jnp.asarray(np.linalg.pinv(hidden) @ (target - b2), jnp.float32)
@@ -87,6 +90,28 @@ def test_prefixes_of_real_tokens_equal_base_model_on_real_token_prefix(
     family: str, method: jpeft.PrefixTuning, key: jax.Array
 ) -> None:
     check_oracle(family, method, oracle_tree(method, family, key))
+
+
+@pytest.mark.parametrize("which", ["compose", "mam"])
+def test_composed_prefix_mlp_materialises_its_own_namespace(which: str, key: jax.Array) -> None:
+    """compose(PrefixTuning(prefix_projection=True), ...) and MAM(prefix_projection=True) used to raise
+    KeyError 'prefix_embedding': the MLP sits at ``__jpeft__/<name>/<component>`` in a composed tree.
+
+    Oracle: the MLP solved to give the base model's own k/v of TOKENS, and the adapter zero at init,
+    so the wrapped composition on x equals the base model on [TOKENS] + x.
+    """
+    if which == "mam":
+        composed = jpeft.MAM(prefix_tokens=P, adapter_bottleneck=4, prefix_projection=True)
+        component = "prefix"
+    else:
+        composed = jpeft.compose(
+            jpeft.PrefixTuning(num_virtual_tokens=P, projection_hidden_size=8), jpeft.ScaledParallelAdapter(bottleneck=4)
+        )
+        component = composed.keys[0]
+    prefix = composed.methods[0]
+    assert prefix.prefix_projection
+    peft = oracle_tree(prefix, "gpt2", key, within=composed, component=component)
+    check_oracle("gpt2", composed, peft)
 
 
 DECODER_TOKENS = (7, 61, 23)  # u: the decoder's real-token prefix in the BART oracle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,17 +53,65 @@ class One(nn.Module):
         return nn.Dense(5, name="lin")(x)
 
 
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
 def test_gated_lora_matches_numpy():
-    x = np.random.RandomState(0).normal(size=(3, 4)).astype(np.float32)
+    """y = x W + b + G_L x A B with G_L = mean_t sigmoid(x_t W_g + b_g): one scalar per example (the
+    gate replaces alpha / r); the old code gated each token and kept alpha / r."""
+    x = np.random.RandomState(0).normal(size=(2, 3, 4)).astype(np.float32)
     params = One().init(jax.random.key(0), x)["params"]
     method = GatedLoRA(targets=("lin",), rank=2, alpha=4.0)
     tree = random_deltas(jpeft.apply(method, params, key=jax.random.key(1)), seed=2, scale=0.5)
-    d = tree["lin"][R]["default"]
-    gate = 1 / (1 + np.exp(-(x @ np.asarray(d["gate_kernel"]) + np.asarray(d["gate_bias"]))))
+    d = {k: np.asarray(v, np.float64) for k, v in tree["lin"][R]["default"].items()}
+    gate = sigmoid(x @ d["gate_kernel"] + d["gate_bias"]).mean(axis=1, keepdims=True)  # (B, 1, 1)
     want = x @ np.asarray(params["lin"]["kernel"]) + np.asarray(params["lin"]["bias"])
-    want = want + gate * method.scale * (x @ np.asarray(d["lora_a"]) @ np.asarray(d["lora_b"]))
+    want = want + gate * (x @ d["lora_a"] @ d["lora_b"])
     np.testing.assert_allclose(jpeft.wrap(One().apply, method)({"params": tree}, x), want, **TOL)
     assert method.param_count(params) == 2 * (4 + 5) + 4 + 1
+
+
+def test_unipelt_gates_match_numpy_on_bert_with_padding():
+    """Layer 0 of BERT (row 1 has a padded last position): every gate is the mean of sigmoid(u W_g + b_g)
+    over the caller's unpadded positions, never the P prefix positions, in NumPy float64:
+
+    - query, value: ``x W + b + G_L x A B``, ``x`` the layer input (hidden_states[0]);
+    - key, value prefix rows: ``G_P * prefix``;
+    - FFN output: ``y + G_A f(y W_down + b_down) W_up + b_up``, ``y`` the FFN output projection's output.
+    """
+    hf = H.make("bert")
+    method = jpeft.UniPELT(lora_targets=("query", "value"), rank=2, prefix_tokens=3, reduction_factor=8)
+    tree = random_deltas(jpeft.apply(method, hf.params, key=jax.random.key(0)), seed=1, scale=0.5)
+    P = 3
+    capture = dict(capture_intermediates=lambda m, _: m.name in ("query", "key", "value", "dense"), mutable=["intermediates"])
+    out, state = jpeft.wrap(hf.apply, method)({"params": tree}, **hf.inputs, output_hidden_states=True, **capture)
+    layer, node = state["intermediates"]["bert"]["encoder"]["layer"]["0"], tree["bert"]["encoder"]["layer"]["0"]
+    got = lambda *path: np.asarray(functools.reduce(lambda n, k: n[k], path, layer)["__call__"][0], np.float64)  # noqa: E731
+    deltas = lambda *path: jax.tree.map(lambda v: np.asarray(v, np.float64), functools.reduce(lambda n, k: n[k], path, node)[R]["default"])  # noqa: E731
+    mask = np.asarray(hf.inputs["attention_mask"], np.float64)
+    assert mask[1, -1] == 0 and mask.sum() < mask.size
+
+    def g(u, d):
+        s = sigmoid(u @ d["gate_kernel"] + d["gate_bias"])[..., 0]  # (B, T)
+        return ((s * mask).sum(1) / mask.sum(1))[:, None, None]
+
+    x = np.asarray(out.hidden_states[0], np.float64)  # (B, T, d): the real positions of layer 0's input
+    for name in ("query", "value"):
+        d = deltas("attention", "self", name)["lora"]
+        base = hf.params["bert"]["encoder"]["layer"]["0"]["attention"]["self"][name]
+        want = x @ np.asarray(base["kernel"]) + np.asarray(base["bias"]) + g(x, d) * (x @ d["lora_a"] @ d["lora_b"])
+        np.testing.assert_allclose(got("attention", "self", name)[:, P:], want, rtol=1e-4, atol=1e-5)
+    for name in ("key", "value"):
+        d = deltas("attention", "self", name)["prefix"]
+        np.testing.assert_allclose(got("attention", "self", name)[:, :P], g(x, d) * d["prefix"][None], rtol=1e-4, atol=1e-6)
+    # the FFN output y, before the adapter: the output projection of the intermediate activation
+    ffn = hf.params["bert"]["encoder"]["layer"]["0"]["output"]["dense"]
+    h = np.asarray(jax.nn.gelu(got("intermediate", "dense")[:, P:], approximate=False), np.float64)
+    y = h @ np.asarray(ffn["kernel"]) + np.asarray(ffn["bias"])
+    d = deltas("output", "dense")["adapter"]
+    adapter = np.maximum(y @ d["down_kernel"] + d["down_bias"], 0) @ d["up_kernel"] + d["up_bias"]
+    np.testing.assert_allclose(got("output", "dense")[:, P:], y + g(y, d) * adapter, rtol=1e-4, atol=1e-5)
 
 
 def test_unipelt_count_is_the_closed_form_and_gates_get_gradients():
