@@ -237,7 +237,7 @@ def wrap(
                     return True
                 return False if n is None else i < n
 
-        intercept = _intercept.interceptor(method.forward, names, index, drop)
+        intercept = _intercept.interceptor(method.forward, names, index, drop, base=method.base_forward)
         with nn.intercept_methods(intercept):
             return method.call(apply_fn, variables, args, kwargs, active=active)
 
@@ -396,6 +396,9 @@ def labels(method: Method, tree: PyTree) -> PyTree:
     the rest, with finer labels where a method needs them (``'lora_a'``/``'lora_b'`` for LoRA+).
     ``None`` holes (from :func:`split`) stay ``None``.
 
+    Raises:
+      JpeftError: on a variables dict ``{'params': ...}``; pass the ``params`` collection itself.
+
     Example:
       >>> import jax, jax.numpy as jnp, jpeft
       >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
@@ -404,25 +407,38 @@ def labels(method: Method, tree: PyTree) -> PyTree:
       {'q': {'kernel': 'frozen', '__jpeft__': {'default': {'lora_a': 'trainable', 'lora_b': 'trainable'}}}}
     """
     _check_method(method, "jpeft.labels")
+    _check_params(tree, "jpeft.labels")
+    label_of = _labeller(method, tree)
+    return _map(lambda path, _: label_of(path), tree)
 
+
+def _labeller(method: Method, tree: PyTree) -> Callable[[Path], str]:
+    """``path -> label`` for every leaf path of ``tree`` (base leaves by the method's labeller)."""
     base_label = method.base_labeller(tree)
-
-    def label(path: Path, _: Any) -> str:
-        return method.delta_label_at(path) if RESERVED in path else base_label(path)
-
-    return _map(label, tree)
+    return lambda path: method.delta_label_at(path) if RESERVED in path else base_label(path)
 
 
 def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyTree) -> optax.GradientTransformation:
     """Wraps an optax transform so that only the method's trainable leaves move.
 
-    Frozen leaves get zero updates and keep no optimizer state. Works on the full tree from
-    :func:`apply` and on the ``trainable`` half of :func:`split`.
+    ``tx`` runs once over all trainable leaves together, so transforms that look at the whole
+    tree (``optax.clip_by_global_norm``) see every trainable leaf. Frozen leaves get zero updates
+    and keep no optimizer state. Per-label rules go around ``tx`` (see
+    ``jpeft.Method.wrap_optimizer``): LoRA+ scales B's updates after it, Freeze masks the lower
+    layers of a stack. Works on the full tree from :func:`apply` and on the ``trainable`` half of
+    :func:`split`.
+
+    Gradient accumulation: pass ``optax.MultiSteps(tx, k)`` as ``tx``; it then keeps accumulators
+    for the trainable leaves only. (``optax.MultiSteps(jpeft.optimizer(...), k)`` works too, but on
+    the full tree keeps an accumulator for every frozen leaf.)
 
     Args:
       tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-3)``.
       method: the method.
-      peft_params: a tree of the shape the optimizer will see (used to validate the labels).
+      peft_params: a tree of the shape the optimizer will see (its paths give the labels).
+
+    Raises:
+      JpeftError: on a variables dict ``{'params': ...}``, or a tree with no trainable leaf.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jpeft
@@ -436,24 +452,33 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
       0.0
     """
     _check_method(method, "jpeft.optimizer")
+    if isinstance(tx, optax.MultiSteps):
+        tx = tx.gradient_transformation()
     if not isinstance(tx, optax.GradientTransformation):
         raise JpeftError(
             f"jpeft.optimizer expects an optax.GradientTransformation first; got {type(tx).__name__}."
         )
-    used = {leaf for _, leaf in _tree.leaves(labels(method, peft_params))}
+    _check_params(peft_params, "jpeft.optimizer")
+    label_of = _labeller(method, peft_params)
+    used = {label_of(p) for p, _ in _tree.leaves(peft_params)}
     if not used - {"frozen"}:
         raise JpeftError(
             f"jpeft.optimizer({type(method).__name__}): no leaf of the tree is trainable. Pass the tree "
             "returned by jpeft.apply(method, params, key=...), not the base params."
         )
-    transforms = {"frozen": optax.set_to_zero(), **method.transforms(tx)}
 
-    def label_tree(tree: PyTree) -> PyTree:  # same pytree type as ``tree`` (dict or FrozenDict)
-        # A non-mapping pytree node (a quantised kernel) is one labelled leaf, as in _tree.leaves.
+    def label_tree(tree: PyTree, fn: Callable[[str], Any]) -> PyTree:  # the pytree type of ``tree``
+        _check_params(tree, "jpeft.optimizer(...).init/update")
+        # A non-mapping node (a quantised kernel, optax's MaskedNode) is one labelled leaf, as in _tree.leaves.
         struct = jax.tree.structure(tree, is_leaf=lambda x: x is not None and not isinstance(x, Mapping))
-        return jax.tree.unflatten(struct, [x for _, x in _tree.leaves(labels(method, tree))])
+        return jax.tree.unflatten(struct, [fn(label_of(p)) for p, _ in _tree.leaves(tree)])
 
-    return optax.multi_transform(transforms, label_tree)
+    def only(label: str, t: optax.GradientTransformation) -> optax.GradientTransformation:
+        return optax.masked(t, lambda tree: label_tree(tree, lambda lab: lab == label))
+
+    inner = method.wrap_optimizer(tx, only)
+    groups = {"frozen": optax.set_to_zero(), "trainable": inner}
+    return optax.multi_transform(groups, lambda tree: label_tree(tree, lambda lab: lab if lab == "frozen" else "trainable"))
 
 
 def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:

@@ -156,10 +156,46 @@ def linear_of(module: nn.Module) -> Linear:
 
 
 Forward = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
+Base = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _same_call(args: tuple, kwargs: dict, a: tuple, kw: dict) -> bool:
+    """Whether ``(a, kw)`` are the very objects of ``(args, kwargs)`` (a method passed the input through)."""
+    return (
+        len(a) == len(args)
+        and all(x is y for x, y in zip(a, args, strict=True))
+        and kw.keys() == kwargs.keys()
+        and all(kw[k] is kwargs[k] for k in kw)
+    )
+
+
+def _reuse(module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> Callable[..., Any]:
+    """``next_fun`` that returns the precomputed ``out`` when called with the very same arguments.
+
+    A method that changes the module's input (``(IA)^3``'s feed-forward ``l_ff`` scales it) calls
+    ``next_fun`` with new arrays and gets the real module call on them: a second call inside one
+    intercepted ``__call__``, for which Flax needs the scope's name reservations cleared (what it
+    does itself after each compact call).
+    """
+
+    def fun(*a: Any, **kw: Any) -> Any:
+        if _same_call(args, kwargs, a, kw):
+            return out
+        object.__setattr__(module, "scope", module.scope.rewound())
+        state = getattr(module, "_state", None)
+        if state is not None and hasattr(state, "autoname_cursor"):
+            state.autoname_cursor = {}  # submodules of a registered custom layer keep their names
+        return next_fun(*a, **kw)
+
+    return fun
 
 
 def interceptor(
-    forward: Forward, active: str | tuple[str, ...], index: Any = None, drop: Callable[[nn.Module], Any] | None = None
+    forward: Forward,
+    active: str | tuple[str, ...],
+    index: Any = None,
+    drop: Callable[[nn.Module], Any] | None = None,
+    base: Base | None = None,
 ) -> Callable[..., Any]:
     """Returns an ``intercept_methods`` interceptor that runs ``forward`` on modules with deltas.
 
@@ -167,10 +203,15 @@ def interceptor(
     leaves (already sliced by any lifted transform). With several ``active`` names the adapters
     stack: each one's ``forward`` wraps the previous one's. With ``index`` (one int per example,
     ``-1`` for the base model) each row of the batch runs only adapter ``active[index[row]]``: the
-    base output is computed once and each adapter's ``forward`` adds its own change to it.
+    base output is computed once, and a ``forward`` that calls ``next_fun`` on the call's own
+    arguments gets it back; one that changes the input gets the module run on the new input.
 
     ``drop(module)`` (AdapterDrop) returns ``True`` to run the module without its deltas, ``False``
     to run them, or a traced bool to choose at run time.
+
+    ``base(module, next_fun, args, kwargs)`` (by default ``next_fun(*args, **kwargs)``) is the
+    module's output without the method's change; it is the innermost ``next_fun`` every
+    ``forward`` sees and the output of skipped modules (QLoRA computes quantised layers there).
     """
     names = (active,) if isinstance(active, str) else tuple(active)
 
@@ -186,14 +227,18 @@ def interceptor(
         present = [(i, n) for i, n in enumerate(names) if n in store]
         if not present:
             return next_fun(*args, **kwargs)
+        inner = next_fun if base is None else functools.partial(_base_call, module, next_fun)
         skip = False if drop is None else drop(module)
         if skip is True:
-            return next_fun(*args, **kwargs)
+            return inner(*args, **kwargs)
         if skip is not False:  # chosen at run time: compute the base once, then pick
-            base = next_fun(*args, **kwargs)
-            out = _run(module, lambda *a, **kw: base, args, kwargs, store, present)
-            return jnp.where(skip, base, out)
-        return _run(module, next_fun, args, kwargs, store, present)
+            out = inner(*args, **kwargs)
+            changed = _run(module, _reuse(module, inner, args, kwargs, out), args, kwargs, store, present)
+            return jnp.where(skip, out, changed)
+        return _run(module, inner, args, kwargs, store, present)
+
+    def _base_call(module, next_fun, *a, **kw):
+        return base(module, next_fun, a, kw)
 
     def _run(module, next_fun, args, kwargs, store, present):
         if index is None:
@@ -204,12 +249,13 @@ def interceptor(
                 return forward(module, functools.partial(run, k - 1), a, kw, store[present[k - 1][1]])
 
             return run(len(present), *args, **kwargs)
-        base = next_fun(*args, **kwargs)
-        out = base
+        out = next_fun(*args, **kwargs)
+        reuse = _reuse(module, next_fun, args, kwargs, out)
+        mixed = out
         for i, n in present:
-            y = forward(module, lambda *a, **kw: base, args, kwargs, store[n])
+            y = forward(module, reuse, args, kwargs, store[n])
             rows = (index == i).reshape((-1,) + (1,) * (y.ndim - 1))
-            out = jnp.where(rows, y, out)
-        return out
+            mixed = jnp.where(rows, y, mixed)
+        return mixed
 
     return intercept

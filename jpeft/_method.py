@@ -103,6 +103,15 @@ class Method:
         """Runs an intercepted module call with its deltas in effect."""
         return next_fun(*args, **kwargs)
 
+    def base_forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict) -> Any:
+        """The intercepted module's output without this method's change; by default ``next_fun(*args, **kwargs)``.
+
+        ``jpeft.wrap`` hands it to :meth:`forward` as the innermost ``next_fun`` and runs it alone
+        where a module skips its deltas (AdapterDrop, the ``-1`` rows of a mixed batch). QLoRA
+        overrides it to compute quantised layers, whose own ``__call__`` cannot read an NF4 kernel.
+        """
+        return next_fun(*args, **kwargs)
+
     def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
         """Runs the wrapped ``apply_fn``; ``jpeft.wrap`` calls it inside the interceptor context.
 
@@ -138,6 +147,13 @@ class Method:
         """
         return None
 
+    def tree_penalty(self, peft_params: PyTree, name: str) -> jax.Array | None:
+        """A whole-tree loss term for ``jpeft.regularizer``, or ``None`` (the default) for the per-module sum.
+
+        For terms that are not a sum over modules, such as AdaLoRA's mean over all factor matrices.
+        """
+        return None
+
     def delta_label_at(self, path: Path) -> str:
         """The optimizer label of the delta leaf at the full ``path``; by default by its leaf name."""
         return self.delta_label(path[-1])
@@ -147,13 +163,6 @@ class Method:
         return "trainable"
 
     def base_label(self, path: Path) -> str:
-    def tree_penalty(self, peft_params: PyTree, name: str) -> jax.Array | None:
-        """A whole-tree loss term for ``jpeft.regularizer``, or ``None`` (the default) for the per-module sum.
-
-        For terms that are not a sum over modules, such as AdaLoRA's mean over all factor matrices.
-        """
-        return None
-
         """The optimizer label of a base leaf at ``path``."""
         if self.extra_trainable is not None and re.fullmatch(self.extra_trainable, join(path)):
             return "trainable"
@@ -185,6 +194,17 @@ class Method:
         """
         return None
 
-    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
-        """The optax transform for each trainable label."""
-        return {"trainable": tx}
+    def wrap_optimizer(
+        self,
+        tx: optax.GradientTransformation,
+        only: Callable[[str, optax.GradientTransformation], optax.GradientTransformation],
+    ) -> optax.GradientTransformation:
+        """Puts this method's per-label optimizer rules around the user's transform ``tx``.
+
+        ``jpeft.optimizer`` calls it once. ``tx`` is one instance over *all* trainable leaves (so a
+        global-norm clip sees the whole tree), and ``only(label, t)`` restricts a transform ``t`` to
+        the leaves labelled ``label`` (see :meth:`delta_label`). Rules go before ``tx`` (on the
+        gradients) or after it (on the updates): LoRA+ scales B's updates, Freeze masks the lower
+        layers of a stack. The default returns ``tx`` unchanged.
+        """
+        return tx

@@ -193,9 +193,9 @@ class Compose(Method):
         return fn(*args, **kwargs)
 
     def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
-        for k, m in self._parts():
-            if _overrides(m, "call"):  # a virtual-token method reads (and materialises) its own namespace
-                return m.call(apply_fn, variables, args, kwargs, active=active, component=k)
+        for m in self.methods:
+            if _overrides(m, "call"):
+                return m.call(apply_fn, variables, args, kwargs, active=active)
         return apply_fn(variables, *args, **kwargs)
 
     # --- merge ---------------------------------------------------------------------------------
@@ -244,11 +244,16 @@ class Compose(Method):
 
         return label
 
-    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
-        out = {"trainable": tx}
+    def wrap_optimizer(self, tx: optax.GradientTransformation, only: Any) -> optax.GradientTransformation:
         for k, m in self._parts():
-            out.update({f"{k}:{label}": t for label, t in m.transforms(tx).items()})
-        return out
+            tx = m.wrap_optimizer(tx, lambda label, t, _k=k: only(f"{_k}:{label}", t))
+        return tx
+
+    def base_forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict) -> Any:
+        for _, m in self._parts():
+            if _overrides(m, "base_forward"):  # QLoRA computes quantised layers
+                return m.base_forward(module, next_fun, args, kwargs)
+        return next_fun(*args, **kwargs)
 
 
 def compose(*methods: Method, keys: tuple[str, ...] | None = None) -> Compose:

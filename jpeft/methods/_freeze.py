@@ -77,12 +77,12 @@ class Freeze(Method):
     ``(L, d, d)`` holds every layer) carry no layer index in their paths: name them with
     ``scan_layers``, a regex over base *leaf* paths whose leading axis is the layer axis. Labels are
     per leaf, so such a leaf gets the label ``'freeze_stacked'`` (``'frozen'`` when ``l = 0``,
-    ``'trainable'`` when ``l = L``) and :meth:`transforms` runs it through
-    ``optax.chain(mask, tx, mask)``, where ``mask`` multiplies by ``m = [0]*(L-l) + [1]*l`` along
+    ``'trainable'`` when ``l = L``) and :meth:`wrap_optimizer` masks it before and after the
+    user's transform: ``optax.chain(mask, tx, mask)``, where ``mask`` multiplies by ``m = [0]*(L-l) + [1]*l`` along
     the leading axis. Masking the gradients keeps the optimizer state of frozen slices at zero, and
     masking the updates keeps those slices bit-identical (Adam's update of a zero gradient is not
-    zero once its moments are). The ``'freeze_stacked'`` leaves form their own
-    ``optax.multi_transform`` group, so a clipping transform inside ``tx`` sees them apart from the
+    zero once its moments are). ``tx`` is one instance over every trainable leaf, so a clipping
+    transform inside it sees the stacked leaves (their frozen slices masked to 0) together with the
     ``'trainable'`` ones. On ``jpeft.split``'s lean path a stacked leaf is in the trainable half,
     so the gradient of all its ``L`` slices is computed (and masked by the optimizer).
     Trainable parameters: ``l/L`` of each stacked leaf.
@@ -278,9 +278,9 @@ class Freeze(Method):
             total += n if label(p) == "trainable" else n // x.shape[0] * self.trainable_layers
         return total
 
-    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
-        mask = _top_slices(self.trainable_layers)
-        return {"trainable": tx, "freeze_stacked": optax.chain(mask, tx, mask)}
+    def wrap_optimizer(self, tx: optax.GradientTransformation, only: Any) -> optax.GradientTransformation:
+        mask = only("freeze_stacked", _top_slices(self.trainable_layers))
+        return optax.chain(mask, tx, mask)
 
 
 def _top_slices(top: int) -> optax.GradientTransformation:

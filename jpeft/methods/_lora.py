@@ -281,10 +281,12 @@ class LoRAFA(LoRA):
 class LoRAPlus(LoRA):
     """LoRA+: B learns ``lr_ratio`` times faster than A.
 
-    Purely an optimizer change: ``jpeft.labels`` gives ``'lora_a'`` and ``'lora_b'``, and
-    ``jpeft.optimizer`` chains the user's transform with ``optax.scale(lr_ratio)`` for ``'lora_b'``.
-    For Adam-type rules (AdamW's decoupled decay included) that equals multiplying B's learning rate
-    by ``lr_ratio``. See :class:`LoRA` for the other arguments.
+    Purely an optimizer change: ``jpeft.labels`` gives ``'lora_a'`` and ``'lora_b'`` (DoRA's
+    ``magnitude`` too, as in HF PEFT), and ``jpeft.optimizer`` runs the user's transform once over
+    all trainable leaves, then scales the ``'lora_b'`` updates by ``lr_ratio``. For Adam-type rules
+    (AdamW's decoupled decay included) that equals multiplying B's learning rate by ``lr_ratio``; a
+    global-norm clip inside the transform sees A and B together. See :class:`LoRA` for the other
+    arguments.
 
     Args:
       lr_ratio: B's learning rate over A's (the paper's lambda, about 16).
@@ -305,7 +307,8 @@ class LoRAPlus(LoRA):
         _errors.positive_number(self._name(), "lr_ratio", self.lr_ratio)
 
     def delta_label(self, leaf: str) -> str:
-        return "lora_b" if leaf == "lora_b" else "lora_a"
+        # DoRA's magnitude learns at B's rate, as in HF PEFT's create_loraplus_optimizer (1-D leaves).
+        return "lora_b" if leaf in ("lora_b", "magnitude") else "lora_a"
 
-    def transforms(self, tx: optax.GradientTransformation) -> dict[str, optax.GradientTransformation]:
-        return {"trainable": tx, "lora_a": tx, "lora_b": optax.chain(tx, optax.scale(self.lr_ratio))}
+    def wrap_optimizer(self, tx: optax.GradientTransformation, only: Any) -> optax.GradientTransformation:
+        return optax.chain(tx, only("lora_b", optax.scale(self.lr_ratio)))

@@ -148,9 +148,14 @@ class QLoRA(LoRA):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
+        # ``next_fun`` ends in base_forward, which computes a quantised layer itself.
+        return super().forward(module, next_fun, args, kwargs, deltas) if deltas else next_fun(*args, **kwargs)
+
+    def base_forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict) -> Any:
+        """``x dequant(W_nf4) + b`` in ``compute_dtype`` for a quantised layer; the module's own call otherwise."""
         kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
         if not isinstance(kernel, NF4Array):
-            return super().forward(module, next_fun, args, kwargs, deltas) if deltas else next_fun(*args, **kwargs)
+            return next_fun(*args, **kwargs)
         linear = linear_of(module)
         layout = linear.layout_of(module)
         if layout.kind not in _COMPUTED:
@@ -166,10 +171,7 @@ class QLoRA(LoRA):
         y = linear.down(module, jnp.asarray(x, cd), w)
         if module.has_variable("params", "bias"):
             y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
-        y = y.astype(out_dtype)
-        if not deltas:
-            return y
-        return super().forward(module, lambda *a, **k: y, args, kwargs, deltas)
+        return y.astype(out_dtype)
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
