@@ -193,9 +193,9 @@ class Compose(Method):
         return fn(*args, **kwargs)
 
     def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
-        for m in self.methods:
-            if _overrides(m, "call"):
-                return m.call(apply_fn, variables, args, kwargs, active=active)
+        for k, m in self._parts():
+            if _overrides(m, "call"):  # a virtual-token method reads (and materialises) its own namespace
+                return m.call(apply_fn, variables, args, kwargs, active=active, component=k)
         return apply_fn(variables, *args, **kwargs)
 
     # --- merge ---------------------------------------------------------------------------------

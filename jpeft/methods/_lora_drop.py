@@ -25,7 +25,7 @@ from jpeft._errors import JpeftError
 from jpeft._intercept import linear_of
 from jpeft._method import Context
 from jpeft._tree import RESERVED, Path, PyTree, join
-from jpeft.methods._lora import LoRA
+from jpeft.methods._lora import LoRA, LoRAFA, LoRAPlus
 
 _SHARED: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("jpeft_lora_drop", default=None)
 _SOW = "lora_drop_importance"
@@ -71,6 +71,10 @@ class LoRADrop(LoRA):
         ``i`` of a stacked target.
       scan_layers: a regex (``re.fullmatch``) over target module paths whose kernels carry one leading
         layer axis, such as ``r'layers/(q|v)'`` for an ``nn.scan`` named ``layers``.
+      freeze_a: LoRA-FA's rule: every ``lora_a`` (shared pairs too) stays frozen at its init and only
+        B trains; :func:`lora_drop_select` sets it for a ``jpeft.LoRAFA`` input.
+      lr_ratio: LoRA+'s rule: B's updates are scaled by ``lr_ratio`` after the user's transform, or
+        ``None``; :func:`lora_drop_select` sets it for a ``jpeft.LoRAPlus`` input.
 
     Raises:
       JpeftError: if a ``keep`` path is not a target (or a layer of a stacked one), a stacked target
@@ -99,6 +103,8 @@ class LoRADrop(LoRA):
 
     keep: tuple[str, ...] = ()
     scan_layers: str | None = None
+    freeze_a: bool = False
+    lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +120,15 @@ class LoRADrop(LoRA):
             )
         if self.scan_layers is not None:
             _errors.regex(self._name(), "scan_layers", self.scan_layers)
+        if not isinstance(self.freeze_a, bool):
+            raise JpeftError(f"{self._name()}(freeze_a={self.freeze_a!r}): freeze_a must be a bool.")
+        if self.lr_ratio is not None:
+            _errors.positive_number(self._name(), "lr_ratio", self.lr_ratio)
+            if self.freeze_a:
+                raise JpeftError(
+                    f"{self._name()}(freeze_a=True, lr_ratio={self.lr_ratio!r}): with A frozen only B trains, so a "
+                    "B-over-A learning-rate ratio means nothing. Pass one of them."
+                )
 
     def _is_stacked(self, path: Path) -> bool:
         # The root (path ()) holds the groups of unstacked layers, never a stack.
@@ -198,7 +213,7 @@ class LoRADrop(LoRA):
 
         def per(path: Path) -> int:
             _, _, d_in, d_out = self._shapes(path, modules[path], ctx)
-            return self.rank * (math.prod(d_in) + math.prod(d_out))
+            return self.rank * (self._trains_a() * math.prod(d_in) + math.prod(d_out))
 
         own = sum(per(p) for p in targets if join(p) in self.keep)
         # A stacked target: one pair per kept slice, plus one for its tied slices if there are any.
@@ -215,14 +230,32 @@ class LoRADrop(LoRA):
         return tuple(sorted(i for m, i in map(_slice_of, self.keep) if m == name and i is not None))
 
     # --- training ------------------------------------------------------------------------------
+    def _trains_a(self) -> bool:
+        return not self.freeze_a
+
+    def delta_label(self, leaf: str) -> str:
+        if leaf == "lora_a" and self.freeze_a:
+            return "frozen"
+        if self.lr_ratio is not None:
+            return "lora_b" if leaf == "lora_b" else "lora_a"
+        return "trainable"
+
     def delta_label_at(self, path: Path) -> str:
         label = super().delta_label_at(path)
         module = path[: path.index(RESERVED)] if RESERVED in path else path
-        return _TIED if label != "frozen" and self._is_stacked(module) else label
+        if label == "frozen" or not self._is_stacked(module):
+            return label
+        return f"{_TIED}/lora_b" if label == "lora_b" else _TIED  # tied, and LoRA+'s B kept apart
 
     def wrap_optimizer(self, tx: optax.GradientTransformation, only: Any) -> optax.GradientTransformation:
         inner = super().wrap_optimizer(tx, only)
-        return optax.chain(only(_TIED, self._tie(summed=True)), inner, only(_TIED, self._tie(summed=False)))
+        if self.lr_ratio is not None:
+            scale = optax.scale(self.lr_ratio)
+            inner = optax.chain(inner, only("lora_b", scale), only(f"{_TIED}/lora_b", scale))
+        tied = (_TIED, f"{_TIED}/lora_b")
+        return optax.chain(
+            *(only(t, self._tie(summed=True)) for t in tied), inner, *(only(t, self._tie(summed=False)) for t in tied)
+        )
 
     def _tie(self, *, summed: bool) -> optax.GradientTransformation:
         """Sets each stacked leaf's tied slices to their sum (gradients) or to the first one's (updates)."""
@@ -280,10 +313,10 @@ def _tied(depth: int, kept: tuple[int, ...]) -> np.ndarray:
 
 
 def _check_lora(method: Any, where: str) -> None:
-    if not isinstance(method, LoRA) or isinstance(method, LoRADrop) or method.use_dora:
+    if type(method) not in (LoRA, LoRAFA, LoRAPlus) or method.use_dora:
         raise JpeftError(
             f"{where} measures a trained plain LoRA (jpeft.LoRA, LoRAFA or LoRAPlus, without DoRA); got "
-            f"{method!r}."
+            f"{method!r}. Other LoRA variants (QLoRA, LoRA-drop itself) have no LoRA-drop counterpart."
         )
 
 
@@ -451,6 +484,9 @@ def lora_drop_select(
         )
     count = int(np.argmax(cumulative >= threshold * cumulative[-1])) + 1
     fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(LoRA)}
+    # LoRA-FA's frozen A and LoRA+'s ratio carry over (issue 10, finding 12).
+    fields["freeze_a"] = isinstance(method, LoRAFA)
+    fields["lr_ratio"] = method.lr_ratio if isinstance(method, LoRAPlus) else None
     stacks = sorted({m for m, i in map(_slice_of, importance) if i is not None})
     scan_layers = "|".join(re.escape(m) for m in stacks) or None
     new = LoRADrop(**{**fields, "keep": tuple(sorted(order[:count])), "scan_layers": scan_layers})
