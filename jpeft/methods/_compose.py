@@ -193,9 +193,12 @@ class Compose(Method):
         return fn(*args, **kwargs)
 
     def call(self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
+        from jpeft.methods._prompt import VirtualTokens
+
         for k, m in self._parts():
             if _overrides(m, "call"):  # a virtual-token method reads (and materialises) its own namespace
-                return m.call(apply_fn, variables, args, kwargs, active=active, component=k)
+                extra = {"component": k} if isinstance(m, VirtualTokens) else {}
+                return m.call(apply_fn, variables, args, kwargs, active=active, **extra)
         return apply_fn(variables, *args, **kwargs)
 
     # --- merge ---------------------------------------------------------------------------------
