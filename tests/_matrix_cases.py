@@ -137,23 +137,17 @@ DROP_4 = _f(4, "a dropped prefix layer still attends to the placeholder position
 OPTIMIZER_7 = _f(7, "jpeft.optimizer clips each label group separately")
 
 CASES: tuple[Case, ...] = (
-    Case("LoRA", _lora(jpeft.LoRA), embedding=True, expect={}),
-    Case("rsLoRA", _lora(jpeft.LoRA, use_rslora=True), embedding=True, expect={}),
+    Case("LoRA", _lora(jpeft.LoRA), embedding=True),
+    Case("rsLoRA", _lora(jpeft.LoRA, use_rslora=True), embedding=True),
     Case("DoRA", _lora(jpeft.DoRA), embedding=True, expect={"tied": ("error", "DoRA.*embedding|embedding.*DoRA")}),
-    Case("LoRAFA", _lora(jpeft.LoRAFA), embedding=True, expect={}),
-    Case(
-        "LoRAPlus",
-        _lora(jpeft.LoRAPlus, lr_ratio=16.0),
-        embedding=True,
-        expect={"optimizer": OPTIMIZER_7},
-    ),
+    Case("LoRAFA", _lora(jpeft.LoRAFA), embedding=True),
+    Case("LoRAPlus", _lora(jpeft.LoRAPlus, lr_ratio=16.0), embedding=True),
     Case(
         "AdaLoRA",
         lambda family, **kw: jpeft.AdaLoRA(
             **{"targets": LORA_TARGETS[family], "init_r": 3, "target_r": 2, "tinit": 2, "tfinal": 2, "total_step": 10, **kw}
         ),
         embedding=True,
-        expect={},
     ),
     Case(
         "LoRADrop",
@@ -163,24 +157,16 @@ CASES: tuple[Case, ...] = (
             "mixed": _new("LoRADrop under adapter_index: JpeftError 'the root module's __call__ did not run with it'"),
         },
     ),
-    Case("QLoRA", _lora(jpeft.QLoRA, quant=NF4, compute_dtype="float32"),
+    Case(
+        "QLoRA",
+        _lora(jpeft.QLoRA, quant=NF4, compute_dtype="float32"),
         setup="quantize",
         expect={
-            "mixed": _f(6, "QLoRA under adapter_index calls the module on an NF4Array (ScopeParamShapeError)"),
-            "drop_random": _f(6, "QLoRA under drop_random calls the module on an NF4Array (ScopeParamShapeError)"),
             "drop_static": _f(6, "QLoRA with AdapterDrop calls the module on an NF4Array (ScopeParamShapeError)"),
             "generate": _new("jpeft.generate with QLoRA calls the module on an NF4Array (ScopeParamShapeError)"),
-            "optimizer": _new("QLoRA: the global norm also counts non-trainable NF4Array leaves"),
         },
     ),
-    Case(
-        "IA3",
-        _ia3,
-        expect={
-            "mixed": _f(1, "(IA)^3 input scaling lost under adapter_index (NameInUseError)"),
-            "drop_random": _f(1, "(IA)^3 input scaling lost under drop_random (NameInUseError)"),
-        },
-    ),
+    Case("IA3", _ia3),
     Case("BitFit", _fixed(jpeft.BitFit)),
     Case(
         "DiffPruning",
@@ -250,7 +236,7 @@ CASES: tuple[Case, ...] = (
 BY_NAME = {c.name: c for c in CASES}
 
 
-BASE_ONLY = "trains base leaves, no deltas (`has_deltas=False`): `wrap` returns the apply function itself (asserted)"
+BASE_ONLY = "trains base leaves, no deltas (`has_deltas=False`): asserted that apply adds none and wrap == the model"
 PROFILE_ERROR = r"no known (architecture|family)|matches no known family"
 
 
@@ -270,7 +256,7 @@ def status(case: Case, feature: str) -> tuple[str, str, str]:
     if feature == "scan" and case.profile:
         return ("error", "needs an architecture profile; the synthetic scan model has none", PROFILE_ERROR)
     if feature == "tied" and not case.has_deltas:
-        return ("n/a", "no deltas: the lookup and the tied head read the one trained leaf (asserted: wrap is apply)", "")
+        return ("n/a", "no deltas: the lookup and the tied head read the one trained leaf (asserted: wrap == the model)", "")
     if feature == "tied" and not case.embedding:
         return ("n/a", "never targets an embedding (asserted: `wte` untouched, wrap == base on it)", "")
     return ("oracle", "", "")
