@@ -248,8 +248,10 @@ def check_mixed(case: X.Case) -> None:
 
 
 # --- AdapterDrop -------------------------------------------------------------------------------------
-def without_layers(t: Any, layers: set[int], names: tuple[str, ...], pattern: str) -> Any:
-    """The tree with the given layers' deltas of ``names`` removed (an independent way to drop them)."""
+def without_layers(t: Any, layers: set[int], names: tuple[str, ...], pattern: str, empty: bool = False) -> Any:
+    """The tree with the given layers' deltas of ``names`` removed (an independent way to drop them).
+
+    ``empty``: keep an empty delta node instead (QLoRA's marker of a quantised module without factors)."""
     import re
 
     compiled_pattern = re.compile(pattern)
@@ -260,7 +262,8 @@ def without_layers(t: Any, layers: set[int], names: tuple[str, ...], pattern: st
         out = {k: visit(v, (*path, k)) for k, v in node.items() if k != R}
         if R in node:
             m = compiled_pattern.search("/".join(path))
-            keep = {k: v for k, v in node[R].items() if not (m and int(m.group(1)) in layers and k in names)}
+            gone = {k for k in node[R] if m and int(m.group(1)) in layers and k in names}
+            keep = {k: ({} if k in gone else v) for k, v in node[R].items() if empty or k not in gone}
             if keep:
                 out[R] = keep
         return out
@@ -274,7 +277,7 @@ def check_drop_static(case: X.Case) -> None:
     pattern = jpeft.profiles.matching(model("gpt2")[0])[0].layer_pattern
     for drop in ({0}, set(range(H.LAYERS))):
         got = run("gpt2", method, t, drop_layers=sorted(drop))
-        rest = without_layers(t, drop, ("default",), pattern)
+        rest = without_layers(t, drop, ("default",), pattern, empty=case.setup == "quantize")
         left = any("'default'" in p for p in deltas(rest))
         want = run("gpt2", method, rest) if left else base_output(case.name, "gpt2")
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"drop_layers={sorted(drop)}")
