@@ -183,6 +183,8 @@ def wrap(
     if not method.has_deltas:
         return _without_deltas(apply_fn, method, drop_layers, drop_random)
     dropping = drop_layers is not None or drop_random is not None
+    if dropping:
+        _check_droppable(method)
     if drop_layers is not None:
         try:
             dropped = frozenset(int(i) for i in drop_layers)
@@ -242,6 +244,21 @@ def wrap(
             return method.call(apply_fn, variables, args, kwargs, active=active)
 
     return wrapped
+
+
+def _check_droppable(method: Method) -> None:
+    """AdapterDrop cannot drop a layer's prefix: its placeholder positions would stay visible there."""
+    from jpeft.methods._prefix import PrefixTuning
+    from jpeft.methods._prompt import virtual_part
+
+    part = virtual_part(method)
+    if part is not None and isinstance(part[0], PrefixTuning):
+        raise JpeftError(
+            f"jpeft.wrap({type(method).__name__}, drop_layers=/drop_random=): AdapterDrop is not supported with "
+            f"prefixes ({type(part[0]).__name__}): a layer without its prefix would still attend to the P "
+            "placeholder positions, which only the prefix's keys and values make meaningful. Drop adapters "
+            "of a composition without a prefix, or run without drop_layers=/drop_random=."
+        )
 
 
 def _without_deltas(

@@ -126,17 +126,17 @@ def generate(
     def run(variables: PyTree, write: int | None, **inputs: Any) -> Any:
         if not method.has_deltas:
             return apply_fn(variables, **inputs, mutable=["cache"])
-        with nn.intercept_methods(_intercept.interceptor(method.forward, name)), writing(write):
+        with nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)), writing(write):
             return apply_fn(variables, **inputs, mutable=["cache"])
 
     # The cache holds all P + T + max_new_tokens positions; future ones are masked by the model.
     full_mask = jnp.concatenate([jnp.ones((batch, n), ids.dtype), mask, jnp.ones((batch, max_new_tokens), ids.dtype)], 1)
     dummy = jnp.zeros((batch, total), ids.dtype)
-    try:
+    try:  # under the method's interceptor: a module may not run alone (QLoRA's NF4 kernels)
         shapes = jax.eval_shape(
-            lambda: apply_fn(
-                {"params": params}, input_ids=dummy, attention_mask=full_mask, position_ids=dummy,
-                init_cache=True, mutable=["cache"],
+            lambda: run(
+                {"params": params}, None, input_ids=dummy, attention_mask=full_mask, position_ids=dummy,
+                init_cache=True,
             )[1]["cache"]
         )
     except TypeError as e:
@@ -217,13 +217,18 @@ def _seq2seq(
         )
 
     dummy = jnp.zeros((batch, total), ids.dtype)
-    try:
-        shapes = jax.eval_shape(
-            lambda: apply_fn(
+
+    def init_shapes() -> Any:  # under the method's interceptor: a module may not run alone (QLoRA)
+        with contextlib.ExitStack() as stack:
+            if method.has_deltas:
+                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)))
+            return apply_fn(
                 {"params": params}, **enc, decoder_input_ids=dummy, decoder_attention_mask=full_mask,
                 decoder_position_ids=dummy, method=init, mutable=["cache"],
             )[1]["cache"]
-        )
+
+    try:
+        shapes = jax.eval_shape(init_shapes)
     except (TypeError, AttributeError) as e:
         raise JpeftError(
             f"jpeft.generate: apply_fn is not an HF Flax encoder-decoder's apply (one whose module has "
@@ -249,7 +254,7 @@ def _seq2seq(
         with contextlib.ExitStack() as stack:
             stack.enter_context(nn.intercept_methods(keep_encoder))
             if method.has_deltas:
-                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name)))
+                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)))
             if n or m:
                 stack.enter_context(writing(n))
                 stack.enter_context(regions(profile, n or None, decoder))

@@ -255,3 +255,17 @@ def test_errors(key: jax.Array) -> None:
     peft_bert = jpeft.apply(method, bert.params, key=key)
     with pytest.raises(jpeft.JpeftError, match=r"apply_fn does not take HF's cache interface"):
         jpeft.generate(bert.apply, method, peft_bert, ids, 2)
+
+
+def test_qlora_cached_generation_equals_uncached_wrapped_model(key: jax.Array) -> None:
+    """QLoRA's NF4 kernels cannot run through the module's own ``__call__``: the cache-shape trace runs
+    under the method's interceptor too (it used to raise ScopeParamShapeError, found by the feature matrix)."""
+    method = jpeft.QLoRA(targets=("c_attn",), rank=2, compute_dtype="float32")
+    params = jpeft.quantize(sharp("gpt2")[1], method.quant, targets=("c_attn", "c_fc"))  # c_fc: quantised, no LoRA
+    peft = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, jpeft.apply(method, params, key=key)
+    )
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, H.VOCAB, (2, 4)), jnp.int32)
+    apply = apply_of("gpt2")
+    out = np.asarray(jpeft.generate(apply, method, peft, ids, NEW))
+    np.testing.assert_array_equal(out, without_cache(apply, method, peft, ids, NEW))
