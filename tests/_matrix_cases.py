@@ -133,7 +133,7 @@ PARALLEL = {
     "mixed": ("error", "a parallel adapter cannot run in a mixed batch", r"cannot run in a mixed batch"),
     "drop_random": _f(1, "a parallel adapter under drop_random=0 raises the mixed-batch error"),
 }
-DROP_4 = _f(4, "a dropped prefix layer still attends to the placeholder positions (all dropped != base)")
+DROP_4 = ("error", "AdapterDrop with a prefix (a dropped layer would attend to the placeholders)", r"AdapterDrop is not supported with prefixes")
 
 CASES: tuple[Case, ...] = (
     Case("LoRA", _lora(jpeft.LoRA), embedding=True),
@@ -176,9 +176,9 @@ CASES: tuple[Case, ...] = (
         "PrefixTuning",
         lambda family, **kw: jpeft.PrefixTuning(**{"num_virtual_tokens": 2, "projection_hidden_size": 8, **kw}),
         profile=True,
-        expect={"mixed": ONE_AT_A_TIME, "drop_static": DROP_4},
+        expect={"mixed": ONE_AT_A_TIME, "drop_static": DROP_4, "drop_random": DROP_4},
     ),
-    Case("PTuningV2", lambda family, **kw: jpeft.PTuningV2(**{"num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME, "drop_static": DROP_4}),
+    Case("PTuningV2", lambda family, **kw: jpeft.PTuningV2(**{"num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME, "drop_static": DROP_4, "drop_random": DROP_4}),
     Case("Houlsby", _fixed(lambda **kw: jpeft.HoulsbyAdapter(**{"reduction_factor": 8, **kw})), profile=True),
     Case("Pfeiffer", _fixed(lambda **kw: jpeft.PfeifferAdapter(**{"reduction_factor": 8, **kw})), profile=True),
     Case("Parallel", _fixed(lambda **kw: jpeft.ParallelAdapter(**{"bottleneck": 4, **kw})), profile=True, expect=PARALLEL),
@@ -197,7 +197,7 @@ CASES: tuple[Case, ...] = (
         expect={
             "mixed": ONE_AT_A_TIME,
             "drop_static": DROP_4,
-            "drop_random": _f(1, "MAM's parallel adapter under drop_random=0 raises the mixed-batch error"),
+            "drop_random": DROP_4,
         },
     ),
     Case(
@@ -212,6 +212,7 @@ CASES: tuple[Case, ...] = (
             # equals the full-sequence model; force_open=True generates (tests/test_generate.py)
             "generate": ("error", r"generate\(UniPELT\): its gates average over the whole sequence"),
             "drop_static": DROP_4,
+            "drop_random": DROP_4,
         },
     ),
     Case(
