@@ -65,6 +65,9 @@ class Method:
     #: ``'overwrite'`` (prompts and prefixes overwrite positions) outermost. Two composed methods
     #: with the same role on one module conflict.
     site_role: ClassVar[str] = "weight"
+    #: False where ``wrap(...)(..., adapter_index=)`` cannot run one adapter per row (LoRA-drop: the
+    #: shared pairs live at the tree's root and are published to the layers during the root's call).
+    mixed_batches: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.extra_trainable is not None:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -103,6 +103,7 @@ class LoRADrop(LoRA):
 
     keep: tuple[str, ...] = ()
     scan_layers: str | None = None
+    mixed_batches: ClassVar[bool] = False
     freeze_a: bool = False
     lr_ratio: float | None = None
 

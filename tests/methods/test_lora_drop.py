@@ -523,3 +523,14 @@ def test_errors():
     with pytest.raises(jpeft.JpeftError, match=r"root holds 2 of them"):
         jpeft.merge(method, two)
     assert dataclasses.asdict(method)["keep"] == KEEP
+
+
+def test_mixed_batches_are_refused_clearly():
+    """The shared pairs live at the root and reach the layers only during the root's own call, so one call
+    cannot run a different adapter per row. It used to fail deep in the model with a message that blamed the
+    caller for not calling through the root (found by the feature matrix)."""
+    method, peft = shared_tree(seed=2)
+    with pytest.raises(jpeft.JpeftError, match=r"LoRADrop\): adapter_index= \(a mixed batch\) is not supported"):
+        jpeft.wrap(Stack().apply, method)({"params": peft}, batch(5), adapter_index=jnp.zeros((2,), jnp.int32))
+    composed = jpeft.compose(method, jpeft.IA3(targets=("q",)))
+    assert not composed.mixed_batches and jpeft.LoRA(targets=("q",)).mixed_batches
