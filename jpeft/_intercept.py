@@ -169,8 +169,13 @@ def _same_call(args: tuple, kwargs: dict, a: tuple, kw: dict) -> bool:
     )
 
 
-def _reuse(module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> Callable[..., Any]:
+def _reuse(
+    module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict, out: Any, reenter: bool = False
+) -> Callable[..., Any]:
     """``next_fun`` that returns the precomputed ``out`` when called with the very same arguments.
+
+    With ``reenter`` it never does: the method needs the module's own call to run again (parallel
+    adapters intercept the projections inside it), so it always gets the real call.
 
     A method that changes the module's input (``(IA)^3``'s feed-forward ``l_ff`` scales it) calls
     ``next_fun`` with new arrays and gets the real module call on them: a second call inside one
@@ -179,7 +184,7 @@ def _reuse(module: nn.Module, next_fun: Callable[..., Any], args: tuple, kwargs:
     """
 
     def fun(*a: Any, **kw: Any) -> Any:
-        if _same_call(args, kwargs, a, kw):
+        if not reenter and _same_call(args, kwargs, a, kw):
             return out
         object.__setattr__(module, "scope", module.scope.rewound())
         state = getattr(module, "_state", None)
@@ -196,6 +201,7 @@ def interceptor(
     index: Any = None,
     drop: Callable[[nn.Module], Any] | None = None,
     base: Base | None = None,
+    reenter: bool = False,
 ) -> Callable[..., Any]:
     """Returns an ``intercept_methods`` interceptor that runs ``forward`` on modules with deltas.
 
@@ -212,6 +218,9 @@ def interceptor(
     ``base(module, next_fun, args, kwargs)`` (by default ``next_fun(*args, **kwargs)``) is the
     module's output without the method's change; it is the innermost ``next_fun`` every
     ``forward`` sees and the output of skipped modules (QLoRA computes quantised layers there).
+
+    ``reenter`` (``Method.reenters``): in the mixed-batch and runtime-drop paths, ``forward``'s
+    ``next_fun`` always runs the module again instead of returning the precomputed base output.
     """
     names = (active,) if isinstance(active, str) else tuple(active)
 
@@ -233,8 +242,8 @@ def interceptor(
             return inner(*args, **kwargs)
         if skip is not False:  # chosen at run time: compute the base once, then pick
             out = inner(*args, **kwargs)
-            changed = _run(module, _reuse(module, inner, args, kwargs, out), args, kwargs, store, present)
-            return jnp.where(skip, out, changed)
+            changed = _run(module, _reuse(module, inner, args, kwargs, out, reenter), args, kwargs, store, present)
+            return jax.tree.map(lambda o, c: jnp.where(skip, o, c), out, changed)
         return _run(module, inner, args, kwargs, store, present)
 
     def _base_call(module, next_fun, *a, **kw):
@@ -250,12 +259,14 @@ def interceptor(
 
             return run(len(present), *args, **kwargs)
         out = next_fun(*args, **kwargs)
-        reuse = _reuse(module, next_fun, args, kwargs, out)
+        reuse = _reuse(module, next_fun, args, kwargs, out, reenter)
         mixed = out
         for i, n in present:
             y = forward(module, reuse, args, kwargs, store[n])
-            rows = (index == i).reshape((-1,) + (1,) * (y.ndim - 1))
-            mixed = jnp.where(rows, y, mixed)
+            # A block's output may be a tuple (hidden states, attention weights, ...): pick per leaf.
+            mixed = jax.tree.map(
+                lambda y, m, i=i: jnp.where((index == i).reshape((-1,) + (1,) * (y.ndim - 1)), y, m), y, mixed
+            )
         return mixed
 
     return intercept

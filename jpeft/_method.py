@@ -68,6 +68,10 @@ class Method:
     #: False where ``wrap(...)(..., adapter_index=)`` cannot run one adapter per row (LoRA-drop: the
     #: shared pairs live at the tree's root and are published to the layers during the root's call).
     mixed_batches: ClassVar[bool] = True
+    #: True where ``forward`` needs the module's own call to run again inside it (parallel adapters
+    #: intercept the projections of the block they wrap): the mixed-batch and runtime-drop paths
+    #: then re-run the module for the method instead of handing it the precomputed base output.
+    reenters: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.extra_trainable is not None:

@@ -311,6 +311,7 @@ class PfeifferAdapter(_Sequential):
 class _Parallel(_Adapter):
     """An adapter from the input of the ``source`` site to the ``sink`` site, at their common ancestor."""
 
+    reenters: ClassVar[bool] = True  # forward intercepts the projections inside the block's own call
     bottleneck: int
 
     source: ClassVar[str] = ""
@@ -396,9 +397,8 @@ class _Parallel(_Adapter):
         if not done:
             raise JpeftError(
                 f"{self._name()}: no {self.sink} module ran inside the call of {join(site)!r}, so the adapter "
-                f"was not applied. A parallel adapter re-enters the block's own call: it cannot run in a mixed "
-                "batch (adapter_index=) or under drop_random, which reuse the block's output. Otherwise the "
-                f"profile's {self.sink} regex names no module that this block calls."
+                f"was not applied: the profile's {self.sink} regex names no module that this block calls. "
+                "Fix the profile's regexes."
             )
         return out
 

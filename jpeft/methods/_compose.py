@@ -113,6 +113,10 @@ class Compose(Method):
         return any(m.has_deltas for m in self.methods)
 
     @property  # type: ignore[override]
+    def reenters(self) -> bool:
+        return any(m.reenters for m in self.methods)
+
+    @property  # type: ignore[override]
     def mixed_batches(self) -> bool:
         return all(m.mixed_batches for m in self.methods)
 
