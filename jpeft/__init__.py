@@ -3,14 +3,8 @@
 from jpeft import models as models
 from jpeft import profiles as profiles
 from jpeft._core import apply as apply
-from jpeft._core import check as check
-from jpeft._core import combine as combine
-from jpeft._core import labels as labels
 from jpeft._core import merge as merge
-from jpeft._core import optimizer as optimizer
 from jpeft._core import regularizer as regularizer
-from jpeft._core import split as split
-from jpeft._core import summary as summary
 from jpeft._core import wrap as wrap
 from jpeft._errors import JpeftError as JpeftError
 from jpeft._generate import generate as generate
@@ -22,6 +16,12 @@ from jpeft._named import adapters as adapters
 from jpeft._named import add_weighted as add_weighted
 from jpeft._named import remove as remove
 from jpeft._sharding import partition_specs as partition_specs
+from jpeft._train import check as check
+from jpeft._train import combine as combine
+from jpeft._train import labels as labels
+from jpeft._train import optimizer as optimizer
+from jpeft._train import split as split
+from jpeft._train import summary as summary
 from jpeft._tree import RESERVED as RESERVED
 from jpeft._tree import list_paths as list_paths
 from jpeft.io._checkpoint import restore as restore
