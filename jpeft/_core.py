@@ -243,9 +243,7 @@ def wrap(
                     return True
                 return False if n is None else i < n
 
-        intercept = _intercept.interceptor(
-            method.forward, names, index, drop, base=method.base_forward, reenter=method.reenters
-        )
+        intercept = _intercept.method_interceptor(method, names, index, drop)
         with nn.intercept_methods(intercept):
             return method.call(apply_fn, variables, args, kwargs, active=active)
 

@@ -126,7 +126,7 @@ def generate(
     def run(variables: PyTree, write: int | None, **inputs: Any) -> Any:
         if not method.has_deltas:
             return apply_fn(variables, **inputs, mutable=["cache"])
-        with nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)), writing(write):
+        with nn.intercept_methods(_intercept.method_interceptor(method, name)), writing(write):
             return apply_fn(variables, **inputs, mutable=["cache"])
 
     # The cache holds all P + T + max_new_tokens positions; future ones are masked by the model.
@@ -221,7 +221,7 @@ def _seq2seq(
     def init_shapes() -> Any:  # under the method's interceptor: a module may not run alone (QLoRA)
         with contextlib.ExitStack() as stack:
             if method.has_deltas:
-                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)))
+                stack.enter_context(nn.intercept_methods(_intercept.method_interceptor(method, name)))
             return apply_fn(
                 {"params": params}, **enc, decoder_input_ids=dummy, decoder_attention_mask=full_mask,
                 decoder_position_ids=dummy, method=init, mutable=["cache"],
@@ -254,7 +254,7 @@ def _seq2seq(
         with contextlib.ExitStack() as stack:
             stack.enter_context(nn.intercept_methods(keep_encoder))
             if method.has_deltas:
-                stack.enter_context(nn.intercept_methods(_intercept.interceptor(method.forward, name, base=method.base_forward)))
+                stack.enter_context(nn.intercept_methods(_intercept.method_interceptor(method, name)))
             if n or m:
                 stack.enter_context(writing(n))
                 stack.enter_context(regions(profile, n or None, decoder))

@@ -270,3 +270,10 @@ def interceptor(
         return mixed
 
     return intercept
+
+
+def method_interceptor(
+    method: Any, active: str | tuple[str, ...], index: Any = None, drop: Callable[[nn.Module], Any] | None = None
+) -> Callable[..., Any]:
+    """:func:`interceptor` for a ``jpeft.Method``: its ``forward``, ``base_forward`` and ``reenters``."""
+    return interceptor(method.forward, active, index, drop, base=method.base_forward, reenter=method.reenters)

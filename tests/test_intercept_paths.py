@@ -96,6 +96,17 @@ def test_ia3_drop_random_zero_keeps_the_input_vector_gradient():
     np.testing.assert_allclose(out, np_ia3(tree, X, "a"), **TOL)
 
 
+def assert_draws_cover(fn, tree, oracles) -> None:
+    """Over 8 dropout keys, every output equals one of ``oracles`` (one per number of dropped layers), and both occur."""
+    seen = set()
+    for seed in range(8):
+        got = np.asarray(fn(tree, jax.random.key(seed)))
+        hits = [i for i, o in enumerate(oracles) if np.allclose(got, o, **TOL)]
+        assert hits, "the output matches no prefix of dropped layers"
+        seen.update(hits)
+    assert seen == {0, 1}
+
+
 def test_ia3_drop_random_drops_a_prefix_of_layers():
     model, tree = ia3_setup()
     fn = jax.jit(lambda t, k: jpeft.wrap(model.apply, IA3, active="a", drop_random=2, layer_pattern=PATTERN)(
@@ -105,13 +116,7 @@ def test_ia3_drop_random_drops_a_prefix_of_layers():
     only_l2["w1"][R] = {"a": {"ia3_out": jnp.ones_like(tree["w1"][R]["a"]["ia3_out"])}}
     # n is drawn from 0..2 and layers < n run without deltas: n=0, 1 -> both layers adapted; 2 -> w1 plain.
     oracles = [np_ia3(tree, X, "a"), np_ia3(only_l2, X, "a")]
-    seen = set()
-    for seed in range(8):
-        got = np.asarray(fn(tree, jax.random.key(seed)))
-        hits = [i for i, o in enumerate(oracles) if np.allclose(got, o, **TOL)]
-        assert hits, "the output matches no prefix of dropped layers"
-        seen.update(hits)
-    assert seen == {0, 1}
+    assert_draws_cover(fn, tree, oracles)
 
 
 def test_ia3_mixed_batch_in_a_composition_with_lora():
@@ -180,13 +185,7 @@ def test_qlora_drop_random_equals_a_prefix_of_dropped_layers():
     wrapped = jpeft.wrap(model.apply, QLORA, active="a", drop_random=2, layer_pattern=PATTERN)
     fn = jax.jit(lambda t, k: wrapped({"params": t}, XQ, rngs={"dropout": k}))
     oracles = [np_qlora(tree, XQ, "a"), np_qlora(tree, XQ, "a", (1,))]
-    seen = set()
-    for seed in range(8):
-        got = np.asarray(fn(tree, jax.random.key(seed)))
-        hits = [i for i, o in enumerate(oracles) if np.allclose(got, o, **TOL)]
-        assert hits, "the output matches no prefix of dropped layers"
-        seen.update(hits)
-    assert seen == {0, 1}
+    assert_draws_cover(fn, tree, oracles)
 
 
 def test_qlora_mixed_batch_rows_equal_each_adapter_alone():
