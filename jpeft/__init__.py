@@ -15,6 +15,12 @@ from jpeft._method import Method as Method
 from jpeft._named import adapters as adapters
 from jpeft._named import add_weighted as add_weighted
 from jpeft._named import remove as remove
+from jpeft._nnx import Delta as Delta
+from jpeft._nnx import FrozenDelta as FrozenDelta
+from jpeft._nnx import LoRADelta as LoRADelta
+from jpeft._nnx_api import call as call
+from jpeft._nnx_api import set_adapter as set_adapter
+from jpeft._nnx_linear import einsum_linear as einsum_linear
 from jpeft._sharding import partition_specs as partition_specs
 from jpeft._train import check as check
 from jpeft._train import combine as combine
@@ -89,11 +95,14 @@ __all__ = [
     "ScaledParallelAdapter",
     "AdaLoRA",
     "Compose",
+    "Delta",
     "DoRA",
+    "FrozenDelta",
     "JpeftError",
     "Layout",
     "Linear",
     "LoRA",
+    "LoRADelta",
     "LoRAFA",
     "LoRAPlus",
     "LoRADrop",
@@ -108,6 +117,8 @@ __all__ = [
     "add_weighted",
     "adalora_ranks",
     "apply",
+    "call",
+    "einsum_linear",
     "check",
     "combine",
     "labels",
@@ -121,6 +132,7 @@ __all__ = [
     "register_linear",
     "regularizer",
     "restore",
+    "set_adapter",
     "save",
     "remove",
     "split",

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jpeft import _errors, _intercept, _tied, _tree
+from jpeft import _errors, _intercept, _nnx, _tied, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
@@ -63,15 +63,29 @@ def _sites(tree: PyTree, path: Path = ()) -> list[Path]:
     return out
 
 
+def _check_key(key: Any) -> None:
+    if key is None or not isinstance(key, jax.Array) or not (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and key.dtype == np.uint32)
+    ):
+        raise JpeftError(
+            f"jpeft.apply(key={key!r}): key must be a jax.random key, e.g. key=jax.random.key(0)."
+        )
+
+
 def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "default") -> PyTree:
-    """Adds a method's delta leaves to a parameter tree.
+    """Adds a method's delta leaves to a parameter tree, or to a ``flax.nnx`` model.
 
     Each target module gets ``<module>/__jpeft__/<name>/<leaf>`` beside its own leaves. The result
     shares every base leaf with ``params`` (the same array objects) and ``params`` is not mutated.
 
     Args:
       method: a jpeft method, e.g. ``jpeft.LoRA(targets=("query", "value"))``.
-      params: the model's ``params`` collection.
+      params: the model's ``params`` collection, or an ``nnx.Module``. For an NNX model, ``apply``
+        returns a *new* model object that shares every base array with ``model`` (nothing is
+        copied, and ``model`` itself stays a plain base model): the same contract as for trees.
+        Each target module gets ``<module>.__jpeft__[name][leaf]`` variables (``jpeft.Delta``;
+        LoRA factors also ``nnx.LoRAParam``) and runs them when called; see
+        ``jpeft.set_adapter`` and ``jpeft.call``.
       key: a ``jax.random`` key for the delta initialisation. It is required: jpeft never
         substitutes a seed.
       name: the adapter name; several named adapters can live on one tree.
@@ -99,14 +113,13 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
       True
     """
     _check_method(method, "jpeft.apply")
+    if _nnx.is_model(params):
+        _check_name(name)
+        _check_key(key)
+        return _nnx.apply(method, params, key, name)
     _check_params(params, "jpeft.apply")
     _check_name(name)
-    if key is None or not isinstance(key, jax.Array) or not (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and key.dtype == np.uint32)
-    ):
-        raise JpeftError(
-            f"jpeft.apply(key={key!r}): key must be a jax.random key, e.g. key=jax.random.key(0)."
-        )
+    _check_key(key)
     targets = method.select(params)
     ctx = Context(params)
     out = _tree.as_dicts(params)
@@ -356,6 +369,9 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
       (['bias', 'kernel'], (4, 3))
     """
     _check_method(method, "jpeft.merge")
+    if _nnx.is_model(peft_params):
+        _check_name(name)
+        return _nnx.merge(method, peft_params, name)
     _check_params(peft_params, "jpeft.merge")
     folded = method.merge_tree(peft_params, name)
     if folded is not None:  # a whole-tree fold, such as prefix tuning's MLP into plain prefixes

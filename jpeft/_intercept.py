@@ -94,11 +94,15 @@ class Linear:
       down: ``down(module, x, a) -> h`` applies the down factor ``a`` (without stack axes) to the
         module's input ``x`` and returns ``h`` of shape ``(..., r)``.
       inputs: ``inputs(args, kwargs) -> x`` finds the input among the call's arguments.
+      weight: on a ``flax.nnx`` module, the attribute that holds the kernel when it is not named
+        like the layout's leaf (``'kernel'``, ``'embedding'``): tunix's attention ``Einsum`` keeps
+        it in ``w``. jpeft shows it to methods, and in its trees, under the layout's leaf name.
     """
 
     layout: Layout | Callable[[nn.Module], Layout]
     down: Callable[[nn.Module, jax.Array, jax.Array], jax.Array] = _matmul_down
     inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_arg
+    weight: str | None = None
 
     def layout_of(self, module: nn.Module) -> Layout:
         return self.layout(module) if callable(self.layout) else self.layout
@@ -116,8 +120,9 @@ def register_linear(module_type: type, linear: Linear) -> None:
     """Registers how jpeft treats a custom linear module type.
 
     Args:
-      module_type: a ``flax.linen.Module`` subclass whose ``__call__`` is a linear map of its first
-        argument through the leaf named by the layout (``kernel`` or ``embedding``).
+      module_type: a ``flax.linen.Module`` or ``flax.nnx.Module`` subclass whose ``__call__`` is a
+        linear map of its first argument through the leaf named by the layout (``kernel`` or
+        ``embedding``; on NNX, or the attribute ``linear.weight`` names).
       linear: its :class:`Linear` record.
 
     Example:
@@ -126,9 +131,11 @@ def register_linear(module_type: type, linear: Linear) -> None:
       ...   pass
       >>> jpeft.register_linear(MyDense, jpeft.Linear(jpeft.Layout("dense")))
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+    from flax import nnx
+
+    if not (isinstance(module_type, type) and issubclass(module_type, (nn.Module, nnx.Module))):
         raise JpeftError(
-            f"register_linear expects a flax.linen.Module subclass; got {module_type!r}."
+            f"register_linear expects a flax.linen.Module or flax.nnx.Module subclass; got {module_type!r}."
         )
     _REGISTRY[module_type] = linear
 
@@ -142,7 +149,10 @@ def _hf_types() -> dict[type, Linear]:
 
 
 def linear_of(module: nn.Module) -> Linear:
-    """Returns the registry record of a module, searching its type's MRO."""
+    """Returns the registry record of a module, searching its type's MRO (an NNX view carries its own)."""
+    own = getattr(module, "jpeft_linear", None)
+    if isinstance(own, Linear):
+        return own
     registry = {**_hf_types(), **_REGISTRY}
     for cls in type(module).__mro__:
         if cls in registry:
@@ -186,6 +196,8 @@ def _reuse(
     def fun(*a: Any, **kw: Any) -> Any:
         if not reenter and _same_call(args, kwargs, a, kw):
             return out
+        if getattr(module, "scope", None) is None:  # an NNX view: a module object calls again freely
+            return next_fun(*a, **kw)
         object.__setattr__(module, "scope", module.scope.rewound())
         state = getattr(module, "_state", None)
         if state is not None and hasattr(state, "autoname_cursor"):
@@ -193,6 +205,62 @@ def _reuse(
         return next_fun(*a, **kw)
 
     return fun
+
+
+def site_call(
+    module: Any,
+    next_fun: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    store: Any,
+    present: list[tuple[int, str]],
+    forward_of: Callable[[str], Forward],
+    index: Any = None,
+    skip: Any = False,
+    base: Base | None = None,
+    reenter: bool = False,
+) -> Any:
+    """Runs one adapted module call: the backend-neutral core of both the linen and the NNX backend.
+
+    ``module`` is the module view a method sees (a bound linen module, or ``jpeft._nnx.View``);
+    ``store[name]`` its delta leaves per adapter, ``present`` the ``(position in active, name)``
+    pairs it holds, and ``forward_of(name)`` the method ``forward`` of that adapter. See
+    :func:`interceptor` for ``index``, ``skip`` (AdapterDrop), ``base`` and ``reenter``.
+    """
+    inner = next_fun if base is None else functools.partial(_base_call, base, module, next_fun)
+    if skip is True:
+        return inner(*args, **kwargs)
+    if skip is not False:  # chosen at run time: compute the base once, then pick
+        out = inner(*args, **kwargs)
+        changed = _run(module, _reuse(module, inner, args, kwargs, out, reenter), args, kwargs, store, present, forward_of, None, reenter)
+        return jax.tree.map(lambda o, c: jnp.where(skip, o, c), out, changed)
+    return _run(module, inner, args, kwargs, store, present, forward_of, index, reenter)
+
+
+def _base_call(base: Base, module: Any, next_fun: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+    return base(module, next_fun, a, kw)
+
+
+def _run(module, next_fun, args, kwargs, store, present, forward_of, index, reenter):
+    if index is None:
+
+        def run(k: int, *a: Any, **kw: Any) -> Any:
+            if k == 0:
+                return next_fun(*a, **kw)
+            name = present[k - 1][1]
+            return forward_of(name)(module, functools.partial(run, k - 1), a, kw, store[name])
+
+        return run(len(present), *args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    reuse = _reuse(module, next_fun, args, kwargs, out, reenter)
+    mixed = out
+    for i, n in present:
+        y = forward_of(n)(module, reuse, args, kwargs, store[n])
+        # A block's output may be a tuple (hidden states, attention weights, ...): pick per leaf.
+        mixed = jax.tree.map(
+            lambda y, m, i=i: jnp.where((index == i).reshape((-1,) + (1,) * (y.ndim - 1)), y, m), y, mixed
+        )
+    return mixed
 
 
 def interceptor(
@@ -236,38 +304,8 @@ def interceptor(
         present = [(i, n) for i, n in enumerate(names) if n in store]
         if not present:
             return next_fun(*args, **kwargs)
-        inner = next_fun if base is None else functools.partial(_base_call, module, next_fun)
         skip = False if drop is None else drop(module)
-        if skip is True:
-            return inner(*args, **kwargs)
-        if skip is not False:  # chosen at run time: compute the base once, then pick
-            out = inner(*args, **kwargs)
-            changed = _run(module, _reuse(module, inner, args, kwargs, out, reenter), args, kwargs, store, present)
-            return jax.tree.map(lambda o, c: jnp.where(skip, o, c), out, changed)
-        return _run(module, inner, args, kwargs, store, present)
-
-    def _base_call(module, next_fun, *a, **kw):
-        return base(module, next_fun, a, kw)
-
-    def _run(module, next_fun, args, kwargs, store, present):
-        if index is None:
-
-            def run(k: int, *a: Any, **kw: Any) -> Any:
-                if k == 0:
-                    return next_fun(*a, **kw)
-                return forward(module, functools.partial(run, k - 1), a, kw, store[present[k - 1][1]])
-
-            return run(len(present), *args, **kwargs)
-        out = next_fun(*args, **kwargs)
-        reuse = _reuse(module, next_fun, args, kwargs, out, reenter)
-        mixed = out
-        for i, n in present:
-            y = forward(module, reuse, args, kwargs, store[n])
-            # A block's output may be a tuple (hidden states, attention weights, ...): pick per leaf.
-            mixed = jax.tree.map(
-                lambda y, m, i=i: jnp.where((index == i).reshape((-1,) + (1,) * (y.ndim - 1)), y, m), y, mixed
-            )
-        return mixed
+        return site_call(module, next_fun, args, kwargs, store, present, lambda _: forward, index, skip, base, reenter)
 
     return intercept
 

@@ -72,6 +72,9 @@ class Method:
     #: intercept the projections of the block they wrap): the mixed-batch and runtime-drop paths
     #: then re-run the module for the method instead of handing it the precomputed base output.
     reenters: ClassVar[bool] = False
+    #: True for the LoRA family: on NNX models its trainable factors are also ``nnx.LoRAParam``
+    #: (``jpeft.LoRADelta``), so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains them.
+    lora_factors: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.extra_trainable is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -115,6 +115,8 @@ class AdaLoRA(Method):
     References:
       Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023.
     """
+
+    lora_factors: ClassVar[bool] = True
 
     targets: str | tuple[str, ...]
     total_step: int

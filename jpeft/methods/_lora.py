@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -92,6 +92,8 @@ class LoRA(Method):
       Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
       Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024.
     """
+
+    lora_factors: ClassVar[bool] = True
 
     targets: str | tuple[str, ...]
     rank: int = 8
