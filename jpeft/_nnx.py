@@ -250,9 +250,12 @@ def _variable_type(method: Method, path: Path) -> type:
 
 
 def _variables(method: Method, path: Path, deltas: Any, sharding: Any) -> Any:
+    """The delta Variables; ``sharding``: their metadata (``out_sharding`` ...), nested like ``deltas``, or None."""
     if isinstance(deltas, Mapping):
-        return nnx.Dict({k: _variables(method, path + (k,), v, sharding) for k, v in deltas.items()})
-    return _variable_type(method, path)(deltas)
+        return nnx.Dict(
+            {k: _variables(method, path + (k,), v, None if sharding is None else sharding.get(k)) for k, v in deltas.items()}
+        )
+    return _variable_type(method, path)(deltas, **(sharding or {}))
 
 
 def _check_model_call(method: Method, where: str) -> None:
@@ -295,7 +298,10 @@ def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.M
         node = _tree.get(view, path)
         own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
         deltas = method.init_module(jax.random.fold_in(key, i), path, own, ctx)
-        variables = _variables(method, tuple(path) + (RESERVED, name), deltas, None)
+        from jpeft._nnx_sharding import delta_metadata
+
+        sharding = delta_metadata(method, module, tuple(path), own, deltas, ctx, name)
+        variables = _variables(method, tuple(path) + (RESERVED, name), deltas, sharding)
         first = store is None
         if first:
             setattr(module, RESERVED, nnx.Dict({name: variables}))

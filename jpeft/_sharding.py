@@ -194,7 +194,23 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
       >>> specs = jpeft.partition_specs(method, peft, {"q": {"kernel": P("data", "model"), "bias": None}})
       >>> specs["q"]["__jpeft__"]["default"]
       {'lora_a': P('data', None), 'lora_b': P(None, 'model')}
+
+    On an NNX model (``jpeft.apply`` of an ``nnx.Module``), ``base_specs`` is an ``nnx.State`` of
+    specs (``nnx.get_partition_spec(nnx.state(base_model))``) or a nested dict by state path, and the
+    result is an ``nnx.State`` of specs with the structure of ``nnx.state(model)``; see
+    ``jpeft._nnx_sharding``.
     """
+    from jpeft import _nnx
+
+    if _nnx.is_model(peft_params):
+        from jpeft import _nnx_sharding
+
+        return _nnx_sharding.partition_specs(method, peft_params, base_specs, mesh=mesh)
+    return derive(method, peft_params, base_specs, mesh, None)
+
+
+def derive(method: Method, peft_params: PyTree, base_specs: PyTree, mesh: Any, ctx: Context | None) -> PyTree:
+    """:func:`partition_specs` on a tree, with the layouts of ``ctx`` (default: ``Context(peft_params)``)."""
     where = f"jpeft.partition_specs({type(method).__name__})"
     if not isinstance(method, Method):
         raise JpeftError(
@@ -205,7 +221,7 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
         if not isinstance(tree, Mapping):
             raise JpeftError(f"{where}: {arg} must be a nested mapping; got {type(tree).__name__}.")
     mesh_shape = None if mesh is None else dict(mesh.shape)
-    ctx = Context(peft_params)
+    ctx = Context(peft_params) if ctx is None else ctx
     specs: dict[Path, Spec] = {}
 
     def spec_of(path: Path, leaf: Any) -> Spec:
