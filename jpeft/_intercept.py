@@ -11,9 +11,10 @@ input is, and how to apply a down-projection ``a`` to that input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -308,6 +309,39 @@ def interceptor(
         return site_call(module, next_fun, args, kwargs, store, present, lambda _: forward, index, skip, base, reenter)
 
     return intercept
+
+
+Inner = Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+@contextlib.contextmanager
+def submodule_calls(module: Any, inner: Inner) -> Iterator[None]:
+    """While active, each ``__call__`` of a submodule of ``module`` runs ``inner(sub, next_fun, args, kwargs)``.
+
+    The backend-neutral seam for methods that re-enter the block they wrap (parallel adapters read
+    one projection's input and add to another's output). ``sub`` is what a method sees of the
+    submodule: a bound linen module, or on NNX a ``jpeft._nnx.View`` with its full path. Calls of
+    ``module`` itself and of modules outside it run unchanged. Inner hooks run inside the method
+    hooks of an adapted submodule (innermost, next to the module's own call), on both backends.
+    """
+    own = getattr(module, "submodule_calls", None)
+    if own is not None:  # an NNX view brings its own hook
+        with own(inner):
+            yield
+        return
+    site = tuple(module.path)
+
+    def intercept(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name != "__call__" or m.scope is None:
+            return next_fun(*args, **kwargs)
+        path = tuple(m.path)
+        if path[: len(site)] != site or path == site:
+            return next_fun(*args, **kwargs)
+        return inner(m, next_fun, args, kwargs)
+
+    with nn.intercept_methods(intercept):
+        yield
 
 
 def method_interceptor(

@@ -145,6 +145,32 @@ class View:
     def make_rng(self, name: str) -> jax.Array:
         raise JpeftError(f"jpeft on NNX draws no {name!r} rng at {join(self.path)!r}.")
 
+    @contextlib.contextmanager
+    def submodule_calls(self, inner: _intercept.Inner) -> Iterator[None]:
+        """``_intercept.submodule_calls`` on NNX: the submodules' calls go through ``_adapted_call``.
+
+        For the duration, each submodule not yet of an adapted class is re-classed to one (restored
+        afterwards), and ``(submodules, inner)`` is pushed on a thread-local stack that
+        ``_adapted_call`` consults; nothing outlives the call.
+        """
+        subs: dict[int, tuple[nnx.Module, Path]] = {}
+        for p, m in nnx.iter_graph(self.module):
+            if p and isinstance(m, nnx.Module):
+                subs.setdefault(id(m), (m, tuple(self.path) + tuple(str(k) for k in p)))
+        swapped = []
+        try:
+            for m, _ in subs.values():
+                cls = type(m)
+                if adapted_class(cls) is not cls:
+                    m.__class__ = adapted_class(cls)
+                    swapped.append((m, cls))
+            _CALL.hooks = (*getattr(_CALL, "hooks", ()), (subs, inner))
+            yield
+        finally:
+            _CALL.hooks = tuple(h for h in getattr(_CALL, "hooks", ()) if h[0] is not subs)
+            for m, cls in swapped:
+                m.__class__ = cls
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)
 
@@ -204,6 +230,10 @@ def adapted_class(cls: type) -> type:
 def _adapted_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     base = type(self)._jpeft_base
     next_fun = functools.partial(base.__call__, self)
+    for subs, inner in reversed(getattr(_CALL, "hooks", ())):  # the newest hook is innermost, as on linen
+        if id(self) in subs:
+            view = View(self, subs[id(self)][1], _nnx_linear.record(self))
+            next_fun = functools.partial(_hooked, inner, view, next_fun)
     store = vars(self).get(RESERVED)
     if store is None:
         return next_fun(*args, **kwargs)
@@ -228,6 +258,10 @@ def _adapted_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
         first.base_forward,
         any(methods[n].reenters for _, n in present),
     )
+
+
+def _hooked(inner: _intercept.Inner, view: View, next_fun: Any, *args: Any, **kwargs: Any) -> Any:
+    return inner(view, next_fun, args, kwargs)
 
 
 # --- apply, merge, switching -------------------------------------------------------------------

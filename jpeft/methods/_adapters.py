@@ -12,8 +12,10 @@ as ``profile=``:
   modules (``ffn_in`` and ``ffn_out``, or ``query`` and ``attn_out``), so the leaves live in the
   scope of their lowest common ancestor (the FFN or attention block, or the whole layer for BERT,
   whose FFN is split over two modules). While that ancestor runs, a nested interceptor reads the
-  input module's argument and adds the adapter output to the output module's result. Nothing
-  outlives the call, so this holds under ``jit``, ``grad``, ``nn.scan`` and ``nn.remat``.
+  input module's argument and adds the adapter output to the output module's result
+  (``jpeft._intercept.submodule_calls``: linen's ``intercept_methods``, or on ``flax.nnx`` the
+  adapted classes' ``__call__``). Nothing outlives the call, so this holds under ``jit``, ``grad``,
+  ``nn.scan``/``nnx.scan`` and ``nn.remat``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 
 from jpeft import _errors, profiles
 from jpeft._errors import JpeftError
-from jpeft._intercept import linear_of
+from jpeft._intercept import linear_of, submodule_calls
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
 
@@ -374,10 +376,7 @@ class _Parallel(_Adapter):
         def role(m: nn.Module, field: str) -> bool:
             return any(re.fullmatch(getattr(p, field), join(m.path)) for p in cands)
 
-        def inner(nf: Any, a: tuple, kw: dict, context: Any) -> Any:
-            m = context.module
-            if context.method_name != "__call__" or m.scope is None or tuple(m.path[: len(site)]) != site:
-                return nf(*a, **kw)
+        def inner(m: Any, nf: Any, a: tuple, kw: dict) -> Any:
             if role(m, self.source) and not seen:
                 return self._at_source(m, nf, a, kw, seen)
             if role(m, self.sink):
@@ -392,7 +391,7 @@ class _Parallel(_Adapter):
             return nf(*a, **kw)
 
         done: list[bool] = []
-        with nn.intercept_methods(inner):
+        with submodule_calls(module, inner):  # linen's intercept_methods, or the NNX backend's hook
             out = next_fun(*args, **kwargs)
         if not done:
             raise JpeftError(
