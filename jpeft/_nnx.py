@@ -98,7 +98,7 @@ def tree(model: nnx.Module) -> dict[str, Any]:
         keys = [str(k) for k in path]
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-        node[keys[-1]] = var[...] if hasattr(var, "__getitem__") else var.value
+        node[keys[-1]] = read(var)
     for path, module in modules(model).items():
         linear = _nnx_linear.record(module)
         if linear is not None and linear.weight is not None and linear.weight != "kernel":
@@ -106,6 +106,20 @@ def tree(model: nnx.Module) -> dict[str, Any]:
             if linear.weight in node:
                 node["kernel"] = node.pop(linear.weight)
     return out
+
+
+def read(var: nnx.Variable) -> Any:
+    """A variable's array; a non-array value (a quantised kernel, ``jpeft.NF4Array``) as it is."""
+    value = var.get_value()
+    return var[...] if isinstance(value, jax.Array) else value
+
+
+def write(var: nnx.Variable, value: Any) -> None:
+    """Sets a variable's value in place; a quantised kernel is replaced whole (``jpeft.merge``)."""
+    if isinstance(var.get_value(), jax.Array):
+        var[...] = value
+    else:
+        var.set_value(value)
 
 
 class View:
@@ -137,7 +151,7 @@ class View:
         if name == RESERVED:
             return values(vars(self.module)[RESERVED])
         var = vars(self.module).get(self._attr(name))
-        return None if var is None else var[...]
+        return None if var is None else read(var)
 
     def has_rng(self, name: str) -> bool:
         return False
@@ -414,7 +428,7 @@ def merge(method: Method, model: nnx.Module, name: str) -> nnx.Module:
         folded = _tied.merge_module(method, path, own, values(store[name]), ctx)
         linear = _nnx_linear.record(module)
         for leaf, value in folded.items():
-            getattr(module, _nnx_linear.weight_attr(linear, leaf))[...] = value
+            write(getattr(module, _nnx_linear.weight_attr(linear, leaf)), value)
         _remove(module, name)
         merged += 1
     if not merged:

@@ -61,8 +61,10 @@ def _conv_down(view: Any, x: jax.Array, a: jax.Array) -> jax.Array:
 
 
 def _parse(spec: str, path: Any, shape: tuple[int, ...]) -> tuple[str, str, str, str, str]:
-    """``shape`` is the weight's shape; leading stack axes (``nnx.vmap`` layers) are allowed."""
-    """Splits ``'in,kernel->out'`` into (in, kernel, out, contracted, kernel outputs), or raises."""
+    """Splits ``'in,kernel->out'`` into (in, kernel, out, contracted, kernel outputs), or raises.
+
+    ``shape`` is the weight's shape; leading stack axes (``nnx.vmap`` layers) are allowed.
+    """
     spec = spec.replace(" ", "")
     try:
         operands, out = spec.split("->")
@@ -122,9 +124,11 @@ def einsum_linear(weight: str = "kernel", spec: str = "einsum_str") -> Linear:
         return Layout("dense_general", n_in=len(contracted), n_out=len(outs))
 
     def down(view: Any, x: jax.Array, a: jax.Array) -> jax.Array:
+        # ``a`` is a down factor (*in, r), or the whole weight (*in, *out) (QLoRA's dequantised base).
         xs, w, out, contracted, outs = parsed(view)
         r = next(c for c in string.ascii_letters if c not in xs + w + out)
-        return jnp.einsum(f"{xs},{contracted}{r}->{out[: len(out) - len(outs)]}{r}", x, a)
+        tail = r if a.ndim - len(contracted) == 1 else outs
+        return jnp.einsum(f"{xs},{contracted}{tail}->{out[: len(out) - len(outs)]}{tail}", x, a)
 
     return Linear(layout, down, weight=weight)
 

@@ -48,7 +48,11 @@ class QLoRA(LoRA):
     original dtype with the original structure (re-quantising would be lossy).
 
     Layers computed: ``nn.Dense``, ``nn.DenseGeneral`` (without batch_dims) and HF GPT-2's
-    ``Conv1D``, or any type registered with a ``dense``, ``transposed`` or ``dense_general`` layout.
+    ``Conv1D``, or any type registered with a ``dense``, ``transposed`` or ``dense_general`` layout;
+    on ``flax.nnx``, ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and einsum-style modules
+    (tunix's attention ``Einsum``). On an NNX model, ``jpeft.quantize(model, method)`` returns a new
+    model whose selected kernels hold ``NF4Array`` values (the same ``nnx.Param`` at the same state
+    path); train with ``wrt=jpeft.Delta`` or ``nnx.LoRAParam``, which leave those integer codes out.
 
     Args:
       targets: the modules that get LoRA factors, as in :class:`jpeft.LoRA`.

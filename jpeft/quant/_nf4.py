@@ -296,13 +296,15 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
     Other leaves stay the same objects; ``params`` is not mutated.
 
     Args:
-      params: a nested mapping of arrays.
+      params: a nested mapping of arrays, or a ``flax.nnx.Module``: then the result is a new model
+        (sharing every other array) whose selected variables, of the same type at the same state
+        path, hold :class:`NF4Array` values; ``jpeft.apply(jpeft.QLoRA(...), model)`` runs it.
       config: a :class:`NF4` config, or a ``jpeft.QLoRA`` method (its ``quant`` and, unless
         ``targets`` is given, its ``targets``).
       targets: a regex over '/'-joined paths, matched in full, or a sequence of path suffixes.
 
     Returns:
-      The tree with quantised leaves.
+      The tree with quantised leaves (or the new NNX model).
 
     Raises:
       JpeftError: on a target that matches nothing, or a selected leaf that is not a float array
@@ -320,6 +322,10 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
       >>> w = jpeft.dequantize(q)["dense"]["kernel"]
       >>> bool(jnp.linalg.norm(w - params["dense"]["kernel"]) < 0.1 * jnp.linalg.norm(w))
       True
+      >>> from flax import nnx
+      >>> model = jpeft.quantize(nnx.Linear(32, 8, rngs=nnx.Rngs(0)), jpeft.NF4(), targets="kernel")
+      >>> model.kernel.get_value()
+      NF4Array(shape=(32, 8), orig_dtype=float32, block_size=64, dq_block_size=256)
     """
     if not isinstance(config, NF4):
         method_quant = getattr(config, "quant", None)
@@ -335,8 +341,27 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
             "paths, or module-name suffixes like ('c_attn', 'c_fc')."
         )
     targets = _tree.normalize_targets("jpeft.quantize", targets)
+    from jpeft import _nnx
+
+    if _nnx.is_model(params):
+        from jpeft.quant import _nnx as _nnx_quant
+
+        return _nnx_quant.quantize_model(
+            params, lambda tree: _hits(tree, config, targets), lambda x: quantize_array(x, config)
+        )
     if not isinstance(params, Mapping):
-        raise JpeftError(f"jpeft.quantize expects a nested mapping of arrays; got {type(params).__name__}.")
+        raise JpeftError(
+            f"jpeft.quantize expects a nested mapping of arrays; got {type(params).__name__}. Pass a params "
+            "tree or a flax.nnx.Module."
+        )
+    out = _tree.as_dicts(params)
+    for p, x in _hits(params, config, targets):
+        _tree.get(out, p[:-1])[p[-1]] = quantize_array(x, config)
+    return out
+
+
+def _hits(params: PyTree, config: NF4, targets: Any) -> list[tuple[Path, Any]]:
+    """The leaves ``targets`` selects for quantisation, checked; raises if none."""
     pairs = [(p, x) for p, x in _tree.leaves(params) if RESERVED not in p]
     hit = [
         (p, x)
@@ -352,22 +377,20 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
         )
     for p, x in hit:
         _check_leaf("jpeft.quantize", p, x, config)
-    out = _tree.as_dicts(params)
-    for p, x in hit:
-        _tree.get(out, p[:-1])[p[-1]] = quantize_array(x, config)
-    return out
+    return hit
 
 
 def dequantize(x: Any, dtype: Any = None) -> Any:
     """Restores an :class:`NF4Array`, or every one in a tree, to a float array.
 
     Args:
-      x: an ``NF4Array`` or a nested mapping that holds some.
+      x: an ``NF4Array``, a nested mapping that holds some, or a ``flax.nnx.Module`` from
+        :func:`quantize` (or ``jpeft.apply`` of QLoRA on one).
       dtype: the result dtype; by default each array's original dtype.
 
     Returns:
       An array, or the tree with arrays in place of the quantised nodes (other leaves are the same
-      objects).
+      objects), or a new NNX model of float kernels (``x`` is not changed).
 
     Raises:
       JpeftError: if ``x`` is neither.
@@ -380,6 +403,12 @@ def dequantize(x: Any, dtype: Any = None) -> Any:
     """
     if isinstance(x, NF4Array):
         return dequantize_array(x, dtype)
+    from jpeft import _nnx
+
+    if _nnx.is_model(x):
+        from jpeft.quant import _nnx as _nnx_quant
+
+        return _nnx_quant.dequantize_model(x, lambda v: dequantize_array(v, dtype), lambda v: isinstance(v, NF4Array))
     if isinstance(x, Mapping):
         return jax.tree.map(
             lambda v: dequantize_array(v, dtype) if isinstance(v, NF4Array) else v,
@@ -388,5 +417,5 @@ def dequantize(x: Any, dtype: Any = None) -> Any:
         )
     raise JpeftError(
         f"jpeft.dequantize expects an NF4Array or a tree holding some; got {type(x).__name__}. "
-        "Quantise with jpeft.quantize(params, jpeft.NF4(), targets=...) first."
+        "Quantise with jpeft.quantize(params, jpeft.NF4(), targets=...) first (a tree or a flax.nnx.Module)."
     )
