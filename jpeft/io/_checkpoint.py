@@ -250,6 +250,10 @@ def save(
     References:
       orbax-checkpoint, https://orbax.readthedocs.io.
     """
+    from jpeft.io import _nnx_checkpoint as nnx_io  # an NNX model: saved through its tree view
+
+    if nnx_io.is_model(peft_params):
+        return nnx_io.save(path, method, peft_params, step=step, opt_state=opt_state, name=name, overwrite=overwrite)
     import orbax.checkpoint as ocp
 
     import jpeft
@@ -441,6 +445,10 @@ def restore(
       >>> jpeft.list_paths(peft), opt_state, step
       (['q/__jpeft__/default/lora_a', 'q/__jpeft__/default/lora_b', 'q/kernel'], None, 1)
     """
+    from jpeft.io import _nnx_checkpoint as nnx_io  # an NNX base model: returns a new peft model
+
+    if nnx_io.is_model(params):
+        return nnx_io.restore(path, params, step=step, opt_state=opt_state, method=method)
     import orbax.checkpoint as ocp
 
     where = "jpeft.restore"
