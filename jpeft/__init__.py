@@ -21,6 +21,7 @@ from jpeft._nnx import LoRADelta as LoRADelta
 from jpeft._nnx_api import call as call
 from jpeft._nnx_api import set_adapter as set_adapter
 from jpeft._nnx_linear import einsum_linear as einsum_linear
+from jpeft._nnx_train import trainable as trainable
 from jpeft._sharding import partition_specs as partition_specs
 from jpeft._train import check as check
 from jpeft._train import combine as combine
@@ -137,5 +138,6 @@ __all__ = [
     "remove",
     "split",
     "summary",
+    "trainable",
     "wrap",
 ]

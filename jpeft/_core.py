@@ -402,6 +402,8 @@ def regularizer(method: Method, peft_params: PyTree, *, name: str = "default") -
     """The method's loss term summed over the tree: AdaLoRA's orthogonality, diff pruning's L0.
 
     Traceable; add it to the loss inside the training step. It is ``0.0`` for methods without one.
+    ``peft_params`` may be an NNX model from ``jpeft.apply`` (inside ``nnx.grad`` or after
+    ``nnx.merge`` in the lean step, so the term's gradient reaches its deltas).
 
     Example:
       >>> import jax, jax.numpy as jnp, jpeft
@@ -411,6 +413,11 @@ def regularizer(method: Method, peft_params: PyTree, *, name: str = "default") -
       0.0
     """
     _check_method(method, "jpeft.regularizer")
+    if _nnx.is_model(peft_params):
+        _check_name(name)
+        from jpeft import _nnx_train
+
+        return _nnx_train.regularizer(method, peft_params, name)
     _check_params(peft_params, "jpeft.regularizer")
     whole = method.tree_penalty(peft_params, name)  # AdaLoRA's mean over all factor matrices
     if whole is not None:

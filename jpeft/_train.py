@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
-from jpeft import _tree
+from jpeft import _nnx, _nnx_train, _tree
 from jpeft._core import _check_method, _check_params, _map
 from jpeft._errors import JpeftError
 from jpeft._method import Method
@@ -25,7 +26,8 @@ def labels(method: Method, tree: PyTree) -> PyTree:
 
     ``'frozen'`` marks leaves that do not train (the base, and LoRA-FA's A); ``'trainable'`` marks
     the rest, with finer labels where a method needs them (``'lora_a'``/``'lora_b'`` for LoRA+).
-    ``None`` holes (from :func:`split`) stay ``None``.
+    ``None`` holes (from :func:`split`) stay ``None``. On an NNX model (from ``jpeft.apply``) the
+    labels cover its ``Param`` and frozen-delta variables, keyed as ``jpeft.list_paths(model)`` shows.
 
     Raises:
       JpeftError: on a variables dict ``{'params': ...}``; pass the ``params`` collection itself.
@@ -38,6 +40,8 @@ def labels(method: Method, tree: PyTree) -> PyTree:
       {'q': {'kernel': 'frozen', '__jpeft__': {'default': {'lora_a': 'trainable', 'lora_b': 'trainable'}}}}
     """
     _check_method(method, "jpeft.labels")
+    if _nnx.is_model(tree):  # labels of the tree view, keyed as jpeft.list_paths(model) shows
+        return _nnx_train.labels(method, tree)
     _check_params(tree, "jpeft.labels")
     label_of = _labeller(method, tree)
     return _map(lambda path, _: label_of(path), tree)
@@ -63,13 +67,22 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
     for the trainable leaves only. (``optax.MultiSteps(jpeft.optimizer(...), k)`` works too, but on
     the full tree keeps an accumulator for every frozen leaf.)
 
+    On an NNX model (from ``jpeft.apply``) it returns a transform over the ``State`` that
+    ``nnx.Optimizer(model, tx, wrt=...)`` passes (or a half of ``jpeft.split(method, model)``), with
+    the same rules: ``nnx.Optimizer(model, jpeft.optimizer(tx, method, model), wrt=jpeft.trainable(
+    method, model))``. A ``wrt`` that also selects frozen variables (``nnx.Param`` with LoRA) is
+    handled: they get zero updates and no state, though their gradients are still computed; a
+    ``wrt`` that leaves out a variable the method trains (``jpeft.Delta`` with BitFit) is refused
+    at ``init``.
+
     Args:
       tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-3)``.
       method: the method.
       peft_params: a tree of the shape the optimizer will see (its paths give the labels).
 
     Raises:
-      JpeftError: on a variables dict ``{'params': ...}``, or a tree with no trainable leaf.
+      JpeftError: on a variables dict ``{'params': ...}``, or a tree with no trainable leaf; on NNX,
+        at ``init``, for a state that leaves out a variable the method trains.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jpeft
@@ -81,6 +94,10 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
       >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, peft), state, peft)
       >>> float(abs(updates["q"]["kernel"]).max())
       0.0
+      >>> from flax import nnx
+      >>> method = jpeft.LoRA(targets=".*", rank=2)
+      >>> model = jpeft.apply(method, nnx.Linear(4, 3, rngs=nnx.Rngs(0)), key=jax.random.key(0))
+      >>> opt = nnx.Optimizer(model, jpeft.optimizer(optax.adam(1e-3), method, model), wrt=jpeft.Delta)
     """
     _check_method(method, "jpeft.optimizer")
     if isinstance(tx, optax.MultiSteps):
@@ -89,6 +106,8 @@ def optimizer(tx: optax.GradientTransformation, method: Method, peft_params: PyT
         raise JpeftError(
             f"jpeft.optimizer expects an optax.GradientTransformation first; got {type(tx).__name__}."
         )
+    if _nnx.is_model(peft_params):
+        return _nnx_train.optimizer(tx, method, peft_params)
     _check_params(peft_params, "jpeft.optimizer")
     label_of = _labeller(method, peft_params)
     used = {label_of(p) for p, _ in _tree.leaves(peft_params)}
@@ -118,6 +137,11 @@ def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:
     Differentiating with respect to ``trainable`` alone is the lean path: XLA computes no weight
     gradient for frozen kernels. :func:`combine` puts the halves back together.
 
+    On an NNX model (from ``jpeft.apply``) it returns ``nnx.split(model, jpeft.trainable(method,
+    model), ...)``: ``(graphdef, trainable, rest)``. The lean step differentiates a loss of
+    ``nnx.merge(graphdef, trainable, rest)`` with respect to ``trainable`` alone (for delta-only
+    methods ``nnx.split(model, jpeft.Delta, ...)`` is the same split).
+
     Example:
       >>> import jax, jax.numpy as jnp, jpeft
       >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
@@ -125,8 +149,16 @@ def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:
       >>> trainable, frozen = jpeft.split(method, jpeft.apply(method, params, key=jax.random.key(0)))
       >>> trainable["q"]["kernel"] is None, frozen["q"]["__jpeft__"]["default"]["lora_a"] is None
       (True, True)
+      >>> from flax import nnx
+      >>> method = jpeft.LoRA(targets=".*", rank=2)
+      >>> model = jpeft.apply(method, nnx.Linear(4, 3, rngs=nnx.Rngs(0)), key=jax.random.key(0))
+      >>> graphdef, deltas, rest = jpeft.split(method, model)
+      >>> sorted(k[-1] for k, _ in nnx.to_flat_state(deltas))
+      ['lora_a', 'lora_b']
     """
     _check_method(method, "jpeft.split")
+    if _nnx.is_model(peft_params):
+        return _nnx_train.split(method, peft_params)
     _check_params(peft_params, "jpeft.split")
     lab = labels(method, peft_params)
 
@@ -136,14 +168,29 @@ def split(method: Method, peft_params: PyTree) -> tuple[PyTree, PyTree]:
     return pick(False), pick(True)
 
 
-def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
+def combine(trainable: PyTree, frozen: PyTree, *rest: PyTree) -> PyTree:
     """Combines the halves of :func:`split` into one tree.
+
+    On NNX, ``jpeft.combine(graphdef, trainable, rest)`` is ``nnx.merge(graphdef, trainable, rest,
+    copy=True)``: new ``Variable`` s at the current trace level (under ``jax.grad``, merging the split's
+    own Variable objects fails inside ``nnx.scan``).
+
+    Raises:
+      JpeftError: when the halves do not come from one split (keys differ, or both hold a leaf).
 
     Example:
       >>> import jpeft
       >>> jpeft.combine({"a": 1, "b": None}, {"a": None, "b": 2})
       {'a': 1, 'b': 2}
     """
+
+    if isinstance(trainable, nnx.GraphDef):
+        return _nnx_train.combine(trainable, frozen, *rest)
+    if rest:
+        raise JpeftError(
+            f"jpeft.combine takes two halves of a parameter tree (or an NNX graphdef and states); got {2 + len(rest)} "
+            "trees. Pass jpeft.combine(trainable, frozen)."
+        )
 
     def merge_nodes(t: Any, f: Any, path: Path) -> Any:
         if isinstance(t, Mapping) and isinstance(f, Mapping):
@@ -168,6 +215,8 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
 def summary(method: Method, peft_params: PyTree) -> str:
     """Describes what trains: trainable, total and percentage, and a per-target table.
 
+    Takes a tree from ``jpeft.apply`` or an NNX model from it (its ``Param`` and frozen deltas).
+
     Example:
       >>> import jax, jax.numpy as jnp, jpeft
       >>> params = {"q": {"kernel": jnp.ones((4, 4))}, "v": {"kernel": jnp.ones((4, 4))}}
@@ -179,6 +228,8 @@ def summary(method: Method, peft_params: PyTree) -> str:
       q       (4, 4)  16
     """
     _check_method(method, "jpeft.summary")
+    if _nnx.is_model(peft_params):
+        return _nnx_train.summary(method, peft_params)
     _check_params(peft_params, "jpeft.summary")
     lab = labels(method, peft_params)
     rows: dict[Path, int] = {}
@@ -216,6 +267,7 @@ def check(peft_params: PyTree) -> None:
     """Raises if any delta leaf holds NaN or infinity; call it eagerly (outside ``jit``).
 
     A diverged run shows up here with the paths of the bad leaves, before it is saved or merged.
+    Takes a tree from ``jpeft.apply`` or an NNX model from it.
 
     Raises:
       JpeftError: naming up to five non-finite delta leaves, their shapes and how many bad values.
@@ -226,6 +278,8 @@ def check(peft_params: PyTree) -> None:
       >>> peft = jpeft.apply(jpeft.LoRA(targets=["q"], rank=2), params, key=jax.random.key(0))
       >>> jpeft.check(peft)  # finite: returns None
     """
+    if _nnx.is_model(peft_params):
+        return _nnx_train.check(peft_params)
     _check_params(peft_params, "jpeft.check")
     bad = []
     for path, leaf in _tree.leaves(peft_params):

@@ -55,7 +55,8 @@ def list_paths(params: PyTree) -> list[str]:
     """Lists the '/'-joined path of every leaf of a parameter tree.
 
     Args:
-        params: a nested mapping of arrays, such as a Flax ``params`` collection.
+        params: a nested mapping of arrays, such as a Flax ``params`` collection, or an NNX model
+            (its ``Param`` and frozen-delta variables, with weights under linen's leaf names).
 
     Returns:
         The paths, sorted, one per leaf, such as ``'layers/query/kernel'``.
@@ -66,6 +67,10 @@ def list_paths(params: PyTree) -> list[str]:
         ['dense/bias', 'dense/kernel']
     """
     if not isinstance(params, Mapping):
+        from jpeft import _nnx, _nnx_train  # lazily: _tree is imported by both
+
+        if _nnx.is_model(params):
+            return _nnx_train.list_paths(params)
         raise JpeftError(
                 f"list_paths expects a nested mapping of arrays; got {type(params).__name__}. "
                 "Pass variables['params'], not the variables dict or a model object."
