@@ -85,6 +85,9 @@ def load(model: nnx.Module, tree: dict[str, Any]) -> nnx.Module:
         node = tree
         for k in path:
             node = node[str(k)]
+        if not isinstance(var.value, jax.Array):  # a quantised kernel (NF4Array): copy it leaf by leaf
+            var.value = jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), node, var.value)
+            continue
         assert tuple(node.shape) == tuple(var.shape), (path, node.shape, var.shape)
         var[...] = jnp.asarray(node, var.dtype)
     nnx.update(model, state)
