@@ -36,7 +36,9 @@ class AdapterFusion(Method):
 
     ``W_q`` and ``W_k`` start as N(0, 0.02^2), ``W_v`` as the identity and the biases at zero, so
     with one adapter (or uniform attention and identical adapters) the fused model equals the
-    adapter's. Only the fusion weights train: ``jpeft.labels`` marks the named adapters frozen.
+    adapter's. Only the fusion weights train: ``jpeft.labels`` marks the named adapters frozen (on a
+    ``flax.nnx`` model, pass ``wrt=jpeft.trainable(fusion, model)``: ``jpeft.Delta`` also selects
+    the fused adapters' leaves).
     Trainable parameters per site: ``3 d^2 + 2 d``. Not mergeable.
 
     Args:
