@@ -25,6 +25,7 @@ from jpeft._errors import JpeftError
 from jpeft._intercept import linear_of
 from jpeft._method import Context
 from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.methods import _lora_drop_nnx
 from jpeft.methods._lora import LoRA, LoRAFA, LoRAPlus
 
 _SHARED: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("jpeft_lora_drop", default=None)
@@ -289,7 +290,8 @@ class LoRADrop(LoRA):
             raise JpeftError(
                 f"{self._name()}: {join(module.path)!r} shares the {group!r} pair stored at the tree's root "
                 f"(__jpeft__/<adapter>/{group}), but the root module's __call__ did not run with it. Apply "
-                "the whole tree through the root module: jpeft.wrap(model.apply, method)."
+                "the whole tree through the root module: jpeft.wrap(model.apply, method), or call the NNX model "
+                "jpeft.apply returned."
             )
         return super().forward(module, next_fun, args, kwargs, shared[group])
 
@@ -339,15 +341,19 @@ def lora_drop_importance(
 
     Args:
       method: the trained LoRA.
-      peft_params: its tree.
+      peft_params: its tree, or the ``flax.nnx`` model ``jpeft.apply`` returned.
       apply_fn: ``model.apply`` (for HF Flax models, ``model.module.apply`` with the inputs it needs).
+        For an NNX model: ``None`` calls the model with each batch; a function is called as
+        ``apply_fn(model, *args, **kwargs)``.
       batches: sample data; each batch is a mapping of keyword arguments, a tuple of positional
         arguments, or one positional argument of ``apply_fn``.
       name: the adapter to measure.
 
     A target stacked by ``nn.scan`` gets one number per layer, keyed ``'<module path>[i]'``: the scan
     must stack the ``'intermediates'`` collection (``variable_axes={'params': 0, 'intermediates': 0}``),
-    so that each layer's sown value keeps its slot.
+    so that each layer's sown value keeps its slot. On an NNX model (layers stacked by ``nnx.vmap``
+    and run by a forward ``nnx.scan`` need nothing more) each value reaches the host through an
+    ordered ``jax.debug.callback``, layer by layer.
 
     Returns:
       ``{module path: importance}`` for every target (``{'path[i]': ...}`` per layer of a stacked
@@ -383,9 +389,19 @@ def lora_drop_importance(
             x = x.astype(dtype)
         h = linear.down(module, x, a.astype(dtype)) * jnp.asarray(method.scale, dtype)
         delta = jnp.tensordot(h, b.astype(dtype), axes=1)
-        module.sow("intermediates", _SOW, jnp.sum(delta * delta))
+        if nnx_calls is None:
+            module.sow("intermediates", _SOW, jnp.sum(delta * delta))
+        else:  # NNX: no collection leaves an nnx.scan body, so the host collects, in call order
+            _lora_drop_nnx.record(nnx_calls, tuple(module.path), a.ndim, jnp.sum(delta * delta))
         return y + delta.astype(y.dtype)
 
+    from jpeft import _nnx
+
+    nnx_calls: dict[tuple[Path, int], list[float]] | None = None
+    if _nnx.is_model(peft_params):
+        nnx_calls = {}
+        sums = _lora_drop_nnx.sums(peft_params, forward, apply_fn, batches, name, nnx_calls)
+        return _totals(method.select(_nnx.tree(peft_params)), sums)
     targets = method.select(peft_params)
     sums: dict[str, np.ndarray] = {}
     with nn.intercept_methods(_intercept.interceptor(forward, name)):
@@ -403,6 +419,11 @@ def lora_drop_importance(
                             "expected () for a layer or (L,) for one nn.scan stack. Nested stacks are not supported."
                         )
                     sums[module] = sums[module] + value if module in sums else value
+    return _totals(targets, sums)
+
+
+def _totals(targets: list[Path], sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``{path: importance}`` (``{'path[i]': ...}`` per layer of a stack) from the summed values."""
     missing = sorted(set(map(join, targets)) - set(sums))
     if missing:
         raise JpeftError(
@@ -439,8 +460,9 @@ def lora_drop_select(
 
     Args:
       method: the trained LoRA of stage 1.
-      peft_params: its tree.
-      apply_fn: ``model.apply``; see :func:`lora_drop_importance`.
+      peft_params: its tree, or its NNX model (then the result holds a new model, and
+        ``peft_params`` is not changed).
+      apply_fn: ``model.apply``, or for an NNX model ``None``; see :func:`lora_drop_importance`.
       batches: sample data; see :func:`lora_drop_importance`.
       key: a ``jax.random`` key for the stage-2 factors.
       threshold: the cumulative importance share to keep, in (0, 1].
@@ -499,6 +521,9 @@ def lora_drop_select(
         store = {k: v for k, v in tree.get(RESERVED, {}).items() if k != name}
         return {**out, RESERVED: store} if store else out
 
+    from jpeft import _nnx
     from jpeft._core import apply
 
+    if _nnx.is_model(peft_params):  # a new model without adapter ``name``; peft_params is not changed
+        return new, apply(new, _lora_drop_nnx.without(peft_params, name), key=key, name=name)
     return new, apply(new, strip(peft_params), key=key, name=name)
