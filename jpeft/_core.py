@@ -40,6 +40,27 @@ def _check_params(params: Any, where: str) -> None:
         )
 
 
+def _check_model_object(params: Any, where: str) -> None:
+    """A model object that jpeft cannot adapt: an NNX class, a linen module, anything else not a mapping."""
+    from flax import nnx
+
+    if isinstance(params, type) and issubclass(params, nnx.Module):
+        raise JpeftError(
+            f"{where} got the NNX class {params.__name__}, not a model. Pass an instance, e.g. "
+            f"{params.__name__}(..., rngs=nnx.Rngs(0))."
+        )
+    if isinstance(params, nn.Module):
+        raise JpeftError(
+            f"{where} got a flax.linen module object ({type(params).__name__}), which holds no weights. Pass its "
+            "params, model.init(key, x)['params'], and run it with jpeft.wrap(model.apply, method)."
+        )
+    if not isinstance(params, Mapping):
+        raise JpeftError(
+            f"{where} expects the 'params' collection as a nested mapping of arrays; got {type(params).__name__}. "
+            "Pass variables['params'] (for HF Flax models, model.params), or a flax.nnx.Module instance."
+        )
+
+
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not name or "/" in name:
         raise JpeftError(f"Adapter name must be a non-empty str without '/'; got {name!r}.")
@@ -117,6 +138,7 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
         _check_name(name)
         _check_key(key)
         return _nnx.apply(method, params, key, name)
+    _check_model_object(params, "jpeft.apply")
     _check_params(params, "jpeft.apply")
     _check_name(name)
     _check_key(key)
@@ -318,25 +340,27 @@ def _layer_pattern(params: PyTree) -> str:
     return found[0].layer_pattern
 
 
-def _check_adapter_index(index: Any, names: tuple[str, ...], args: tuple, kwargs: dict) -> None:
+def _check_adapter_index(
+    index: Any, names: tuple[str, ...], args: tuple, kwargs: dict, where: str = "jpeft.wrap"
+) -> None:
     shape = getattr(index, "shape", None)
     dtype = getattr(index, "dtype", None)
     if shape is None or len(shape) != 1 or not jax.numpy.issubdtype(dtype, jax.numpy.integer):
         raise JpeftError(
-            f"jpeft.wrap: adapter_index must be a 1-D int array, one entry per example (-1 for the base "
+            f"{where}: adapter_index must be a 1-D int array, one entry per example (-1 for the base "
             f"model); got {type(index).__name__} with shape {shape} and dtype {dtype}."
         )
     first = next((a for a in (*args, *kwargs.values()) if hasattr(a, "shape") and len(a.shape) >= 1), None)
     if first is not None and first.shape[0] != shape[0]:
         raise JpeftError(
-            f"jpeft.wrap: adapter_index has {shape[0]} entries but the batch has {first.shape[0]} examples "
+            f"{where}: adapter_index has {shape[0]} entries but the batch has {first.shape[0]} examples "
             f"(first input shape {tuple(first.shape)}). Pass one adapter index per example."
         )
     if not isinstance(index, jax.core.Tracer):
         bad = sorted({int(i) for i in np.asarray(index) if not -1 <= int(i) < len(names)})
         if bad:
             raise JpeftError(
-                f"jpeft.wrap: adapter_index holds {bad}; valid are -1 (base) and 0..{len(names) - 1} "
+                f"{where}: adapter_index holds {bad}; valid are -1 (base) and 0..{len(names) - 1} "
                 f"for active={list(names)}."
             )
 

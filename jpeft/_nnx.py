@@ -193,7 +193,8 @@ def values(store: Any) -> Any:
     """A delta store of NNX ``Variable`` s as nested dicts of arrays."""
     if isinstance(store, nnx.Variable):
         return store[...]
-    return {k: values(v) for k, v in store.items()}
+    # nnx.capture adds a '__captures__' tuple to every module of the graph, nnx.Dict stores included
+    return {k: values(v) for k, v in store.items() if isinstance(v, nnx.Variable) or hasattr(v, "items")}
 
 
 class NnxContext(Context):

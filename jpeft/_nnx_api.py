@@ -87,6 +87,6 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
                     f"jpeft.call({type(m).__name__}): adapter_index= (a mixed batch) is not supported by this method. "
                     "Run one adapter per call (jpeft.set_adapter), or merge each adapter and batch the merged models."
                 )
-        _check_adapter_index(adapter_index, shown, args, kwargs)
+        _check_adapter_index(adapter_index, shown, args, kwargs, "jpeft.call")
     with _nnx.calling(adapter_index, names):
         return model(*args, **kwargs)
