@@ -91,11 +91,13 @@ def _linen(method: jpeft.Method, tree, ids, **kw):
     return jpeft.wrap(M.Model().apply, method, **kw)({"params": tree}, ids)
 
 
-def _no_leftover_classes(model: nnx.Module) -> None:
-    """Modules without deltas are of their own classes again, and no hook is left on the stack."""
-    for path, module in _nnx.modules(model).items():
-        adapted = getattr(type(module), "_jpeft_base", None) is not None
-        assert adapted == (jpeft.RESERVED in vars(module)), path
+def _classes(model: nnx.Module) -> dict:
+    return {path: type(module) for path, module in _nnx.modules(model).items()}
+
+
+def _no_leftover_classes(model: nnx.Module, before: dict) -> None:
+    """Every module is of the class it had before the call, and no hook is left on the stack."""
+    assert _classes(model) == before
     assert getattr(_nnx._CALL, "hooks", ()) == ()
 
 
@@ -104,15 +106,15 @@ def test_synthetic_linen_and_nnx_agree(name):
     method = METHODS[name]
     tree, model = _pair({"default": method})
     ids = _ids()
-    expected = _linen(method, tree, ids)
+    expected, before = _linen(method, tree, ids), _classes(model)
     assert float(jnp.max(jnp.abs(expected - _base(M.BATCH)))) > 1e-3  # the deltas act
     np.testing.assert_allclose(model(ids), expected, **TOL)
-    _no_leftover_classes(model)
+    _no_leftover_classes(model, before)
 
 
 def test_parallel_adapter_gradients_equal_linen():
     tree, model = _pair({"default": PARALLEL})
-    ids = _ids()
+    ids, before = _ids(), _classes(model)
     grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, jpeft.Delta))(model)
     linen_grads = jax.grad(lambda t: jnp.mean(_linen(PARALLEL, t, ids) ** 2))(tree)
     flat = nnx.to_flat_state(grads)
@@ -122,7 +124,7 @@ def test_parallel_adapter_gradients_equal_linen():
         for k in path:
             node = node[str(k)]
         np.testing.assert_allclose(g[...], node, rtol=1e-4, atol=1e-6)
-    _no_leftover_classes(model)
+    _no_leftover_classes(model, before)
 
 
 # --- a real architecture: HF Flax Llama and its NNX twin --------------------------------------
@@ -154,9 +156,9 @@ def test_llama_linen_and_nnx_agree(name):
     assert _paths(tree) == _paths(model)
     tree = random_deltas(tree, 3, scale=0.3)
     N.load(model, tree)
-    expected = hf.logits(jpeft.wrap(hf.apply, method)({"params": tree}, **hf.inputs))
+    expected, before = hf.logits(jpeft.wrap(hf.apply, method)({"params": tree}, **hf.inputs)), _classes(model)
     np.testing.assert_allclose(_logits(model, hf.inputs), expected, **TOL)
-    _no_leftover_classes(model)
+    _no_leftover_classes(model, before)
 
 
 def test_llama_scan_stacks_parallel_deltas_and_equals_unrolled():
@@ -205,7 +207,7 @@ def test_stacked_adapters_equal_linen(name):
 def test_mixed_batch_rows_equal_each_adapter_alone(name):
     method = METHODS[name]
     _, model = _pair({"a": method, "b": method})
-    ids = _ids(3)
+    ids, before = _ids(3), _classes(model)
     index = jnp.array([1, -1, 0])
     mixed = nnx.jit(lambda m, x, i: jpeft.call(m, x, adapter_index=i, active=("a", "b")))(model, ids, index)
     base = _base(3)
@@ -217,19 +219,33 @@ def test_mixed_batch_rows_equal_each_adapter_alone(name):
     np.testing.assert_allclose(mixed[1], base[1], **TOL)
     np.testing.assert_allclose(mixed[2], alone_a[2], **TOL)
     assert float(jnp.max(jnp.abs(alone_a - alone_b))) > 1e-3
-    _no_leftover_classes(model)
+    _no_leftover_classes(model, before)
 
 
 # --- errors ----------------------------------------------------------------------------------------
 def test_sink_before_source_raises_and_leaves_nothing_behind():
     backwards = dataclasses.replace(SYN, ffn_out="layers/q")  # q runs before dg_in
     model = jpeft.apply(jpeft.ParallelAdapter(bottleneck=2, profile=backwards), N.synthetic(), key=jax.random.key(0))
+    before = _classes(model)
     with pytest.raises(jpeft.JpeftError, match=r"'layers/q' ran before any ffn_in module"):
         model(_ids())
-    _no_leftover_classes(model)
+    _no_leftover_classes(model, before)
 
 
 def test_applying_an_adapter_twice_under_one_name_raises():
     model = jpeft.apply(PARALLEL, N.synthetic(), key=jax.random.key(0), name="a")
     with pytest.raises(jpeft.JpeftError, match="adapter 'a' already exists at 'layers'"):
         jpeft.apply(PARALLEL, model, key=jax.random.key(1), name="a")
+
+
+def test_merge_of_an_adapter_is_refused():
+    model = jpeft.apply(PARALLEL, N.synthetic(), key=jax.random.key(0))
+    with pytest.raises(jpeft.JpeftError, match="ParallelAdapter cannot be merged into the base weights"):
+        jpeft.merge(PARALLEL, model)
+
+
+def test_fusion_of_an_adapter_the_model_lacks_raises():
+    model = jpeft.apply(PFEIFFER, N.synthetic(), key=jax.random.key(0), name="a")
+    fusion = jpeft.AdapterFusion(adapters=("a", "zz"), adapter=PFEIFFER)
+    with pytest.raises(jpeft.JpeftError, match=r"'layers/dg_out' holds no deltas of adapter\(s\) \['zz'\]"):
+        jpeft.apply(fusion, model, key=jax.random.key(1), name="fusion")
