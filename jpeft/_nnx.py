@@ -176,14 +176,15 @@ class View:
             for m, _ in subs.values():
                 cls = type(m)
                 if adapted_class(cls) is not cls:
-                    m.__class__ = adapted_class(cls)
+                    # object.__setattr__: Pytree.__setattr__ would add "__class__" to the graph for good
+                    object.__setattr__(m, "__class__", adapted_class(cls))
                     swapped.append((m, cls))
             _CALL.hooks = (*getattr(_CALL, "hooks", ()), (subs, inner))
             yield
         finally:
             _CALL.hooks = tuple(h for h in getattr(_CALL, "hooks", ()) if h[0] is not subs)
             for m, cls in swapped:
-                m.__class__ = cls
+                object.__setattr__(m, "__class__", cls)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)
@@ -243,6 +244,10 @@ def adapted_class(cls: type) -> type:
 
 
 def _adapted_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    if vars(self).get("_jpeft_root") and getattr(_CALL, "root", None) is not self:  # prompt/prefix: Method.call
+        from jpeft import _nnx_root
+
+        return _nnx_root.call(self, functools.partial(_nnx_root.inside, self, _adapted_call), args, kwargs)
     base = type(self)._jpeft_base
     next_fun = functools.partial(base.__call__, self)
     for subs, inner in reversed(getattr(_CALL, "hooks", ())):  # the newest hook is innermost, as on linen
@@ -308,14 +313,6 @@ def _variables(method: Method, path: Path, deltas: Any, sharding: Any) -> Any:
 
 
 def _check_model_call(method: Method, where: str) -> None:
-    from jpeft.methods._prompt import virtual_part
-
-    if virtual_part(method) is not None:
-        raise JpeftError(
-            f"{where}({type(method).__name__}) on an NNX model: prompt and prefix methods extend the model's "
-            "inputs at its root call, which the NNX backend does not do yet. Use a linen model, or a weight or "
-            "adapter method (LoRA family, (IA)^3, adapters, ...)."
-        )
     for name in ("dropout",):
         if getattr(method, name, 0) or any(getattr(m, name, 0) for m in getattr(method, "methods", ())):
             raise JpeftError(
@@ -333,6 +330,7 @@ def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.M
     if not method.has_deltas:
         return new
     mods = modules(new)
+    current = active_names(new)  # a module's first adapter joins the model's choice, not its own
     ctx = NnxContext(view, mods)
     for i, path in enumerate(targets):
         module = mods.get(tuple(path))
@@ -354,13 +352,16 @@ def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.M
         first = store is None
         if first:
             setattr(module, RESERVED, nnx.Dict({name: variables}))
-            module.__class__ = adapted_class(type(module))
+            object.__setattr__(module, "__class__", adapted_class(type(module)))
             module._jpeft_path = tuple(path)
             module._jpeft_methods = ((name, method),)
-            module._jpeft_active = (name,)
+            module._jpeft_active = current or (name,)
         else:
             store[name] = variables
             module._jpeft_methods = module._jpeft_methods + ((name, method),)
+    from jpeft import _nnx_root
+
+    _nnx_root.mark(new, name, method)  # prompt and prefix methods: the root's call runs method.call
     return new
 
 
@@ -413,6 +414,11 @@ def calling(index: Any, active: tuple[str, ...] | None) -> Iterator[None]:
 
 def merge(method: Method, model: nnx.Module, name: str) -> nnx.Module:
     """``jpeft.merge`` for an NNX module: a new model of the original classes with deltas folded in."""
+    from jpeft import _nnx_root
+
+    refolded = _nnx_root.merge_tree(method, model, name)  # prefix tuning's MLP, P-tuning's encoder
+    if refolded is not None:
+        return refolded
     new = copy(model)
     view = tree(new)
     ctx = NnxContext(view, modules(new))
@@ -451,4 +457,4 @@ def _remove(module: nnx.Module, name: str) -> None:
         delattr(module, RESERVED)
         for attr in ("_jpeft_path", "_jpeft_methods", "_jpeft_active"):
             delattr(module, attr)
-        module.__class__ = type(module)._jpeft_base
+        object.__setattr__(module, "__class__", type(module)._jpeft_base)

@@ -72,7 +72,8 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, h: jax.Array) -> jax.Array:
         variance = jnp.mean(jnp.power(jnp.asarray(h, jnp.float32), 2), -1, keepdims=True)
-        return self.weight[...] * (h / jnp.sqrt(variance + self.epsilon))
+        weight = self.weight[...].reshape((1,) * (h.ndim - 1) + (-1,))  # explicit rank: tests raise on promotion
+        return weight * (h / jnp.sqrt(variance + self.epsilon))
 
 
 class Attention(nnx.Module):

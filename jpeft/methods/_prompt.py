@@ -43,7 +43,7 @@ from jpeft import _errors, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
-from jpeft.methods._positions import _REAL, _SIDE, exits, real_positions
+from jpeft.methods._positions import _REAL, _SIDE, exits, module_calls, real_positions
 from jpeft.profiles import Profile
 
 _WRITE: contextvars.ContextVar[int | None] = contextvars.ContextVar("jpeft_virtual_tokens", default=None)
@@ -66,13 +66,15 @@ def overwrite(y: jax.Array, rows: jax.Array, n: int, features: slice = slice(Non
     return y.at[:, :n, ..., features].set(rows)
 
 
-@contextlib.contextmanager
-def regions(profile: Profile, encoder: int | None, decoder: int | None) -> Iterator[None]:
+def regions(
+    profile: Profile, encoder: int | None, decoder: int | None, root: Any = None
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, an encoder-decoder's interceptors overwrite ``encoder`` positions in the encoder.
 
     Inside the module that ``profile.encoder_prefix`` names, and inside every cross-attention module
     (its keys and values project encoder positions), the first ``encoder`` positions are overwritten;
-    inside the decoder stack, elsewhere, the first ``decoder`` (``None``: none).
+    inside the decoder stack, elsewhere, the first ``decoder`` (``None``: none). ``root``: see
+    ``_positions.module_calls`` (``None`` on linen).
     """
     query = ("cross", profile.query.rsplit("/", 1)[-1])
     sides = [
@@ -82,22 +84,20 @@ def regions(profile: Profile, encoder: int | None, decoder: int | None) -> Itera
     ]
     sides = [(re.compile(pattern), n, side) for pattern, n, side in sides if pattern is not None]
 
-    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
-        scope = context.module.scope
-        if context.method_name == "__call__" and scope is not None:
-            path = join(tuple(scope.path))
-            for pattern, n, side in sides:
-                if pattern.fullmatch(path):
-                    token = _SIDE.set(side)
-                    try:
-                        with writing(n):
-                            return next_fun(*args, **kwargs)
-                    finally:
-                        _SIDE.reset(token)
-        return next_fun(*args, **kwargs)
+    def side_of(path: tuple) -> tuple[int | None, Any] | None:
+        joined = join(path)
+        return next(((n, side) for pattern, n, side in sides if pattern.fullmatch(joined)), None)
 
-    with nn.intercept_methods(intercept):
-        yield
+    def around(path: tuple, next_fun: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        n, side = side_of(path)
+        token = _SIDE.set(side)
+        try:
+            with writing(n):
+                return next_fun(*args, **kwargs)
+        finally:
+            _SIDE.reset(token)
+
+    return module_calls(root, lambda path: side_of(path) is not None, around)
 
 
 def _extend(name: str, x: Any, n: int) -> Any:
@@ -277,12 +277,13 @@ class VirtualTokens(Method):
         spans = {"encoder": (n, length)}
         spans["decoder"] = (m, lengths["decoder_input_ids"][1]) if seq2seq else (n, length)
         cut = lambda path, x: self.cut(path, x, batch, spans)  # noqa: E731
+        root = getattr(apply_fn, "jpeft_root", None)  # an NNX model's root (jpeft._nnx_root); None on linen
         with contextlib.ExitStack() as stack:
             stack.enter_context(writing(n))
             if seq2seq:
-                stack.enter_context(regions(profile, n, m or None))
+                stack.enter_context(regions(profile, n, m or None, root))
             elif not self.virtual_queries:
-                stack.enter_context(exits(profile, cut))
+                stack.enter_context(exits(profile, cut, params, root))
             token = _REAL.set(real)
             stack.callback(_REAL.reset, token)
             out = apply_fn(variables, *args, **kwargs)
