@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jpeft import _core, _intercept
+from jpeft import _core, _intercept, _nnx
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._tree import PyTree, join
@@ -90,6 +90,12 @@ def generate(
       (2, 9)
     """
     _core._check_method(method, "jpeft.generate")
+    if _nnx.is_model(apply_fn) or _nnx.is_model(peft_params):
+        raise JpeftError(
+            "jpeft.generate decodes linen HF Flax modules. An NNX model from jpeft.apply runs its deltas in its own "
+            "call, so decode it with its own KV cache or sampler (nnx.MultiHeadAttention(decode=True), tunix's "
+            "Sampler); prompt and prefix methods need linen for cached decoding for now."
+        )
     _core._check_params(peft_params, "jpeft.generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise JpeftError(f"jpeft.generate(max_new_tokens={max_new_tokens!r}): must be a positive int.")

@@ -73,3 +73,9 @@ def test_the_models_own_kv_cache_decodes_with_the_deltas(method):
     want = uncached(model, prompt)
     assert not np.allclose(model(prompt), base(prompt), atol=1e-3), "the deltas must change the model"
     np.testing.assert_array_equal(cached(model, prompt), want)
+
+
+def test_jpeft_generate_refuses_an_nnx_model_and_names_the_models_own_cache():
+    model = jpeft.apply(jpeft.LoRA(targets="mlp", rank=2), Decoder(nnx.Rngs(0)), key=jax.random.key(1))
+    with pytest.raises(jpeft.JpeftError, match="decode it with its own KV cache or sampler"):
+        jpeft.generate(model, jpeft.LoRA(targets="mlp", rank=2), {}, jnp.ones((1, 2), jnp.int32), 2)
