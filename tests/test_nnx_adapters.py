@@ -144,6 +144,13 @@ LLAMA_METHODS = {
     "houlsby": jpeft.HoulsbyAdapter(reduction_factor=4),
     "parallel": jpeft.ParallelAdapter(bottleneck=3),
     "multi_head_parallel": jpeft.MultiHeadParallelAdapter(bottleneck=3, num_heads=H.HEADS),
+    # With prefixes (the NNX root call extends k/v): the padded row 1 checks UniPELT's masked gates.
+    "mam": jpeft.MAM(prefix_tokens=2, adapter_bottleneck=4),
+    "mam_prefix_projection": jpeft.MAM(prefix_tokens=2, adapter_bottleneck=4, prefix_projection=True),
+    "unipelt": jpeft.UniPELT(lora_targets=("q_proj", "v_proj"), rank=2, prefix_tokens=2, reduction_factor=4),
+    "compose_prefix_multi_head": jpeft.compose(
+        jpeft.PrefixTuning(num_virtual_tokens=2), jpeft.MultiHeadParallelAdapter(bottleneck=2, num_heads=H.HEADS)
+    ),
 }
 
 
