@@ -16,6 +16,7 @@ from jpeft._named import adapters as adapters
 from jpeft._named import add_weighted as add_weighted
 from jpeft._named import remove as remove
 from jpeft._nnx import Delta as Delta
+from jpeft._nnx import DeltaRng as DeltaRng
 from jpeft._nnx import FrozenDelta as FrozenDelta
 from jpeft._nnx import LoRADelta as LoRADelta
 from jpeft._nnx_api import call as call
@@ -97,6 +98,7 @@ __all__ = [
     "AdaLoRA",
     "Compose",
     "Delta",
+    "DeltaRng",
     "DoRA",
     "FrozenDelta",
     "JpeftError",

@@ -71,6 +71,26 @@ class FrozenDelta(nnx.Variable):
     """
 
 
+class DeltaRng(nnx.Variable):
+    """The dropout key of an adapted module (methods with ``dropout > 0``), split on every call.
+
+    It lives at ``<module>.__jpeft_rng__`` with one key per stacked layer, so ``nnx.scan`` gives
+    each layer its own stream, and advances like ``nnx.Dropout``'s rng state (keep it in the state
+    your jitted step returns). ``model.eval()`` turns delta dropout off, ``model.train()`` on.
+
+    Example:
+      >>> import jax, jpeft
+      >>> from flax import nnx
+      >>> model = jpeft.apply(jpeft.LoRA(targets=".*", rank=2, dropout=0.1), nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+      ...                     key=jax.random.key(1))
+      >>> isinstance(model.__jpeft_rng__, jpeft.DeltaRng), model.deterministic
+      (True, False)
+    """
+
+
+RNG = "__jpeft_rng__"
+"""The attribute of an adapted module that holds its :class:`DeltaRng`."""
+
 #: The variable types whose leaves make jpeft's tree view of an NNX model.
 TREE_TYPES = nnx.Any(nnx.Param, FrozenDelta)
 
@@ -126,8 +146,8 @@ class View:
     """What a method sees of an NNX module: the same surface as a bound linen module.
 
     ``path``, ``get_variable('params', leaf)`` / ``has_variable`` (leaves under linen's names; the
-    reserved key gives the delta store), ``has_rng`` / ``make_rng`` (no rngs: deltas run
-    deterministically on NNX), ``jpeft_linear`` (the module's :class:`jpeft.Linear` record), and
+    reserved key gives the delta store), ``has_rng`` / ``make_rng`` (``'dropout'``: from the
+    module's :class:`DeltaRng` unless the module is ``deterministic``), ``jpeft_linear`` (the module's :class:`jpeft.Linear` record), and
     every other attribute of the module (``axis``, ``kernel_size``, ...).
     """
 
@@ -154,10 +174,16 @@ class View:
         return None if var is None else read(var)
 
     def has_rng(self, name: str) -> bool:
-        return False
+        on = name == "dropout" and isinstance(vars(self.module).get(RNG), DeltaRng)
+        return on and not getattr(self.module, "deterministic", False)
 
     def make_rng(self, name: str) -> jax.Array:
-        raise JpeftError(f"jpeft on NNX draws no {name!r} rng at {join(self.path)!r}.")
+        if not self.has_rng(name):
+            raise JpeftError(f"jpeft on NNX draws no {name!r} rng at {join(self.path)!r}.")
+        var = vars(self.module)[RNG]
+        new, sub = jax.random.split(var.get_value())
+        var.set_value(new)
+        return sub
 
     @contextlib.contextmanager
     def submodule_calls(self, inner: _intercept.Inner) -> Iterator[None]:
@@ -312,18 +338,24 @@ def _variables(method: Method, path: Path, deltas: Any, sharding: Any) -> Any:
     return _variable_type(method, path)(deltas, **(sharding or {}))
 
 
-def _check_model_call(method: Method, where: str) -> None:
-    for name in ("dropout",):
-        if getattr(method, name, 0) or any(getattr(m, name, 0) for m in getattr(method, "methods", ())):
-            raise JpeftError(
-                f"{where}({type(method).__name__}(dropout=...)) on an NNX model: delta dropout needs a per-call "
-                "rng, which NNX model calls do not carry. Pass dropout=0.0."
-            )
+def _dropout(method: Method) -> bool:
+    return bool(getattr(method, "dropout", 0)) or any(getattr(m, "dropout", 0) for m in getattr(method, "methods", ()))
+
+
+def _add_rng(module: nnx.Module, key: jax.Array, stack: tuple[int, ...]) -> None:
+    """Gives a module with delta dropout its :class:`DeltaRng` (one key per stacked layer) and a
+    ``deterministic`` flag (``model.eval()`` / ``model.train()`` set it) unless it has one."""
+    if RNG not in vars(module):
+        n = 1
+        for d in stack:
+            n *= d
+        setattr(module, RNG, DeltaRng(jax.random.split(key, n).reshape(stack)))
+    if not hasattr(module, "deterministic"):
+        module.deterministic = False
 
 
 def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.Module:
     """``jpeft.apply`` for an NNX module (the public function validates the arguments first)."""
-    _check_model_call(method, "jpeft.apply")
     new = copy(model)
     view = tree(new)
     targets = method.select(view)
@@ -349,6 +381,9 @@ def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.M
 
         sharding = delta_metadata(method, module, tuple(path), own, deltas, ctx, name)
         variables = _variables(method, tuple(path) + (RESERVED, name), deltas, sharding)
+        if _dropout(method) and _nnx_linear.record(module) is not None:
+            layout = ctx.layout(method._name(), tuple(path), own, tuple(getattr(method, "layouts", ())))
+            _add_rng(module, jax.random.fold_in(jax.random.fold_in(key, i), 0xD0), layout.split(tuple(own[layout.leaf].shape))[0])
         first = store is None
         if first:
             setattr(module, RESERVED, nnx.Dict({name: variables}))

@@ -130,13 +130,6 @@ def test_call_with_a_bad_adapter_index(peft, index, message):
 
 
 # 62: methods that NNX refuses
-def test_delta_dropout_is_refused_on_nnx():
-    with pytest.raises(
-        JpeftError, match=r"jpeft.apply\(LoRA\(dropout=\.\.\.\)\) on an NNX model: .* Pass dropout=0\.0"
-    ):
-        jpeft.apply(lora(dropout=0.1), Net(nnx.Rngs(0)), key=KEY)
-
-
 def test_mixed_batch_refused_for_lora_drop():
     method = jpeft.LoRADrop(targets=("lin",), rank=2, keep=("lin",))
     model = jpeft.apply(method, Net(nnx.Rngs(0)), key=KEY)
