@@ -212,6 +212,8 @@ def test_named_adapters_and_switching(hf: H.HFModel) -> None:
     jpeft.set_adapter(model, ("a", "b"))
     with pytest.raises(jpeft.JpeftError, match="one adapter at a time"):
         model(**hf.inputs)
+    with pytest.raises(jpeft.JpeftError, match="one adapter at a time"):  # a mixed batch, as on linen
+        jpeft.call(model, **hf.inputs, adapter_index=jnp.array([0, 1]), active=("a", "b"))
 
 
 def test_prompt_beside_lora_runs_only_when_active(hf: H.HFModel) -> None:
