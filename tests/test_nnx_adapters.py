@@ -91,8 +91,9 @@ def _linen(method: jpeft.Method, tree, ids, **kw):
     return jpeft.wrap(M.Model().apply, method, **kw)({"params": tree}, ids)
 
 
-def _classes(model: nnx.Module) -> dict:
-    return {path: type(module) for path, module in _nnx.modules(model).items()}
+def _classes(model: nnx.Module) -> tuple:
+    """Each module's class, and the graph definition (a call must not change it: nnx.jit would retrace)."""
+    return {path: type(module) for path, module in _nnx.modules(model).items()}, nnx.graphdef(model)
 
 
 def _no_leftover_classes(model: nnx.Module, before: dict) -> None:
@@ -214,14 +215,15 @@ def test_stacked_adapters_equal_linen(name):
 def test_mixed_batch_rows_equal_each_adapter_alone(name):
     method = METHODS[name]
     _, model = _pair({"a": method, "b": method})
-    ids, before = _ids(3), _classes(model)
-    index = jnp.array([1, -1, 0])
-    mixed = nnx.jit(lambda m, x, i: jpeft.call(m, x, adapter_index=i, active=("a", "b")))(model, ids, index)
+    ids = _ids(3)
     base = _base(3)
     jpeft.set_adapter(model, "a")
     alone_a = model(ids)
-    jpeft.set_adapter(model, "b")
+    jpeft.set_adapter(model, "b")  # changes a static attribute, hence the graph definition
     alone_b = model(ids)
+    before = _classes(model)
+    run = nnx.jit(lambda m, x, i: jpeft.call(m, x, adapter_index=i, active=("a", "b")))
+    mixed = run(model, ids, jnp.array([1, -1, 0]))
     np.testing.assert_allclose(mixed[0], alone_b[0], **TOL)
     np.testing.assert_allclose(mixed[1], base[1], **TOL)
     np.testing.assert_allclose(mixed[2], alone_a[2], **TOL)
