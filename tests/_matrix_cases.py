@@ -30,6 +30,7 @@ FEATURES = (
     "tied",
     "optimizer",
     "save_restore",
+    "nnx",
 )
 """The features, in the table's column order."""
 
@@ -47,15 +48,19 @@ FEATURE_DOCS = {
     "@ the base table), merge refuses; methods that never touch it leave it untouched",
     "optimizer": "`jpeft.optimizer(chain(clip_by_global_norm(1), sgd(1)))` == the NumPy global-norm update",
     "save_restore": "restore == saved tree, and 3 + 2 Adam steps == 5 steps bit for bit",
+    "nnx": "the NNX twin (`tests/_nnx_models.py`, `tests/_nnx_llama.py`) with the same weights and deltas == the linen "
+    "model; same delta paths; == base at init; `jpeft.trainable` == the linen labels; merge == unmerged with the "
+    "original classes and paths",
 }
 
 # Targets per model family for the weight methods: a few linear modules of every layer.
-LORA_TARGETS = {"gpt2": ("c_attn", "c_fc"), "bert": ("query", "value"), "synthetic": ("q", "v")}
-EMBEDDING = {"gpt2": ("wte",), "bert": ("word_embeddings",), "synthetic": ("embed",)}
+LORA_TARGETS = {"gpt2": ("c_attn", "c_fc"), "bert": ("query", "value"), "synthetic": ("q", "v"), "llama": ("q_proj", "v_proj")}
+EMBEDDING = {"gpt2": ("wte",), "bert": ("word_embeddings",), "synthetic": ("embed",), "llama": ("embed_tokens",)}
 QUANTISED = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
     "bert": r".*/encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|intermediate/dense|output/dense)",
     "synthetic": r"layers/(q|k|v|o)",
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 NF4 = jpeft.NF4(block_size=8, dq_block_size=4)
 R, A = 2, 4.0

@@ -24,6 +24,7 @@ import pytest
 import jpeft
 from tests import _hf_models as H
 from tests import _matrix_cases as X
+from tests import _matrix_nnx as MN
 from tests import _models as M
 from tests import test_generate as G
 
@@ -450,6 +451,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "tied": check_tied,
     "optimizer": check_optimizer,
     "save_restore": check_save_restore,
+    "nnx": MN.check_nnx,
 }
 
 
