@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jpeft import _errors, _intercept, _nnx, _tied, _tree
+from jpeft import _errors, _intercept, _nnx, _nnx_apply, _tied, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
@@ -137,7 +137,7 @@ def apply(method: Method, params: PyTree, *, key: jax.Array, name: str = "defaul
     if _nnx.is_model(params):
         _check_name(name)
         _check_key(key)
-        return _nnx.apply(method, params, key, name)
+        return _nnx_apply.apply(method, params, key, name)
     _check_model_object(params, "jpeft.apply")
     _check_params(params, "jpeft.apply")
     _check_name(name)
@@ -395,7 +395,7 @@ def merge(method: Method, peft_params: PyTree, *, name: str = "default") -> PyTr
     _check_method(method, "jpeft.merge")
     if _nnx.is_model(peft_params):
         _check_name(name)
-        return _nnx.merge(method, peft_params, name)
+        return _nnx_apply.merge(method, peft_params, name)
     _check_params(peft_params, "jpeft.merge")
     folded = method.merge_tree(peft_params, name)
     if folded is not None:  # a whole-tree fold, such as prefix tuning's MLP into plain prefixes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jpeft import _nnx
+from jpeft import _nnx, _nnx_apply
 from jpeft._errors import JpeftError
 
 
@@ -41,7 +41,7 @@ def set_adapter(model: Any, active: str | Sequence[str]) -> None:
       (4, 2)
     """
     _check_model(model, "jpeft.set_adapter")
-    _nnx.set_adapter(model, active)
+    _nnx_apply.set_adapter(model, active)
 
 
 def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -69,7 +69,7 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
     from jpeft._core import _check_adapter_index
 
     _check_model(model, "jpeft.call")
-    held = _nnx.adapter_names(model)
+    held = _nnx_apply.adapter_names(model)
     names = None
     if active is not None:
         names = (active,) if isinstance(active, str) else tuple(active)
@@ -80,13 +80,13 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
                 "several distinct ones of them."
             )
     if adapter_index is not None:
-        shown = names or _nnx.active_names(model)
-        for _, m in _nnx.methods(model):
+        shown = names or _nnx_apply.active_names(model)
+        for _, m in _nnx_apply.methods(model):
             if not m.mixed_batches:
                 raise JpeftError(
                     f"jpeft.call({type(m).__name__}): adapter_index= (a mixed batch) is not supported by this method. "
                     "Run one adapter per call (jpeft.set_adapter), or merge each adapter and batch the merged models."
                 )
         _check_adapter_index(adapter_index, shown, args, kwargs, "jpeft.call")
-    with _nnx.calling(adapter_index, names):
+    with _nnx_apply.calling(adapter_index, names):
         return model(*args, **kwargs)

@@ -25,7 +25,7 @@ from typing import Any
 
 from flax import nnx
 
-from jpeft import _nnx, _tree
+from jpeft import _nnx, _nnx_apply, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._tree import RESERVED, Path, PyTree
@@ -53,7 +53,7 @@ def mark(model: nnx.Module, name: str, method: Method) -> None:
 
 def call(model: nnx.Module, next_fun: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """The root ``__call__``: ``method.call`` of the active adapter, around ``next_fun`` (the rest of the call)."""
-    active = getattr(_nnx._CALL, "active", None) or _nnx.active_names(model)
+    active = getattr(_nnx._CALL, "active", None) or _nnx_apply.active_names(model)
     parts = [(n, m) for n, m in model._jpeft_root if n in active]
     if not parts:
         return next_fun(*args, **kwargs)
@@ -184,22 +184,22 @@ def merge_tree(method: Method, model: nnx.Module, name: str) -> nnx.Module | Non
             f"jpeft.merge({type(method).__name__}) on an NNX model: the method folds its deltas into another "
             "method's tree but names no method to run it (folded_method() or prompt_method()). Merge on linen."
         )
-    new = _nnx.copy(model)
+    new = _nnx_apply.copy(model)
     for path, module in _nnx.modules(new).items():
         node = _node(folded, path)
         store = node.get(RESERVED, {}) if isinstance(node, Mapping) else {}
         held = vars(module).get(RESERVED)
         if name not in store:
             if held is not None and name in held:
-                _nnx._remove(module, name)
+                _nnx_apply.remove(module, name)
             continue
-        variables = _nnx._variables(runner, tuple(path) + (RESERVED, name), store[name], None)
+        variables = _nnx_apply.make_variables(runner, tuple(path) + (RESERVED, name), store[name], None)
         if held is None:
             setattr(module, RESERVED, nnx.Dict({name: variables}))
             object.__setattr__(module, "__class__", _nnx.adapted_class(type(module)))
             module._jpeft_path = tuple(path)
             module._jpeft_methods = ((name, runner),)
-            module._jpeft_active = _nnx.active_names(model) or (name,)
+            module._jpeft_active = _nnx_apply.active_names(model) or (name,)
         else:
             held[name] = variables
             module._jpeft_methods = tuple(p for p in module._jpeft_methods if p[0] != name) + ((name, runner),)

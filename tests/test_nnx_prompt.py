@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jpeft
-from jpeft import _nnx, profiles
+from jpeft import _nnx, _nnx_apply, profiles
 from jpeft._tree import RESERVED
 from tests import _hf_models as H
 from tests import _nnx_llama as NL
@@ -169,7 +169,7 @@ def test_merge_folds_the_reparameterisation(hf: H.HFModel, kind: str) -> None:
     model = jpeft.apply(method, NL.llama(), key=jax.random.key(1))
     merged = jpeft.merge(method, model)
     runner = method.prompt_method() if kind == "ptuning_mlp" else method.folded_method()
-    assert dict(_nnx.methods(merged)) == {"default": runner}
+    assert dict(_nnx_apply.methods(merged)) == {"default": runner}
     leaves = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(merged, jpeft.Delta))}
     assert leaves == ({"prompt"} if kind == "ptuning_mlp" else {"prefix"})
     assert RESERVED in vars(model.model.embed_tokens)  # the input model keeps its deltas

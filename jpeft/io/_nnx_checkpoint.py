@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jpeft import _nnx, _nnx_linear, _tree
+from jpeft import _nnx, _nnx_apply, _nnx_linear, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._nnx import is_model as is_model
@@ -99,7 +99,7 @@ def restore(
     ck = _checkpoint.restore(path, view, step=step, method=method)
     # The linen restore attached one adapter the base did not hold (none for methods without deltas: BitFit).
     name = next(iter(_adapters(ck.params) - _adapters(view)), "default")
-    peft = _nnx.apply(ck.method, model, jax.random.key(0), name)
+    peft = _nnx_apply.apply(ck.method, model, jax.random.key(0), name)
     _load(peft, view, ck.params, name, where)
     _place(ck.method, peft)
     restored_opt = None

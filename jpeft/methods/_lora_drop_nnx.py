@@ -33,12 +33,12 @@ def record(calls: Calls, path: Path, ndim: int, value: jax.Array) -> None:
 
 def without(model: Any, name: str) -> Any:
     """A copy of an NNX model without adapter ``name`` (its modules of the original class where no other)."""
-    from jpeft import _nnx
+    from jpeft import _nnx, _nnx_apply
 
-    new = _nnx.copy(model)
+    new = _nnx_apply.copy(model)
     for module in _nnx.modules(new).values():
         if name in vars(module).get(RESERVED, {}):
-            _nnx._remove(module, name)
+            _nnx_apply.remove(module, name)
     return new
 
 
@@ -64,9 +64,9 @@ def sums(
     ``nnx.scan``) sees its deltas without the layer axis, and its calls of one model call come
     layer by layer, so they fold into ``(L,)``.
     """
-    from jpeft import _nnx
+    from jpeft import _nnx, _nnx_apply
 
-    measuring = _nnx.copy(model)
+    measuring = _nnx_apply.copy(model)
     stored: dict[Path, tuple[int, ...]] = {}  # each measured target's stored (stacked) A shape
     for path, module in _nnx.modules(measuring).items():
         store = vars(module).get(RESERVED)

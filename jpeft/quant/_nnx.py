@@ -34,9 +34,9 @@ def quantize_model(model: nnx.Module, hits: Any, quantize_array: Any) -> nnx.Mod
     ``hits(tree)`` returns the selected ``(path, array)`` pairs of the model's tree view (the
     selection and its checks are those of ``jpeft.quantize`` on trees).
     """
-    from jpeft import _nnx
+    from jpeft import _nnx, _nnx_apply
 
-    new = _nnx.copy(model)
+    new = _nnx_apply.copy(model)
     found = _variables(new)
     for path, x in hits(_nnx.tree(new)):
         found[path].set_value(quantize_array(x))
@@ -45,9 +45,9 @@ def quantize_model(model: nnx.Module, hits: Any, quantize_array: Any) -> nnx.Mod
 
 def dequantize_model(model: nnx.Module, dequantize_array: Any, is_quantised: Any) -> nnx.Module:
     """A copy of ``model`` whose quantised variables hold float arrays again."""
-    from jpeft import _nnx
+    from jpeft import _nnx_apply
 
-    new = _nnx.copy(model)
+    new = _nnx_apply.copy(model)
     for var in _variables(new).values():
         value = var.get_value()
         if is_quantised(value):
