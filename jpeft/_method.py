@@ -145,7 +145,7 @@ class Method:
         """Returns the base leaves of one module with its deltas folded in."""
         raise JpeftError(
             f"{self._name()} cannot be merged into the base weights: it changes activations, not "
-            "weights. Keep using jpeft.wrap(apply_fn, method) for inference."
+            "weights. Keep using jpeft.wrap(apply_fn, method) for inference (on NNX: the adapted model itself)."
         )
 
     # --- training ------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def call(model: nnx.Module, next_fun: Callable[..., Any], args: tuple, kwargs: d
     if not parts:
         return next_fun(*args, **kwargs)
     name, method = parts[0]
+    _refuse_cache(model, method, args, kwargs)
 
     def apply_fn(variables: PyTree, *a: Any, **kw: Any) -> Any:
         with installed(model, variables["params"], name, method, active):
@@ -67,6 +68,28 @@ def call(model: nnx.Module, next_fun: Callable[..., Any], args: tuple, kwargs: d
     return method.call(
         apply_fn, {"params": _nnx.tree(model)}, args, kwargs, active=active[0] if len(active) == 1 else active
     )
+
+
+CACHE_ARGS = ("cache", "kv_cache", "past_key_values", "decode", "init_cache")
+"""Root-call arguments that mean cached decoding, which the virtual positions cannot follow yet."""
+
+
+def _refuse_cache(model: nnx.Module, method: Method, args: tuple, kwargs: dict) -> None:
+    """Refuses a root call that decodes through a KV cache: each step would get the P virtual
+    positions again (prompts) or miss them in the cache (prefixes), silently wrong."""
+    import inspect
+
+    try:
+        bound = inspect.signature(type(model)._jpeft_base.__call__).bind(model, *args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    used = [k for k in CACHE_ARGS if bound.get(k) is not None and bound.get(k) is not False]
+    if used:
+        raise JpeftError(
+            f"{type(method).__name__} on an NNX model: the root call got {used[0]}=..., cached decoding, which prompt "
+            "and prefix methods do not follow on NNX yet (each step would see the virtual positions again). Decode "
+            "by calling the model on the whole sequence, or use a linen model with jpeft.generate."
+        )
 
 
 def inside(model: nnx.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

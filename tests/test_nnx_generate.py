@@ -79,3 +79,20 @@ def test_jpeft_generate_refuses_an_nnx_model_and_names_the_models_own_cache():
     model = jpeft.apply(jpeft.LoRA(targets="mlp", rank=2), Decoder(nnx.Rngs(0)), key=jax.random.key(1))
     with pytest.raises(jpeft.JpeftError, match="decode it with its own KV cache or sampler"):
         jpeft.generate(model, jpeft.LoRA(targets="mlp", rank=2), {}, jnp.ones((1, 2), jnp.int32), 2)
+
+
+def test_prompt_methods_refuse_a_root_call_with_a_kv_cache():
+    from tests import _nnx_llama as NL
+
+    class CachedLlama(NL.LlamaForCausalLM):
+        def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+            return super().__call__(input_ids, attention_mask, position_ids)
+
+    base = NL.llama()
+    object.__setattr__(base, "__class__", CachedLlama)
+    model = jpeft.apply(jpeft.PromptTuning(num_virtual_tokens=2), base, key=jax.random.key(1))
+    ids = jnp.ones((1, 3), jnp.int32)
+    assert model(ids).logits.shape[1] == 3  # no cache: the prompt runs
+    for call in (lambda: model(ids, cache={"k": 0}), lambda: model(ids, None, None, {"k": 0})):
+        with pytest.raises(jpeft.JpeftError, match=r"PromptTuning on an NNX model: the root call got cache=\.\.\."):
+            call()
