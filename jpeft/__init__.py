@@ -5,7 +5,6 @@ from jpeft import profiles as profiles
 from jpeft._core import apply as apply
 from jpeft._core import merge as merge
 from jpeft._core import regularizer as regularizer
-from jpeft._core import wrap as wrap
 from jpeft._errors import JpeftError as JpeftError
 from jpeft._generate import generate as generate
 from jpeft._intercept import Linear as Linear
@@ -32,6 +31,7 @@ from jpeft._train import split as split
 from jpeft._train import summary as summary
 from jpeft._tree import RESERVED as RESERVED
 from jpeft._tree import list_paths as list_paths
+from jpeft._wrap import wrap as wrap
 from jpeft.io._checkpoint import restore as restore
 from jpeft.io._checkpoint import save as save
 from jpeft.io._hf_peft import export_hf as export_hf
@@ -61,8 +61,8 @@ from jpeft.methods._lora_drop import lora_drop_select as lora_drop_select
 from jpeft.methods._mam import MAM as MAM
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
-from jpeft.methods._prompt import PromptTuning as PromptTuning
-from jpeft.methods._prompt import PTuning as PTuning
+from jpeft.methods._prompt_tuning import PromptTuning as PromptTuning
+from jpeft.methods._ptuning import PTuning as PTuning
 from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft.methods._unipelt import UniPELT as UniPELT
 from jpeft.quant._nf4 import NF4 as NF4

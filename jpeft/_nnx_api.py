@@ -66,7 +66,7 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
       >>> y.shape
       (2, 3)
     """
-    from jpeft._core import _check_adapter_index
+    from jpeft._wrap import _check_adapter_index
 
     _check_model(model, "jpeft.call")
     held = _nnx_apply.adapter_names(model)

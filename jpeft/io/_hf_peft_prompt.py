@@ -32,7 +32,8 @@ from jpeft._errors import JpeftError
 from jpeft._tree import RESERVED, Path, PyTree, join
 from jpeft.io._hf_peft import CONFIG, WEIGHTS, _check_profile, adapter, write
 from jpeft.methods._prefix import PrefixTuning, PTuningV2, _Site
-from jpeft.methods._prompt import PromptTuning, VirtualTokens
+from jpeft.methods._prompt import VirtualTokens
+from jpeft.methods._prompt_tuning import PromptTuning
 from jpeft.profiles import LLAMA, Profile
 
 KEY = "prompt_embeddings"

@@ -1,4 +1,7 @@
-"""Prompt tuning and P-tuning: learned virtual tokens at the input, by extend-and-overwrite.
+"""Virtual tokens: the extend-and-overwrite machinery that prompt and prefix methods share.
+
+The methods built on it: ``_prompt_tuning.py`` (prompt tuning), ``_ptuning.py`` (P-tuning) and
+``_prefix.py`` (prefix tuning).
 
 The wrapped apply extends the token inputs by ``P`` placeholder positions at the front, the
 embedding interceptor overwrites those positions with the prompt, and the outputs come back at the
@@ -29,20 +32,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jpeft import _errors, _tree
 from jpeft._errors import JpeftError
-from jpeft._method import Context, Method
-from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft._method import Method
+from jpeft._tree import Path, PyTree, join
 from jpeft.methods._positions import _REAL, _SIDE, exits, module_calls, real_positions
 from jpeft.profiles import Profile
 
@@ -232,7 +232,13 @@ class VirtualTokens(Method):
         return params
 
     def call(
-        self, apply_fn: Callable[..., Any], variables: PyTree, args: tuple, kwargs: dict, *, active: Any,
+        self,
+        apply_fn: Callable[..., Any],
+        variables: PyTree,
+        args: tuple,
+        kwargs: dict,
+        *,
+        active: Any,
         component: str | None = None,
     ) -> Any:
         """Extends the token inputs by P positions, runs ``apply_fn``, slices the outputs back.
@@ -270,7 +276,11 @@ class VirtualTokens(Method):
         batch, length = lengths["input_ids"]
         amount = {k: m if k.startswith("decoder_") else n for k in inputs}
         real = {"encoder": real_positions(given("attention_mask"), batch, length, n)}
-        real["decoder"] = real_positions(given("decoder_attention_mask"), batch, lengths["decoder_input_ids"][1], m) if seq2seq else real["encoder"]
+        real["decoder"] = (
+            real_positions(given("decoder_attention_mask"), batch, lengths["decoder_input_ids"][1], m)
+            if seq2seq
+            else real["encoder"]
+        )
         args = tuple(_extend(inputs[i], a, amount[inputs[i]]) if i < len(inputs) else a for i, a in enumerate(args))
         kwargs = {k: _extend(k, v, amount[k]) if k in inputs else v for k, v in kwargs.items()}
         variables = {**variables, "params": self.materialize(params, name, component)}
@@ -332,272 +342,3 @@ def virtual_part(method: Method) -> tuple[VirtualTokens, str | None] | None:
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype: Any) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PromptTuning(VirtualTokens):
-    """Prompt tuning: ``P`` trainable input embeddings in front of the token embeddings.
-
-    ``X' = [prompt; E(x)]`` with ``prompt: (P, d)``, stored at ``<embedding>/__jpeft__/<name>/prompt``.
-    The model, including the embedding table, stays frozen. Trainable parameters: ``P d``. Not
-    identity at init and not mergeable (``jpeft.merge`` raises): keep ``jpeft.wrap`` for inference.
-    On an encoder-decoder (BART) the prompt goes in front of the encoder input only, as HF PEFT
-    does for seq2seq models; the decoder's inputs and outputs keep their length.
-
-    Args:
-      num_virtual_tokens: P.
-      init: ``"random"`` (uniform in ``±0.5``, as in the paper), ``"vocab"`` (rows of the embedding
-        table at uniformly sampled token ids) or ``"text"`` (the embeddings of ``init_ids``, repeated
-        or truncated to P, as HF PEFT's TEXT init).
-      init_ids: token ids for ``init="text"``.
-      init_text: text for ``init="text"``, tokenised once by ``tokenizer`` when ``init_ids`` is None.
-      tokenizer: ``tokenizer(text) -> ids`` (a list of ints, or a mapping with ``'input_ids'`` as HF
-        tokenizers return). It is used in the constructor and not kept, so the method stays hashable
-        and serialisable.
-      profile: the architecture profile; ``None`` detects one.
-      dtype: dtype of the prompt; by default the embedding table's, promoted to at least float32.
-      extra_trainable: regex over base leaf paths that train fully (e.g. a classifier head).
-
-    Raises:
-      JpeftError: on ``num_virtual_tokens <= 0``, an unknown ``init``, ``init="text"`` without ids,
-        ids outside the vocabulary, a non-float ``dtype``, or a tree whose profile cannot be detected.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, jpeft, transformers
-      >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
-      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
-      >>> method = jpeft.PromptTuning(num_virtual_tokens=4, init="text", init_ids=(5, 6))
-      >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
-      >>> peft["transformer"]["wte"]["__jpeft__"]["default"]["prompt"].shape
-      (4, 16)
-      >>> ids = jnp.ones((1, 3), jnp.int32)
-      >>> with jax.numpy_rank_promotion("allow"):
-      ...   out = jpeft.wrap(model.module.apply, method)({"params": peft}, ids, jnp.ones((1, 3)), jnp.arange(3)[None])
-      >>> out.logits.shape  # the caller's length, not 4 + 3
-      (1, 3, 50)
-
-    References:
-      Lester, Al-Rfou and Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning", 2021.
-    """
-
-    num_virtual_tokens: int = 20
-    init: str = "random"
-    init_ids: tuple[int, ...] | None = None
-    init_text: str | None = None
-    tokenizer: Callable[[str], Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = self._name()
-        _errors.one_of(name, "init", self.init, ("random", "vocab", "text"))
-        ids = self.init_ids
-        if ids is None and self.init_text is not None:
-            if self.tokenizer is None:
-                raise JpeftError(
-                    f"{name}(init_text={self.init_text!r}): init_text needs tokenizer=..., a callable "
-                    "text -> token ids (e.g. an HF tokenizer), or pass init_ids=... instead."
-                )
-            ids = self.tokenizer(self.init_text)
-            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-        if ids is not None:
-            try:
-                ids = tuple(int(i) for i in ids)
-            except (TypeError, ValueError):
-                raise JpeftError(f"{name}(init_ids={ids!r}): init_ids must be a sequence of int token ids.") from None
-            if not ids:
-                raise JpeftError(f"{name}(init_ids=()): init_ids must hold at least one token id.")
-        if self.init == "text" and ids is None:
-            raise JpeftError(
-                f"{name}(init='text'): pass init_ids=(...) (token ids), or init_text='...' with tokenizer=..."
-            )
-        object.__setattr__(self, "init_ids", ids)
-        object.__setattr__(self, "tokenizer", None)
-
-    def select(self, params: PyTree) -> list[Path]:
-        return [self.embedding_site(params)[0]]
-
-    def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
-        table = own["embedding"]
-        vocab, d = table.shape
-        n, dtype = self.num_virtual_tokens, self.delta_dtype(table.dtype)
-        if self.init == "random":
-            return {"prompt": _uniform(key, (n, d), 0.5, dtype)}
-        if self.init == "vocab":
-            return {"prompt": jnp.take(table, jax.random.randint(key, (n,), 0, vocab), axis=0).astype(dtype)}
-        ids = (self.init_ids * math.ceil(n / len(self.init_ids)))[:n]
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise JpeftError(
-                f"{self._name()}(init_ids=...): ids {bad} are outside the vocabulary of {join(path)}/embedding "
-                f"(shape {tuple(table.shape)}); expected 0 <= id < {vocab}."
-            )
-        return {"prompt": jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0).astype(dtype)}
-
-    def param_count(self, params: PyTree) -> int:
-        return self.num_virtual_tokens * int(self.embedding_site(params)[1].shape[1])
-
-    def prompt(self, deltas: Any) -> jax.Array:
-        """The ``(P, d)`` virtual token embeddings of one adapter's delta leaves."""
-        return deltas["prompt"]
-
-    def forward(self, module: nn.Module, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
-        y = next_fun(*args, **kwargs)
-        n = _WRITE.get()
-        return y if n is None else overwrite(y, self.prompt(deltas), n)
-
-
-def _linear(deltas: Any, name: str, x: jax.Array) -> jax.Array:
-    return x @ deltas[f"{name}_kernel"] + deltas[f"{name}_bias"][None, :]
-
-
-def _lstm(x: jax.Array, wi: jax.Array, wh: jax.Array, b: jax.Array) -> jax.Array:
-    """One LSTM direction over ``x: (P, in)``; gates ``i, f, g, o`` as in torch; returns ``(P, h)``."""
-
-    def step(carry: tuple[jax.Array, jax.Array], xt: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-        h, c = carry
-        i, f, g, o = jnp.split(xt @ wi + h @ wh + b, 4)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
-
-    zero = jnp.zeros(wh.shape[:1], x.dtype)
-    return lax.scan(step, (zero, zero), x)[1]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PTuning(PromptTuning):
-    """P-tuning: the virtual tokens come from a prompt encoder over trainable inputs ``h: (P, d)``.
-
-    As HF PEFT's ``PromptEncoder`` (hidden size ``k``, default ``d``):
-
-    - ``"mlp"``: ``prompt = relu(relu(h W0 + b0) W1 + b1) W2 + b2`` with ``W0: (d, k)``,
-      ``W1: (k, k)``, ``W2: (k, d)``;
-    - ``"lstm"``: a 2-layer bidirectional LSTM (gates ``i, f, g, o``; one bias per gate set), then
-      ``relu(z W0 + b0) W1 + b1`` with ``W0: (2k, 2k)``, ``W1: (2k, d)``.
-
-    All of it sits at ``<embedding>/__jpeft__/<name>/``. Trainable parameters: ``P d`` plus the
-    encoder: ``d k + k + k k + k + k d + d`` (mlp) or ``Σ_l 2 (4k in_l + 4k k + 4k) + 2k 2k + 2k +
-    2k d + d`` with ``in_0 = d``, ``in_1 = 2k`` (lstm). ``jpeft.merge(method, tree)`` caches the
-    encoder output: it returns a tree for :meth:`prompt_method` (a :class:`PromptTuning`) with the
-    same outputs and ``P d`` parameters.
-
-    Args:
-      num_virtual_tokens: P.
-      encoder: ``"mlp"`` or ``"lstm"``.
-      encoder_hidden_size: k; ``None`` means the embedding width d.
-      profile: the architecture profile; ``None`` detects one.
-      dtype: dtype of ``h`` and the encoder; by default the embedding table's, promoted to at least
-        float32.
-      extra_trainable: regex over base leaf paths that train fully.
-
-    :class:`PromptTuning`'s ``init``, ``init_ids``, ``init_text`` and ``tokenizer`` do not apply:
-    the encoder's inputs ``h`` are learned embeddings of pseudo tokens, ``N(0, 1)`` at init as in
-    the paper and HF PEFT's ``PromptEncoder`` (which has no init from text), and the prompt is the
-    encoder's output, so there is no prompt to initialise from vocabulary rows.
-
-    Raises:
-      JpeftError: on an unknown ``encoder``, ``encoder_hidden_size <= 0``, a non-float ``dtype``, or
-        any of ``init``, ``init_ids``, ``init_text``, ``tokenizer`` (PromptTuning's fields).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, jpeft, transformers
-      >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
-      ...   model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
-      >>> method = jpeft.PTuning(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=8)
-      >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
-      >>> method.param_count(model.params) == 4 * 16 + (16 * 8 + 8) + (8 * 8 + 8) + (8 * 16 + 16)
-      True
-      >>> cached = jpeft.merge(method, peft)  # for method.prompt_method()
-      >>> sorted(cached["transformer"]["wte"]["__jpeft__"]["default"])
-      ['prompt']
-
-    References:
-      Liu et al., "GPT Understands, Too", 2021.
-    """
-
-    encoder: str = "mlp"
-    encoder_hidden_size: int | None = None
-
-    def __post_init__(self) -> None:
-        given = [f for f in ("init_ids", "init_text", "tokenizer") if getattr(self, f) is not None]
-        given = (["init"] if self.init != "random" else []) + given
-        if given:
-            field = given[0]
-            raise JpeftError(
-                f"{self._name()}({field}={getattr(self, field)!r}): P-tuning has no {field}; its prompt is the "
-                "output of the prompt encoder over learned N(0, 1) input embeddings (as HF PEFT's "
-                "PromptEncoder). Drop the argument, or use jpeft.PromptTuning(init=...) for a prompt "
-                "initialised from vocabulary rows or text."
-            )
-        super().__post_init__()
-        _errors.one_of(self._name(), "encoder", self.encoder, ("mlp", "lstm"))
-        if self.encoder_hidden_size is not None:
-            _errors.positive_int(self._name(), "encoder_hidden_size", self.encoder_hidden_size)
-
-    def _shapes(self, d: int) -> dict[str, tuple[int, ...]]:
-        k = self.encoder_hidden_size or d
-        shapes: dict[str, tuple[int, ...]] = {"input_embeds": (self.num_virtual_tokens, d)}
-        if self.encoder == "mlp":
-            dims = [(d, k), (k, k), (k, d)]
-        else:
-            for layer, n_in in enumerate((d, 2 * k)):
-                for side in ("fwd", "bwd"):
-                    p = f"lstm{layer}_{side}"
-                    shapes.update({f"{p}_wi": (n_in, 4 * k), f"{p}_wh": (k, 4 * k), f"{p}_b": (4 * k,)})
-            dims = [(2 * k, 2 * k), (2 * k, d)]
-        for i, (a, b) in enumerate(dims):
-            shapes.update({f"mlp{i}_kernel": (a, b), f"mlp{i}_bias": (b,)})
-        return shapes
-
-    def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
-        table = own["embedding"]
-        shapes, dtype = self._shapes(int(table.shape[1])), self.delta_dtype(table.dtype)
-        out = {}
-        for i, (leaf, shape) in enumerate(sorted(shapes.items())):
-            k = jax.random.fold_in(key, i)
-            if leaf == "input_embeds":  # torch.nn.Embedding's N(0, 1)
-                out[leaf] = jax.random.normal(k, shape, dtype)
-                continue
-            # torch's defaults: uniform in ±1/sqrt(hidden) for the LSTM, ±1/sqrt(fan_in) for Linear
-            fan = shape[-1] // 4 if leaf.startswith("lstm") else shapes[leaf.replace("bias", "kernel")][0]
-            out[leaf] = _uniform(k, shape, 1 / math.sqrt(fan), dtype)
-        return out
-
-    def param_count(self, params: PyTree) -> int:
-        d = int(self.embedding_site(params)[1].shape[1])
-        return sum(math.prod(s) for s in self._shapes(d).values())
-
-    def prompt(self, deltas: Any) -> jax.Array:
-        x = deltas["input_embeds"]
-        if self.encoder == "mlp":
-            h = jax.nn.relu(_linear(deltas, "mlp0", x))
-            return _linear(deltas, "mlp2", jax.nn.relu(_linear(deltas, "mlp1", h)))
-        for layer in range(2):
-            p = f"lstm{layer}"
-            fwd = _lstm(x, deltas[f"{p}_fwd_wi"], deltas[f"{p}_fwd_wh"], deltas[f"{p}_fwd_b"])
-            bwd = _lstm(x[::-1], deltas[f"{p}_bwd_wi"], deltas[f"{p}_bwd_wh"], deltas[f"{p}_bwd_b"])[::-1]
-            x = jnp.concatenate([fwd, bwd], axis=-1)
-        return _linear(deltas, "mlp1", jax.nn.relu(_linear(deltas, "mlp0", x)))
-
-    def prompt_method(self) -> PromptTuning:
-        """The :class:`PromptTuning` that runs the tree ``jpeft.merge(self, tree)`` returns."""
-        return PromptTuning(
-            num_virtual_tokens=self.num_virtual_tokens,
-            profile=self.profile,
-            dtype=self.dtype,
-            extra_trainable=self.extra_trainable,
-        )
-
-    def merge_tree(self, peft_params: PyTree, name: str) -> PyTree:
-        path, _ = self.embedding_site(peft_params)
-        out = _tree.as_dicts(peft_params)
-        store = _tree.get(out, path).get(RESERVED, {})
-        if name not in store:
-            raise JpeftError(
-                f"jpeft.merge({self._name()}): {join(path)} holds no deltas of adapter {name!r}. Pass the "
-                "tree returned by jpeft.apply (and trained), not the base params."
-            )
-        store[name] = {"prompt": self.prompt(store[name])}
-        return out
