@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jpeft import _errors, _intercept, _tree
+from jpeft import _errors, _intercept, _nnx, _tree
 from jpeft._core import _check_method, _check_name, _sites
 from jpeft._errors import JpeftError
 from jpeft._method import Method
@@ -68,6 +68,11 @@ def wrap(
       True
     """
     _check_method(method, "jpeft.wrap")
+    if _nnx.is_model(apply_fn):
+        raise JpeftError(
+            f"jpeft.wrap({type(apply_fn).__name__}, ...): an NNX model needs no wrapper. The model jpeft.apply returns "
+            "runs its deltas when called; choose adapters with jpeft.set_adapter and mix them per row with jpeft.call."
+        )
     names = (active,) if isinstance(active, str) else tuple(active) if isinstance(active, Sequence) else (active,)
     if not names or len(set(names)) != len(names):
         raise JpeftError(f"jpeft.wrap(active={active!r}): active must name one adapter or distinct adapters.")

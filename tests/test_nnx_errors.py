@@ -216,3 +216,9 @@ def test_capture_of_an_adapted_model():
     model = jpeft.apply(lora(), Net(nnx.Rngs(0)), key=KEY)
     y, _ = nnx.capture(model, nnx.Intermediate)(X)
     assert bool((y == model(X)).all())
+
+
+# 72
+def test_wrap_refuses_an_nnx_model_and_names_the_nnx_way():
+    with pytest.raises(JpeftError, match=r"jpeft.wrap\(Net, \.\.\.\): an NNX model needs no wrapper.*jpeft.set_adapter"):
+        jpeft.wrap(Net(nnx.Rngs(0)), lora())
