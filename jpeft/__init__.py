@@ -39,10 +39,7 @@ from jpeft.io._hf_peft import import_hf as import_hf
 from jpeft.methods._adalora import AdaLoRA as AdaLoRA
 from jpeft.methods._adalora import adalora_ranks as adalora_ranks
 from jpeft.methods._adapters import HoulsbyAdapter as HoulsbyAdapter
-from jpeft.methods._adapters import MultiHeadParallelAdapter as MultiHeadParallelAdapter
-from jpeft.methods._adapters import ParallelAdapter as ParallelAdapter
 from jpeft.methods._adapters import PfeifferAdapter as PfeifferAdapter
-from jpeft.methods._adapters import ScaledParallelAdapter as ScaledParallelAdapter
 from jpeft.methods._bitfit import BitFit as BitFit
 from jpeft.methods._compose import Compose as Compose
 from jpeft.methods._compose import compose as compose
@@ -59,6 +56,9 @@ from jpeft.methods._lora_drop import LoRADrop as LoRADrop
 from jpeft.methods._lora_drop import lora_drop_importance as lora_drop_importance
 from jpeft.methods._lora_drop import lora_drop_select as lora_drop_select
 from jpeft.methods._mam import MAM as MAM
+from jpeft.methods._parallel import MultiHeadParallelAdapter as MultiHeadParallelAdapter
+from jpeft.methods._parallel import ParallelAdapter as ParallelAdapter
+from jpeft.methods._parallel import ScaledParallelAdapter as ScaledParallelAdapter
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
 from jpeft.methods._prompt_tuning import PromptTuning as PromptTuning

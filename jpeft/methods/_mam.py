@@ -6,8 +6,8 @@ import dataclasses
 
 from jpeft import _errors
 from jpeft._method import Method
-from jpeft.methods._adapters import ScaledParallelAdapter
 from jpeft.methods._compose import Compose
+from jpeft.methods._parallel import ScaledParallelAdapter
 from jpeft.methods._prefix import PrefixTuning
 from jpeft.profiles import Profile
 
