@@ -463,7 +463,7 @@ def test_register_linear_custom_input():
 
 @pytest.mark.parametrize("module_type", [int, nn.Dense(3), "Dense", None])
 def test_register_linear_needs_a_module_class(module_type):
-    with pytest.raises(JpeftError, match=r"register_linear expects a flax.linen.Module subclass; got"):
+    with pytest.raises(JpeftError, match=r"register_linear expects a flax.linen.Module or flax.nnx.Module subclass; got"):
         jpeft.register_linear(module_type, jpeft.Linear(jpeft.Layout("dense")))
 
 
