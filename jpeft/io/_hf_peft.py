@@ -37,7 +37,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _tree
+from jpeft import _nnx, _tree
 from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._method import Context, Method
@@ -235,14 +235,20 @@ def export_hf(
       HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
     """
     owner = "jpeft.export_hf"
-    if not isinstance(peft_params, Mapping):
-        raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(peft_params).__name__}.")
     extra = {
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
     }
+    if _nnx.is_model(peft_params):
+        from jpeft.io._hf_peft_nnx import export_nnx
+
+        return export_nnx(path, method, peft_params, profile, name, extra)
+    if not isinstance(peft_params, Mapping):
+        raise JpeftError(
+            f"{owner} expects the params collection as a nested mapping; got {type(peft_params).__name__}."
+        )
     if isinstance(method, IA3):
         from jpeft.io._hf_peft_ia3 import export_ia3
 
@@ -432,6 +438,14 @@ def import_hf(
     from jpeft.models._safetensors import read_safetensors
 
     owner = "jpeft.import_hf"
+    if _nnx.is_model(params):
+        from jpeft.io._hf_peft_nnx import import_nnx
+
+        if not isinstance(name, str) or not name or "/" in name:
+            raise JpeftError(f"{owner}: adapter name must be a non-empty str without '/'; got {name!r}.")
+        config = read_config(owner, path)
+        tensors = read_safetensors(os.path.join(path, WEIGHTS), owner)
+        return import_nnx(path, config, tensors, params, profile, name)
     if not isinstance(params, Mapping):
         raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(params).__name__}.")
     if not isinstance(name, str) or not name or "/" in name:

@@ -6,6 +6,7 @@ from jpeft.profiles._families import BERT as BERT
 from jpeft.profiles._families import GPT2 as GPT2
 from jpeft.profiles._families import LLAMA as LLAMA
 from jpeft.profiles._families import ROBERTA as ROBERTA
+from jpeft.profiles._families import TUNIX as TUNIX
 from jpeft.profiles._families import detect as detect
 from jpeft.profiles._families import matching as matching
 from jpeft.profiles._families import tied_embeddings as tied_embeddings
@@ -21,6 +22,7 @@ __all__ = [
     "GPT2",
     "LLAMA",
     "ROBERTA",
+    "TUNIX",
     "Profile",
     "ProfileError",
     "TiedHead",

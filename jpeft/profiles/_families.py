@@ -1,11 +1,12 @@
 r"""The profiles of the reference families, and :func:`detect`, which picks one for a tree.
 
-The paths are those of ``transformers``' Flax models (4.57), bare or under a task head.
+The paths are those of ``transformers``' Flax models (4.57), bare or under a task head, and of
+tunix's NNX decoders as ``jpeft._nnx.tree`` shows them.
 
 Example:
     >>> from jpeft import profiles
     >>> [p.name for p in profiles.ALL]
-    ['bert', 'roberta', 'gpt2', 'llama', 'bart']
+    ['bert', 'roberta', 'gpt2', 'llama', 'bart', 'tunix']
     >>> profiles.BART.inputs[:4]
     ('input_ids', 'attention_mask', 'decoder_input_ids', 'decoder_attention_mask')
 """
@@ -75,14 +76,16 @@ GPT2 = Profile(
     inputs=("input_ids", "attention_mask", "position_ids"),
     # FlaxGPT2LMHeadModel with tie_word_embeddings (the default): its tree is only 'transformer'.
     tied_heads=(
-        TiedHead(embedding=r"(?P<root>(?:.*/)?)transformer/wte/embedding", head="lm_head/kernel", keys=("transformer",)),
+        TiedHead(
+            embedding=r"(?P<root>(?:.*/)?)transformer/wte/embedding", head="lm_head/kernel", keys=("transformer",)
+        ),
     ),
 )
 """GPT-2. Its ``FlaxConv1D`` kernels are ``(out, in)``; ``c_attn`` is ``(3 * hidden, hidden)``."""
 
 LLAMA = Profile(
     name="llama",
-    detect=r"(.*/)?layers/\d+/mlp/gate_proj/kernel",
+    detect=r"(.*/)?layers/\d+/self_attn/o_proj/kernel",
     lora_default=("q_proj", "v_proj"),
     embedding=r"(.*/)?embed_tokens",
     query=r"(.*/)?layers/\d+/self_attn/q_proj",
@@ -136,7 +139,35 @@ BART = Profile(
 """BART encoder-decoders. The ``shared`` embedding embeds both the encoder's and the decoder's
 tokens, so its site fires twice per forward pass."""
 
-ALL = (BERT, ROBERTA, GPT2, LLAMA, BART)
+TUNIX = Profile(
+    name="tunix",
+    detect=r"(.*/)?layers/\d+/attn/o_proj/kernel",
+    lora_default=("q_proj", "v_proj"),
+    embedding=r"(.*/)?embedder",
+    query=r"(.*/)?layers/\d+/attn/q_proj",
+    key=r"(.*/)?layers/\d+/attn/k_proj",
+    value=r"(.*/)?layers/\d+/attn/v_proj",
+    attn_out=r"(.*/)?layers/\d+/attn/o_proj",
+    ffn_in=r"(.*/)?layers/\d+/mlp/(gate_proj|up_proj)",
+    ffn_out=r"(.*/)?layers/\d+/mlp/down_proj",
+    layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
+    inputs=("input_tokens", "positions", "cache", "attention_mask"),
+    hf_names=(
+        ("layers/{i}/attn/{m}", "model.layers.{i}.self_attn.{m}"),
+        ("layers/{i}/mlp/{m}", "model.layers.{i}.mlp.{m}"),
+        ("embedder", "model.embed_tokens"),
+        ("lm_head", "lm_head"),
+    ),
+)
+"""tunix's NNX decoders, ``tunix.models.qwen3.model.Qwen3`` and ``tunix.models.llama3.model.Llama3``
+(their module paths are the same; Qwen 3 adds ``attn/q_norm`` and ``attn/k_norm``). The attention
+projections are tunix ``Einsum`` modules, ``w: (D, N, H)`` for q, ``(D, K, H)`` for k and v and
+``(N, H, D)`` for o, so LoRA's A takes the contracted axes and B the output axes (``q_proj``'s B is
+``(r, N, H)``); the MLP is ``nnx.Linear``. ``hf_names`` maps them to the torch ``Qwen3ForCausalLM``
+/ ``LlamaForCausalLM`` names, so HF PEFT LoRA adapters import and export. With tied embeddings
+(``use_tied_embedding`` / ``weight_tying``) there is no ``lm_head`` module."""
+
+ALL = (BERT, ROBERTA, GPT2, LLAMA, BART, TUNIX)
 """The shipped profiles, in the order :func:`detect` tries them."""
 
 

@@ -70,7 +70,9 @@ class TiedHead:
         try:
             groups = re.compile(self.embedding).groupindex if isinstance(self.embedding, str) else {}
         except re.error as e:
-            raise ProfileError(f"TiedHead(embedding={self.embedding!r}) is not a valid regular expression ({e}).") from None
+            raise ProfileError(
+                f"TiedHead(embedding={self.embedding!r}) is not a valid regular expression ({e})."
+            ) from None
         if "root" not in groups:
             raise ProfileError(
                 f"TiedHead(embedding={self.embedding!r}): the regex needs a group named 'root' that captures the "
@@ -134,6 +136,11 @@ class Profile:
       inputs: the names of the array arguments the family's Flax module takes, in its order.
       tied_heads: the family's output heads that read the token embedding leaf directly
         (:class:`TiedHead`); see :func:`jpeft.profiles.tied_embeddings`.
+      hf_names: ``(jpeft module path, torch module name)`` pattern pairs for families whose module
+        names differ from their torch twins' (tunix's), such as
+        ``('layers/{i}/attn/{m}', 'model.layers.{i}.self_attn.{m}')``; each ``{field}`` stands for
+        one name component. ``()`` (the ``transformers`` Flax families) means the names are the same.
+        ``jpeft.import_hf`` and ``jpeft.export_hf`` translate with them.
 
     Example:
         >>> import dataclasses
@@ -163,6 +170,7 @@ class Profile:
     cross_attention: str | None = None
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     tied_heads: tuple[TiedHead, ...] = ()
+    hf_names: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Validates only: nothing compiled is stored, so the record stays hashable and comparable.
