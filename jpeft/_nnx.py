@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jpeft import _intercept, _layout, _nnx_linear, _tree
+from jpeft import _intercept, _layout, _nnx_linear
 from jpeft._errors import JpeftError
 from jpeft._intercept import Linear
 from jpeft._method import Context
@@ -106,6 +106,26 @@ def modules(model: nnx.Module) -> dict[Path, nnx.Module]:
     return {tuple(str(k) for k in p): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
 
 
+def renames(model: nnx.Module) -> dict[Path, Path]:
+    """State path -> tree-view path for weights kept under another name (tunix's ``w`` -> ``kernel``)."""
+    out = {}
+    for path, module in modules(model).items():
+        linear = _nnx_linear.record(module)
+        if linear is not None and linear.weight is not None and linear.weight != "kernel":
+            out[path + (linear.weight,)] = path + ("kernel",)
+    return out
+
+
+def variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    """The model's ``Param`` (and frozen delta) Variables by tree-view path (see :func:`tree`)."""
+    names = renames(model)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, TREE_TYPES)):
+        keys = tuple(str(k) for k in path)
+        out[names.get(keys, keys)] = var
+    return out
+
+
 def tree(model: nnx.Module) -> dict[str, Any]:
     """The model's ``Param`` (and frozen delta) arrays as the nested dict jpeft's tree functions take.
 
@@ -113,18 +133,11 @@ def tree(model: nnx.Module) -> dict[str, Any]:
     shown as ``kernel``, so methods, profiles and HF name maps read one spelling.
     """
     out: dict[str, Any] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, TREE_TYPES)):
+    for path, var in variables(model).items():
         node = out
-        keys = [str(k) for k in path]
-        for k in keys[:-1]:
+        for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[keys[-1]] = read(var)
-    for path, module in modules(model).items():
-        linear = _nnx_linear.record(module)
-        if linear is not None and linear.weight is not None and linear.weight != "kernel":
-            node = _tree.get(out, path) if path else out
-            if linear.weight in node:
-                node["kernel"] = node.pop(linear.weight)
+        node[path[-1]] = read(var)
     return out
 
 

@@ -36,16 +36,6 @@ from jpeft._tree import RESERVED, Path, join
 _TREE = (nnx.Param, _nnx.FrozenDelta)  # the variables of jpeft's tree view (``_nnx.tree``)
 
 
-def _renames(model: nnx.Module) -> dict[Path, Path]:
-    """State path -> tree-view path for weights kept under another name (tunix's ``w`` -> ``kernel``)."""
-    out = {}
-    for path, module in _nnx.modules(model).items():
-        linear = _nnx_linear.record(module)
-        if linear is not None and linear.weight is not None and linear.weight != "kernel":
-            out[path + (linear.weight,)] = path + ("kernel",)
-    return out
-
-
 def _given(base_specs: Any) -> dict[Path, Any]:
     """``base_specs`` (an ``nnx.State`` of specs or a nested dict) flattened to {str path: spec}."""
     if isinstance(base_specs, nnx.State):
@@ -94,7 +84,7 @@ def partition_specs(method: Method, model: nnx.Module, base_specs: Any, *, mesh:
             "Call jpeft.partition_specs(method, model, base_specs)."
         )
     given = _given(base_specs)
-    renames = _renames(model)
+    renames = _nnx.renames(model)
     state = nnx.state(model)
     flat = [(p, tuple(str(k) for k in p), v) for p, v in nnx.to_flat_state(state)]
     view_specs: dict[str, Any] = {}

@@ -21,23 +21,13 @@ import jax
 import optax
 from flax import nnx
 
-from jpeft import _nnx, _nnx_linear, _tree
+from jpeft import _nnx, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._tree import Path, PyTree, join
 
 
 # --- paths: NNX state paths vs the tree view -----------------------------------------------------
-def _renames(model: nnx.Module) -> dict[Path, Path]:
-    """``state path -> tree path`` where a module keeps its weight under another name (tunix ``w``)."""
-    out = {}
-    for path, module in _nnx.modules(model).items():
-        linear = _nnx_linear.record(module)
-        if linear is not None and linear.weight is not None and linear.weight != "kernel":
-            out[path + (linear.weight,)] = path + ("kernel",)
-    return out
-
-
 def _names(keypath: Any) -> Path:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
 
@@ -58,7 +48,7 @@ class _View:
 
         self.where = where
         self.tree = _nnx.tree(model)
-        self.renames = _renames(model)
+        self.renames = _nnx.renames(model)
         label_of = _labeller(method, self.tree)
         self.labels = {p: label_of(p) for p, _ in _tree.leaves(self.tree)}
         state_paths = [tuple(str(k) for k in p) for p, _ in nnx.to_flat_state(nnx.state(model, _nnx.TREE_TYPES))]

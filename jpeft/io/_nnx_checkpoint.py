@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jpeft import _nnx, _nnx_apply, _nnx_linear, _tree
+from jpeft import _nnx, _nnx_apply, _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._nnx import is_model as is_model
@@ -126,23 +126,9 @@ def _adapters(tree: Any) -> set[str]:
     return out
 
 
-def _variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
-    """The model's Param/frozen-delta Variables by tree-view path (weights named as ``_nnx.tree`` names them)."""
-    renames = {}
-    for p, module in _nnx.modules(model).items():
-        linear = _nnx_linear.record(module)
-        if linear is not None and linear.weight is not None and linear.weight != "kernel":
-            renames[p + (linear.weight,)] = p + ("kernel",)
-    out = {}
-    for p, var in nnx.to_flat_state(nnx.state(model, _nnx.TREE_TYPES)):
-        keys = tuple(str(k) for k in p)
-        out[renames.get(keys, keys)] = var
-    return out
-
-
 def _load(peft: nnx.Module, view: Mapping[str, Any], restored: Mapping[str, Any], name: str, where: str) -> None:
     """Writes the restored delta arrays and the restored (trainable) base arrays into ``peft``'s Variables."""
-    variables = _variables(peft)
+    variables = _nnx.variables(peft)
     saved = dict(_tree.leaves(restored))
     made = {p for p in variables if RESERVED in p and p[p.index(RESERVED) + 1] == name}
     deltas = {p for p in saved if RESERVED in p and p[p.index(RESERVED) + 1] == name}
