@@ -69,16 +69,7 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
     from jpeft._wrap import _check_adapter_index
 
     _check_model(model, "jpeft.call")
-    held = _nnx_apply.adapter_names(model)
-    names = None
-    if active is not None:
-        names = (active,) if isinstance(active, str) else tuple(active)
-        missing = [n for n in names if n not in held]
-        if not names or missing or len(set(names)) != len(names):
-            raise JpeftError(
-                f"jpeft.call(active={active!r}): the model holds adapters {sorted(held) or 'none'}; name one or "
-                "several distinct ones of them."
-            )
+    names = None if active is None else _nnx_apply.held_names(model, active, "jpeft.call")
     if adapter_index is not None:
         shown = names or _nnx_apply.active_names(model)
         for _, m in _nnx_apply.methods(model):

@@ -124,16 +124,22 @@ def apply(method: Method, model: nnx.Module, key: jax.Array, name: str) -> nnx.M
     return new
 
 
-def set_adapter(model: nnx.Module, active: str | Sequence[str]) -> None:
-    """Chooses the adapter(s) an adapted NNX model runs; see ``jpeft.set_adapter``."""
+def held_names(model: nnx.Module, active: str | Sequence[str], where: str) -> tuple[str, ...]:
+    """``active`` as a tuple of distinct adapter names the model holds, or a clear error."""
     names = (active,) if isinstance(active, str) else tuple(active)
     held = adapter_names(model)
     missing = [n for n in names if n not in held]
     if not names or missing or len(set(names)) != len(names):
         raise JpeftError(
-            f"jpeft.set_adapter(active={active!r}): the model holds adapters {sorted(held) or 'none'}; name one or "
+            f"{where}(active={active!r}): the model holds adapters {sorted(held) or 'none'}; name one or "
             "several distinct ones of them."
         )
+    return names
+
+
+def set_adapter(model: nnx.Module, active: str | Sequence[str]) -> None:
+    """Chooses the adapter(s) an adapted NNX model runs; see ``jpeft.set_adapter``."""
+    names = held_names(model, active, "jpeft.set_adapter")
     for module in modules(model).values():
         if RESERVED in vars(module):
             module._jpeft_active = names
