@@ -158,6 +158,30 @@ def adapter(owner: str, tree: PyTree, target: Path, name: str) -> Mapping[str, A
     return store[name]
 
 
+def lora_config(
+    method: Any, extra: Mapping[str, Any], target_modules: Any, fan_in_fan_out: bool, use_dora: bool, modules_to_save: Any
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a LoRA export (linen and NNX)."""
+    return {
+        "peft_type": "LORA",
+        **extra,
+        "r": method.rank,
+        "lora_alpha": _scalar(method.alpha),
+        "lora_dropout": float(method.dropout),
+        "target_modules": target_modules,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": method.use_rslora,
+        "use_dora": use_dora,
+        "modules_to_save": modules_to_save,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
 def _scalar(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -304,28 +328,13 @@ def export_hf(
         for leaf, x in leaves.items():
             torch_name, value = _to_torch(owner, module, leaf, x)
             tensors[PREFIX + ".".join(module + (torch_name,))] = value
-    config = {
-        "peft_type": "LORA",
-        **extra,
-        "r": method.rank,
-        "lora_alpha": _scalar(method.alpha),
-        "lora_dropout": float(method.dropout),
-        "target_modules": (
-            [t.replace("/", ".") for t in method.targets]
-            if isinstance(method.targets, tuple)
-            else _targets_for_torch(targets, list(modules))
-        ),
-        "fan_in_fan_out": transposed,
-        "bias": "none",
-        "use_rslora": method.use_rslora,
-        "use_dora": method.use_dora,
-        "modules_to_save": _targets_for_torch(sorted(saved), list(modules)) if saved else None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    target_modules = (
+        [t.replace("/", ".") for t in method.targets]
+        if isinstance(method.targets, tuple)
+        else _targets_for_torch(targets, list(modules))
+    )
+    saved_modules = _targets_for_torch(sorted(saved), list(modules)) if saved else None
+    config = lora_config(method, extra, target_modules, transposed, method.use_dora, saved_modules)
     write(path, tensors, config)
 
 

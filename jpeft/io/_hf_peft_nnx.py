@@ -142,7 +142,7 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
 
 def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name: str, extra: dict) -> None:
     """``jpeft.export_hf`` for an NNX model, see the module docstring."""
-    from jpeft.io._hf_peft import PREFIX, _scalar, write
+    from jpeft.io._hf_peft import PREFIX, lora_config, write
 
     owner = "jpeft.export_hf"
     if type(method) is not LoRA or method.use_dora or method.extra_trainable is not None:
@@ -174,27 +174,9 @@ def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name
         adapted.append(target)
     if not tensors:
         raise JpeftError(f"{owner}: the model has no adapter {name!r}; pass the model jpeft.apply returned.")
-    config = {
-        "peft_type": "LORA",
-        **extra,
-        "r": method.rank,
-        "lora_alpha": _scalar(method.alpha),
-        "lora_dropout": float(method.dropout),
-        # Module-name suffixes when they select exactly the adapted modules, else the full torch names.
-        "target_modules": (
-            sorted(names)
-            if sorted(p for p in modules if p and _tree.matches(tuple(names), p)) == adapted
-            else torch_names
-        ),
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "use_rslora": method.use_rslora,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    # Module-name suffixes when they select exactly the adapted modules, else the full torch names.
+    target_modules = (
+        sorted(names) if sorted(p for p in modules if p and _tree.matches(tuple(names), p)) == adapted else torch_names
+    )
+    config = lora_config(method, extra, target_modules, False, False, None)
     write(path, tensors, config)
