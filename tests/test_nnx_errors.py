@@ -222,3 +222,25 @@ def test_capture_of_an_adapted_model():
 def test_wrap_refuses_an_nnx_model_and_names_the_nnx_way():
     with pytest.raises(JpeftError, match=r"jpeft.wrap\(Net, \.\.\.\): an NNX model needs no wrapper.*jpeft.set_adapter"):
         jpeft.wrap(Net(nnx.Rngs(0)), lora())
+
+
+# 73
+def test_a_select_that_names_no_module_of_the_nnx_model():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Stray(jpeft.LoRA):
+        def select(self, params):
+            return [("nowhere",)]
+
+    with pytest.raises(JpeftError, match=r"jpeft.apply: target 'nowhere' is not a module of the NNX model"):
+        jpeft.apply(Stray(targets=("lin",), rank=2), Net(nnx.Rngs(0)), key=KEY)
+
+
+def test_the_view_draws_no_dropout_rng_where_the_module_has_none():
+    from jpeft import _nnx
+
+    view = _nnx.View(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), ("lin",), None)
+    assert not view.has_rng("dropout")
+    with pytest.raises(JpeftError, match=r"jpeft on NNX draws no 'dropout' rng at 'lin'"):
+        view.make_rng("dropout")
