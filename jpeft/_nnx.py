@@ -111,8 +111,9 @@ def renames(model: nnx.Module) -> dict[Path, Path]:
     out = {}
     for path, module in modules(model).items():
         linear = _nnx_linear.record(module)
-        if linear is not None and linear.weight is not None and linear.weight != "kernel":
-            out[path + (linear.weight,)] = path + ("kernel",)
+        if linear is not None and linear.weight is not None and linear.weight not in ("kernel", "embedding"):
+            leaf = "embedding" if linear.layout == _layout.Layout("embed") else "kernel"
+            out[path + (linear.weight,)] = path + (leaf,)
     return out
 
 
@@ -278,17 +279,24 @@ def adapted_class(cls: type) -> type:
             (base,),
             {"__call__": _adapted_call, "_jpeft_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__},
         )
+        if "__call__" not in dir(base) and callable(getattr(base, "encode", None)):  # tunix's Embedder: encode looks up
+            _ADAPTED[base].encode = _adapted_encode
         _ADAPTED[base]._jpeft_base = base
     return _ADAPTED[base]
 
 
-def _adapted_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+def _adapted_encode(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    """An embedder's ``encode`` (its lookup, for a class without ``__call__``), run like ``__call__``."""
+    return _adapted_call(self, *args, _jpeft_call=type(self)._jpeft_base.encode, **kwargs)
+
+
+def _adapted_call(self: nnx.Module, *args: Any, _jpeft_call: Any = None, **kwargs: Any) -> Any:
     if vars(self).get("_jpeft_root") and getattr(_CALL, "root", None) is not self:  # prompt/prefix: Method.call
         from jpeft import _nnx_root
 
         return _nnx_root.call(self, functools.partial(_nnx_root.inside, self, _adapted_call), args, kwargs)
     base = type(self)._jpeft_base
-    next_fun = functools.partial(base.__call__, self)
+    next_fun = functools.partial(_jpeft_call or base.__call__, self)
     for subs, inner in reversed(getattr(_CALL, "hooks", ())):  # the newest hook is innermost, as on linen
         if id(self) in subs:
             view = View(self, subs[id(self)][1], _nnx_linear.record(self))

@@ -4,8 +4,9 @@ The records are the same :class:`jpeft.Linear` type as on linen, so every method
 calls ``linear_of(module).down(module, x, a)`` on both backends. They cover ``nnx.Linear``,
 ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Embed`` and ``nnx.Conv``, and *einsum-style* modules
 of real model code: one ≥2-D weight applied to the input by an einsum string held in an attribute
-(tunix's attention ``Einsum``: ``w: (D, N, H)`` with ``'BTD,DNH->BTNH'``). Those are recognised by
-their attributes, so tunix, MaxText or EasyDeL code needs no registration.
+(tunix's attention ``Einsum``: ``w: (D, N, H)`` with ``'BTD,DNH->BTNH'``), and embedders whose lookup
+is an ``encode`` method over a table ``input_embedding`` (tunix's ``Embedder``). Those are recognised
+by their attributes, so tunix, MaxText or EasyDeL code needs no registration.
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ def _einsum_style(module: nnx.Module) -> Linear | None:
     return einsum_linear(weights[0]) if len(weights) == 1 else None
 
 
+def _embedder_style(module: nnx.Module) -> Linear | None:
+    """An embedder whose lookup is ``encode`` (tunix): a 2-D ``nnx.Param`` ``input_embedding`` and an ``encode``."""
+    table = vars(module).get("input_embedding")
+    if isinstance(table, nnx.Param) and getattr(table, "ndim", 0) == 2 and callable(getattr(module, "encode", None)):
+        return Linear(Layout("embed"), _embed_down, weight="input_embedding")
+    return None
+
+
 def record(module: nnx.Module) -> Linear | None:
     """The :class:`jpeft.Linear` record of an NNX module, or ``None`` where jpeft has none."""
     from jpeft._intercept import _REGISTRY
@@ -161,7 +170,7 @@ def record(module: nnx.Module) -> Linear | None:
             return _REGISTRY[cls]
         if cls in _NNX:
             return _NNX[cls]
-    return _einsum_style(module)
+    return _einsum_style(module) or _embedder_style(module)
 
 
 def weight_attr(linear: Linear | None, leaf: str) -> str:

@@ -100,12 +100,39 @@ def regions(
     return module_calls(root, lambda path: side_of(path) is not None, around)
 
 
+ROLES = {"input_tokens": "input_ids", "positions": "position_ids"}
+"""Input names of families that spell them otherwise (tunix: ``model(input_tokens, positions, cache,
+attention_mask)``), by the HF name of the role they play."""
+
+
+def role(name: str) -> str:
+    """The HF name of the role an input plays (``'positions'`` -> ``'position_ids'``); ``decoder_*`` alike."""
+    side = "decoder_" if name.startswith("decoder_") else ""
+    name = name.removeprefix(side)
+    return side + ROLES.get(name, name)
+
+
 def _extend(name: str, x: Any, n: int) -> Any:
-    """One token input, extended by ``n`` leading positions (``x`` is ``(B, T)``); ``decoder_*`` alike."""
-    name = name.removeprefix("decoder_")
+    """One token input, extended by ``n`` leading positions (``x`` is ``(B, T)``); ``decoder_*`` alike.
+
+    A ``(B, T, T)`` attention mask (tunix's, query by key) grows on both axes: the ``n`` virtual
+    positions see each other causally and every caller's position sees them.
+    """
+    name = role(name).removeprefix("decoder_")
     if x is None or not n or name not in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
         return x
     x = jnp.asarray(x)
+    if name == "attention_mask" and x.ndim == 3:
+        b, t, s = x.shape
+        if t != s:
+            raise JpeftError(
+                f"A prompt or prefix method got a {(b, t, s)} attention mask (query by key); it extends masks of "
+                "a call on the whole sequence, (batch, T, T). Decode with a KV cache through jpeft.generate(model, "
+                "input_ids, max_new_tokens)."
+            )
+        virtual = jnp.broadcast_to(jnp.tri(n, dtype=x.dtype), (b, n, n))  # the virtual rows: causal among themselves
+        top = jnp.concatenate([virtual, jnp.zeros((b, n, s), x.dtype)], 2)
+        return jnp.concatenate([top, jnp.concatenate([jnp.ones((b, t, n), x.dtype), x], 2)], 1)
     if name == "position_ids":
         first = x[:, :1]
         return jnp.concatenate([first + jnp.arange(n, dtype=x.dtype)[None, :], x + n], axis=1)
@@ -259,23 +286,27 @@ class VirtualTokens(Method):
         seq2seq = profile.encoder_prefix is not None
         n, m = self.counts(profile)
 
-        def given(key: str) -> Any:
+        def given(key: str) -> Any:  # the input playing the role ``key`` (see ROLES)
+            key = next((k for k in inputs if role(k) == key), key)
             i = inputs.index(key) if key in inputs else len(args)
             return args[i] if i < len(args) else kwargs.get(key)
 
-        lengths = {}
+        lengths, roles = {}, [role(k) for k in inputs]
         for key in ("input_ids", "decoder_input_ids") if seq2seq else ("input_ids",):
             ids = given(key)
             if ids is None or getattr(ids, "ndim", 0) != 2:
                 raise JpeftError(
                     f"{self._name()}: the wrapped call needs {key} of shape (batch, seq) as argument "
-                    f"{inputs.index(key)} or {key}=...; got {getattr(ids, 'shape', ids)!r}. The model's inputs "
+                    f"{roles.index(key) if key in roles else len(args)} or {key}=...; got {getattr(ids, 'shape', ids)!r}. "
+                    "The model's inputs "
                     f"are {inputs}."
                 )
             lengths[key] = ids.shape
         batch, length = lengths["input_ids"]
         amount = {k: m if k.startswith("decoder_") else n for k in inputs}
-        real = {"encoder": real_positions(given("attention_mask"), batch, length, n)}
+        mask = given("attention_mask")
+        mask = mask.any(1) if getattr(mask, "ndim", 0) == 3 else mask  # query by key (tunix): the keys anyone sees
+        real = {"encoder": real_positions(mask, batch, length, n)}
         real["decoder"] = (
             real_positions(given("decoder_attention_mask"), batch, lengths["decoder_input_ids"][1], m)
             if seq2seq

@@ -152,6 +152,10 @@ TUNIX = Profile(
     ffn_out=r"(.*/)?layers/\d+/mlp/down_proj",
     layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
     inputs=("input_tokens", "positions", "cache", "attention_mask"),
+    layouts=(  # the einsum weights, for code that reads the tree alone (prefix sites); NNX reads the modules
+        (r"(.*/)?layers/\d+/attn/(q_proj|k_proj|v_proj)", "dense_general:1,2"),
+        (r"(.*/)?layers/\d+/attn/o_proj", "dense_general:2,1"),
+    ),
     hf_names=(
         ("layers/{i}/attn/{m}", "model.layers.{i}.self_attn.{m}"),
         ("layers/{i}/mlp/{m}", "model.layers.{i}.mlp.{m}"),
