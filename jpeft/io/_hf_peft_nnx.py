@@ -153,7 +153,7 @@ def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name
         )
     profile = _profile(owner, model, profile)
     tensors: dict[str, np.ndarray] = {}
-    names, torch_names, adapted = set(), [], []
+    torch_names, adapted = [], []
     modules = _nnx.modules(model)
     for target, module in sorted(modules.items()):
         store = vars(module).get(RESERVED)
@@ -169,14 +169,17 @@ def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name
         key = PREFIX + theirs
         tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
         tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
-        names.add(target[-1])
         torch_names.append(theirs)
         adapted.append(target)
     if not tensors:
         raise JpeftError(f"{owner}: the model has no adapter {name!r}; pass the model jpeft.apply returned.")
-    # Module-name suffixes when they select exactly the adapted modules, else the full torch names.
-    target_modules = (
-        sorted(names) if sorted(p for p in modules if p and _tree.matches(tuple(names), p)) == adapted else torch_names
-    )
+    # Torch module-name suffixes when they select exactly the adapted modules, else the full torch names.
+    names = {t.rsplit(".", 1)[-1] for t in torch_names}
+    twins = [
+        p
+        for p in modules
+        if p and (_translate(join(p), profile.hf_names, to_torch=True) or ".").rsplit(".", 1)[-1] in names
+    ]
+    target_modules = sorted(names) if sorted(twins) == adapted else torch_names
     config = lora_config(method, extra, target_modules, False, False, None)
     write(path, tensors, config)

@@ -7,6 +7,7 @@ from jpeft.profiles._families import GPT2 as GPT2
 from jpeft.profiles._families import LLAMA as LLAMA
 from jpeft.profiles._families import ROBERTA as ROBERTA
 from jpeft.profiles._families import TUNIX as TUNIX
+from jpeft.profiles._families import TUNIX_GEMMA3 as TUNIX_GEMMA3
 from jpeft.profiles._families import detect as detect
 from jpeft.profiles._families import matching as matching
 from jpeft.profiles._families import tied_embeddings as tied_embeddings
@@ -23,6 +24,7 @@ __all__ = [
     "LLAMA",
     "ROBERTA",
     "TUNIX",
+    "TUNIX_GEMMA3",
     "Profile",
     "ProfileError",
     "TiedHead",

@@ -1,12 +1,12 @@
 r"""The profiles of the reference families, and :func:`detect`, which picks one for a tree.
 
 The paths are those of ``transformers``' Flax models (4.57), bare or under a task head, and of
-tunix's NNX decoders as ``jpeft._nnx.tree`` shows them.
+tunix's NNX decoders (Qwen 3 and Llama 3; Gemma 3) as ``jpeft._nnx.tree`` shows them.
 
 Example:
     >>> from jpeft import profiles
     >>> [p.name for p in profiles.ALL]
-    ['bert', 'roberta', 'gpt2', 'llama', 'bart', 'tunix']
+    ['bert', 'roberta', 'gpt2', 'llama', 'bart', 'tunix', 'tunix_gemma3']
     >>> profiles.BART.inputs[:4]
     ('input_ids', 'attention_mask', 'decoder_input_ids', 'decoder_attention_mask')
 """
@@ -171,7 +171,38 @@ projections are tunix ``Einsum`` modules, ``w: (D, N, H)`` for q, ``(D, K, H)`` 
 / ``LlamaForCausalLM`` names, so HF PEFT LoRA adapters import and export. With tied embeddings
 (``use_tied_embedding`` / ``weight_tying``) there is no ``lm_head`` module."""
 
-ALL = (BERT, ROBERTA, GPT2, LLAMA, BART, TUNIX)
+TUNIX_GEMMA3 = Profile(
+    name="tunix_gemma3",
+    detect=r"(.*/)?layers/\d+/attn/attn_vec_einsum/kernel",
+    lora_default=("attn_vec_einsum", "gate_proj", "up_proj", "down_proj"),
+    layouts=((r"(.*/)?layers/\d+/attn/attn_vec_einsum", "dense_general:2,1"),),
+    embedding=r"(.*/)?embedder",
+    query=r"(.*/)?layers/\d+/attn/(q_einsum|qkv_einsum)",
+    key=r"(.*/)?layers/\d+/attn/(kv_einsum|qkv_einsum)",
+    value=r"(.*/)?layers/\d+/attn/(kv_einsum|qkv_einsum)",
+    attn_out=r"(.*/)?layers/\d+/attn/attn_vec_einsum",
+    ffn_in=r"(.*/)?layers/\d+/mlp/(gate_proj|up_proj)",
+    ffn_out=r"(.*/)?layers/\d+/mlp/down_proj",
+    layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
+    inputs=("last_tokens", "positions", "cache", "attention_mask"),
+    hf_names=(
+        ("layers/{i}/attn/attn_vec_einsum", "model.layers.{i}.self_attn.o_proj"),
+        ("layers/{i}/mlp/{m}", "model.layers.{i}.mlp.{m}"),
+        ("embedder", "model.embed_tokens"),
+    ),
+)
+"""tunix's NNX Gemma 3 decoder, ``tunix.models.gemma3.model.Gemma3`` (text only). Its output
+projection ``attn/attn_vec_einsum`` (``w: (N, H, D)``, torch's ``o_proj``) and its gated MLP
+(``nnx.Linear`` ``gate_proj``, ``up_proj``, ``down_proj``) take LoRA and HF PEFT LoRA files, and
+``lora_default`` names these four. Its query, key and value weights are laid out so that jpeft
+cannot factor them and refuses them as targets: ``attn/q_einsum`` is ``w: (N, D, H)`` (the
+contracted axis in the middle), ``attn/kv_einsum`` stacks key and value, ``w: (2, K, D, H)``, with
+an output ``(2, B, T, K, H)``, and with as many key-value heads as query heads a single
+``attn/qkv_einsum`` (``w: (3, N, D, H)``) holds all three. HF PEFT adapters on ``q_proj``,
+``k_proj`` or ``v_proj`` are refused for the same reason. The embeddings are always tied (no
+``lm_head``)."""
+
+ALL = (BERT, ROBERTA, GPT2, LLAMA, BART, TUNIX, TUNIX_GEMMA3)
 """The shipped profiles, in the order :func:`detect` tries them."""
 
 
