@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -111,10 +111,11 @@ def _spelled(names: list[str] | str, paths: list[Path], modules: list[Path]) -> 
     return "|".join(re.escape(join(p)) for p in paths)
 
 
-def import_ia3(
-    path: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params: PyTree, layouts: tuple, name: str
-) -> tuple[IA3, PyTree]:
-    """Reads an IA3 adapter; see ``jpeft.import_hf``."""
+def read_vectors(
+    path: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], resolve: Callable[[str, str], Path]
+) -> dict[Path, tuple[str, np.ndarray, str]]:
+    """``{module path: (key, ia3_l, IN or OUT)}`` of an IA3 file (linen and NNX); ``resolve(key,
+    torch_module)`` gives a key's module path or raises."""
     owner = "jpeft.import_hf"
     file, config_file = os.path.join(path, WEIGHTS), os.path.join(path, CONFIG)
     if config.get("modules_to_save"):
@@ -123,7 +124,6 @@ def import_ia3(
             "ia3_l vectors only. Re-save the adapter without modules_to_save."
         )
     ff_names = _names(config, "feedforward_modules", config_file)
-    modules = _tree.modules(params)
     found: dict[Path, tuple[str, np.ndarray, str]] = {}
     for key in sorted(tensors):
         if not (key.startswith(PREFIX) and key.endswith(LEAF)):
@@ -132,6 +132,22 @@ def import_ia3(
                 "Is it an HF PEFT IA3 adapter?"
             )
         torch_module = key[len(PREFIX) : -len(LEAF)]
+        found[resolve(key, torch_module)] = (key, tensors[key], IN if _torch_match(ff_names, torch_module) else OUT)
+    if not found:
+        raise JpeftError(f"{owner}: {file!r} holds no IA3 vectors; expected '{PREFIX}<module>{LEAF}' keys.")
+    return found
+
+
+def import_ia3(
+    path: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params: PyTree, layouts: tuple, name: str
+) -> tuple[IA3, PyTree]:
+    """Reads an IA3 adapter; see ``jpeft.import_hf``."""
+    owner = "jpeft.import_hf"
+    file, config_file = os.path.join(path, WEIGHTS), os.path.join(path, CONFIG)
+    ff_names = _names(config, "feedforward_modules", config_file)
+    modules = _tree.modules(params)
+
+    def resolve(key: str, torch_module: str) -> Path:
         target = _resolve(torch_module, modules)
         if target is None:
             raise JpeftError(
@@ -139,9 +155,9 @@ def import_ia3(
                 f"lacks (module paths look like {join(next(iter(modules)))!r}). Pass the params of the base model "
                 "the adapter was trained on."
             )
-        found[target] = (key, tensors[key], IN if _torch_match(ff_names, torch_module) else OUT)
-    if not found:
-        raise JpeftError(f"{owner}: {file!r} holds no IA3 vectors; expected '{PREFIX}<module>{LEAF}' keys.")
+        return target
+
+    found = read_vectors(path, config, tensors, resolve)
     paths = sorted(found)
     ff_paths = sorted(p for p in paths if found[p][2] == IN)
     everything = list(modules)

@@ -11,9 +11,9 @@
 
 Both put the real tokens at positions ``P ..`` (prompt tuning: the model numbers ``[prompt; x]``;
 prefix tuning: the cache length ``P`` shifts ``cache_position``), as jpeft's extended call does, so
-outputs agree exactly. Rotary models (Llama) are refused for prefixes: HF PEFT's cache holds keys
-*after* RoPE, which the model never rotates, while jpeft's prefixes are projection outputs that the
-model rotates at positions ``0 .. P-1``. Encoder-decoders are refused too (HF PEFT's seq2seq layout,
+outputs agree exactly. Rotary models (Llama; tunix's Qwen 3 and Llama 3) are refused for prefixes:
+HF PEFT's cache holds keys *after* RoPE (and Qwen 3's ``k_norm``), which the model never rotates,
+while jpeft's prefixes are projection outputs that the model rotates at positions ``0 .. P-1``. Encoder-decoders are refused too (HF PEFT's seq2seq layout,
 ``num_transformer_submodules = 2``, shares one prefix between both stacks).
 """
 
@@ -34,7 +34,7 @@ from jpeft.io._hf_peft import CONFIG, WEIGHTS, _check_profile, adapter, write
 from jpeft.methods._prefix import PrefixTuning, PTuningV2, _Site
 from jpeft.methods._prompt import VirtualTokens
 from jpeft.methods._prompt_tuning import PromptTuning
-from jpeft.profiles import LLAMA, Profile
+from jpeft.profiles import LLAMA, TUNIX, Profile
 
 KEY = "prompt_embeddings"
 
@@ -46,11 +46,11 @@ def _check_profile_kind(owner: str, method: VirtualTokens, profile: Profile, wha
             "decoder-only and encoder-only models (HF PEFT's seq2seq layout, num_transformer_submodules=2, has no "
             "jpeft equivalent). Save with jpeft.io.save instead."
         )
-    if isinstance(method, PrefixTuning) and (profile.name == LLAMA.name or profile.key == LLAMA.key):
+    if isinstance(method, PrefixTuning) and any(profile.name == p.name or profile.key == p.key for p in (LLAMA, TUNIX)):
         raise JpeftError(
             f"{owner}: PrefixTuning on the rotary (RoPE) profile {profile.name!r}; HF PEFT's prefixes are cached keys "
-            f"after RoPE, jpeft's are key projections that the model rotates, so the {what} would change the "
-            "outputs. Save with jpeft.io.save instead."
+            f"after RoPE (and after Qwen 3's k_norm), jpeft's are key projections that the model normalises and "
+            f"rotates, so the {what} would change the outputs. Save with jpeft.io.save instead."
         )
 
 
@@ -173,4 +173,3 @@ def import_prompt(
             raise JpeftError(f"{owner}: adapter {name!r} already exists at {join(target)!r}; pass another name=...")
         node[RESERVED] = {**store, name: deltas}
     return method, out
-

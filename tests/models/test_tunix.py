@@ -119,11 +119,12 @@ def test_jpeft_lora_equals_merged_torch_weights(tmp_path):
 
 
 def test_refusals(tmp_path):
+    # DoRA, IA3 and prompt tuning import and export (tests/models/test_tunix_peft.py); bias training does not
     tm, model = _build("llama3", True, tmp_path)
-    dora = peft.get_peft_model(tm, peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    dora.save_pretrained(tmp_path / "dora")
-    with pytest.raises(jpeft.JpeftError, match="use_dora"):
-        jpeft.import_hf(str(tmp_path / "dora"), model)
-    method = jpeft.LoRA(targets=("q_proj",), rank=2, use_dora=True)
-    with pytest.raises(jpeft.JpeftError, match="plain jpeft.LoRA"):
+    biased = peft.get_peft_model(tm, peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    biased.save_pretrained(tmp_path / "bias")
+    with pytest.raises(jpeft.JpeftError, match="bias='lora_only'"):
+        jpeft.import_hf(str(tmp_path / "bias"), model)
+    method = jpeft.LoRADrop(targets=("q_proj",), rank=2)
+    with pytest.raises(jpeft.JpeftError, match="export_hf writes jpeft.LoRA"):
         jpeft.export_hf(str(tmp_path / "out"), method, jpeft.apply(method, model, key=jax.random.key(0)))
