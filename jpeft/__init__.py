@@ -61,6 +61,7 @@ from jpeft.methods._parallel import ParallelAdapter as ParallelAdapter
 from jpeft.methods._parallel import ScaledParallelAdapter as ScaledParallelAdapter
 from jpeft.methods._prefix import PrefixTuning as PrefixTuning
 from jpeft.methods._prefix import PTuningV2 as PTuningV2
+from jpeft.methods._prompt_ensemble import PromptEnsemble as PromptEnsemble
 from jpeft.methods._prompt_tuning import PromptTuning as PromptTuning
 from jpeft.methods._ptuning import PTuning as PTuning
 from jpeft.methods._qlora import QLoRA as QLoRA
@@ -110,6 +111,7 @@ __all__ = [
     "LoRAPlus",
     "LoRADrop",
     "PrefixTuning",
+    "PromptEnsemble",
     "PromptTuning",
     "PTuning",
     "PTuningV2",
