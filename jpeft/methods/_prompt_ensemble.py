@@ -82,6 +82,8 @@ class PromptEnsemble(PromptTuning):
 
     k: int = 5
 
+    mixed_batches = False  # the member axis is the ensemble's own mix of rows; adapter_index= is refused
+
     def __post_init__(self) -> None:
         _errors.positive_int(self._name(), "k", self.k)
         super().__post_init__()
@@ -104,7 +106,10 @@ class PromptEnsemble(PromptTuning):
 
     # --- structure -----------------------------------------------------------------------------
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
-        one = [super(PromptEnsemble, self).init_module(key_m, path, own, ctx)["prompt"] for key_m in jax.random.split(key, self.k)]
+        one = [
+            super(PromptEnsemble, self).init_module(key_m, path, own, ctx)["prompt"]
+            for key_m in jax.random.split(key, self.k)
+        ]
         return {"prompt": jnp.stack(one)}
 
     def param_count(self, params: PyTree) -> int:
@@ -132,11 +137,6 @@ class PromptEnsemble(PromptTuning):
                 "methods' rows too. Ensemble a plain prompt (jpeft.PromptEnsemble(k=..., ...)) on its own."
             )
         self.active_name(active)
-        if "adapter_index" in kwargs:
-            raise JpeftError(
-                f"{self._name()}: adapter_index= (a mixed batch) is not supported: the ensemble replicates each example "
-                "once per member itself. Pass the plain batch; outputs come back as (k, B, ...)."
-            )
         inputs = self.profile_of(variables["params"]).inputs
         key = next((k for k in inputs if role(k) == "input_ids"), "input_ids")
         i = inputs.index(key) if key in inputs else len(args)
@@ -267,14 +267,19 @@ class PromptEnsemble(PromptTuning):
         """
         where = f"{self._name()}.unstack"
         names = [f"{name}_{m}" for m in range(self.k)] if names is None else names
-        if isinstance(names, str) or not isinstance(names, Sequence) or len(set(names)) != self.k or len(names) != self.k:
+        if (
+            isinstance(names, str)
+            or not isinstance(names, Sequence)
+            or len(set(names)) != self.k
+            or len(names) != self.k
+        ):
             raise JpeftError(f"{where}: names must be k = {self.k} distinct adapter names; got {names!r}.")
         path, store = self._store(peft_params, where)
         leaf = store.get(name, {}).get("prompt") if isinstance(store.get(name), Mapping) else None
         if leaf is None or tuple(leaf.shape[:1]) != (self.k,) or leaf.ndim != 3:
             raise JpeftError(
                 f"{where}: {join(path)} holds no ensemble adapter {name!r} with a (k={self.k}, P, d) prompt; it holds "
-                f"{ {n: tuple(v['prompt'].shape) for n, v in store.items() if 'prompt' in v} or 'none'}."
+                f"{ {n: tuple(v['prompt'].shape) for n, v in store.items() if 'prompt' in v} or 'none' }."
             )
         clash = sorted(set(names) & set(store))
         if clash:
@@ -282,6 +287,14 @@ class PromptEnsemble(PromptTuning):
         return self._with(peft_params, path, {**store, **{n: {"prompt": leaf[m]} for m, n in enumerate(names)}})
 
     def _store(self, peft_params: PyTree, where: str) -> tuple[Path, dict[str, Any]]:
+        from jpeft import _nnx
+
+        if _nnx.is_model(peft_params) or not isinstance(peft_params, Mapping):
+            raise JpeftError(
+                f"{where}: expected a linen parameter tree from jpeft.apply; got {type(peft_params).__name__}. On an "
+                "NNX model the ensemble's prompts are one Delta, model.<embedding>.__jpeft__[name]['prompt'] of shape "
+                "(k, P, d): index or stack it there."
+            )
         path = self.embedding_site(peft_params)[0]
         node = _tree.get(peft_params, path)
         return path, dict(node.get(RESERVED, {}))
