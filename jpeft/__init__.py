@@ -55,6 +55,7 @@ from jpeft.methods._lora import LoRAPlus as LoRAPlus
 from jpeft.methods._lora_drop import LoRADrop as LoRADrop
 from jpeft.methods._lora_drop import lora_drop_importance as lora_drop_importance
 from jpeft.methods._lora_drop import lora_drop_select as lora_drop_select
+from jpeft.methods._lst import LadderSideTuning as LadderSideTuning
 from jpeft.methods._mam import MAM as MAM
 from jpeft.methods._parallel import MultiHeadParallelAdapter as MultiHeadParallelAdapter
 from jpeft.methods._parallel import ParallelAdapter as ParallelAdapter
@@ -68,8 +69,13 @@ from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft.methods._unipelt import UniPELT as UniPELT
 from jpeft.quant._nf4 import NF4 as NF4
 from jpeft.quant._nf4 import NF4Array as NF4Array
-from jpeft.quant._nf4 import dequantize as dequantize
-from jpeft.quant._nf4 import quantize as quantize
+from jpeft.quant._api import dequantize as dequantize
+from jpeft.quant._api import quantize as quantize
+from jpeft.quant._base import OnQuantized as OnQuantized
+from jpeft.quant._base import on_quantized as on_quantized
+from jpeft.quant._int import Int4 as Int4
+from jpeft.quant._int import Int8 as Int8
+from jpeft.quant._int import IntArray as IntArray
 
 __version__ = "0.1.0"
 
@@ -82,6 +88,11 @@ __all__ = [
     "models",
     "NF4",
     "NF4Array",
+    "Int8",
+    "Int4",
+    "IntArray",
+    "OnQuantized",
+    "on_quantized",
     "QLoRA",
     "dequantize",
     "quantize",
@@ -103,6 +114,7 @@ __all__ = [
     "DoRA",
     "FrozenDelta",
     "JpeftError",
+    "LadderSideTuning",
     "Layout",
     "Linear",
     "LoRA",
