@@ -1,0 +1,173 @@
+"""``python -m experiments.bench lst``: training-step memory of ladder side tuning vs full, LoRA, adapters.
+
+Sung et al. (2022) report that LST saves 69 % of full fine-tuning's training memory where adapters
+and LoRA save about 26 % (T5-base, GLUE). This benchmark compiles one training step (``optax.adam``,
+parameters and optimizer state donated) per method on the same model and batch and reads XLA's
+``compiled.memory_analysis()``: argument + temporary + output bytes, less aliased (donated) bytes,
+the peak XLA plans for. Nothing is executed, so it runs on CPU.
+
+Models (random weights, float32, never downloaded):
+
+* ``gpt2-lm``: ``FlaxGPT2LMHeadModel(GPT2Config())`` (GPT-2-small) with the causal LM loss; its
+  ``(B, T, 50257)`` logits and their gradient are paid by every method, LST included;
+* ``bert-cls``: ``FlaxBertForSequenceClassification(BertConfig())`` (BERT-base, 2 labels) with
+  the cross-entropy on the pooled output, closer to the paper's GLUE setting; the classifier trains
+  in every PEFT method (``extra_trainable``).
+
+Methods: ``full`` (every parameter), ``lora`` (r = 8 on every attention and FFN projection),
+``adapters`` (Houlsby, reduction factor 16) and ``lst`` (``jpeft.LadderSideTuning``, r = 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm import tqdm
+
+import jpeft
+from experiments import bench
+
+PAPER = {"lst": 0.69, "adapters": 0.26, "lora": 0.26}
+"""The paper's memory saving vs full fine-tuning (Sung et al. 2022, Fig. 1 / Table 1, T5-base)."""
+GOAL = {"lst_over_full": 0.35, "lst_over_lora": 0.7}
+
+
+def _model(name: str, layers: int) -> tuple[Any, dict[str, Any], Callable[..., jax.Array], dict[str, Any], str | None]:
+    """``(model, params, loss(apply_fn, params, batch), lora targets..., extra_trainable)``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == "gpt2-lm":
+        model, params = bench.build_model(layers)
+        return model, params, bench.lm_loss, {"lora": ("c_attn", "c_proj", "c_fc"), "heads": 12}, None
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    model = FlaxBertForSequenceClassification(BertConfig(num_hidden_layers=layers), dtype=jnp.float32, _do_init=False)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = flax.core.unfreeze(
+        jax.jit(lambda k: model.module.init(k, ids, jnp.ones_like(ids), jnp.zeros_like(ids), None, None)["params"])(
+            jax.random.key(0)
+        )
+    )
+
+    def loss(apply_fn, p, batch):
+        ids = batch["ids"]
+        logits = apply_fn({"params": p}, ids, batch["mask"], jnp.zeros_like(ids), None, None, deterministic=True)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    lora = ("query", "key", "value", "dense")
+    return model, params, loss, {"lora": lora, "heads": 12}, r".*classifier/.*"
+
+
+def _step(apply_fn: Callable[..., Any], loss: Callable[..., jax.Array], tx: Any, peft: bool) -> Callable[..., Any]:
+    if not peft:
+
+        def full_step(params, opt_state, batch):
+            value, grads = jax.value_and_grad(lambda p: loss(apply_fn, p, batch))(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        return full_step
+
+    def peft_step(trainable, opt_state, frozen, batch):
+        value, grads = jax.value_and_grad(lambda t: loss(apply_fn, jpeft.combine(t, frozen), batch))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return peft_step
+
+
+def measure(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
+    model, params, loss, info, extra = _model(model_name, args.layers)
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, model.config.vocab_size, dtype=jnp.int32)
+    batch = {"ids": ids, "mask": jnp.ones_like(ids), "pos": jnp.broadcast_to(jnp.arange(args.seq), ids.shape)}
+    batch["labels"] = jnp.zeros((args.batch,), jnp.int32)
+    methods = {
+        "lora": jpeft.LoRA(targets=info["lora"], rank=args.rank, alpha=2.0 * args.rank, extra_trainable=extra),
+        "adapters": jpeft.HoulsbyAdapter(reduction_factor=16, extra_trainable=extra),
+        "lst": jpeft.LadderSideTuning(num_heads=info["heads"], reduction=args.reduction, extra_trainable=extra),
+    }
+    tx = optax.adam(1e-4)
+    shape = jax.ShapeDtypeStruct
+    out: dict[str, Any] = {}
+    for name in tqdm(("full", *methods), desc=f"compile {model_name}", leave=False):
+        if name == "full":
+            fn = _step(model.module.apply, loss, tx, peft=False)
+            args_ = (params, jax.eval_shape(tx.init, params), batch)
+            trainable = sum(x.size for x in jax.tree.leaves(params))
+        else:
+            m = methods[name]
+            tree = jpeft.apply(m, params, key=jax.random.key(2))
+            tr, fr = jpeft.split(m, tree)
+            fn = _step(jpeft.wrap(model.module.apply, m), loss, tx, peft=True)
+            args_ = (tr, jax.eval_shape(tx.init, tr), fr, batch)
+            trainable = sum(x.size for x in jax.tree.leaves(tr))
+        abstract = jax.tree.map(lambda x: shape(x.shape, x.dtype), args_)
+        compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(*abstract).compile()
+        out[name] = {"memory": bench.memory_of(compiled), "trainable": int(trainable)}
+    full = out["full"]["memory"]["total"]
+    for name, r in out.items():
+        r["over_full"] = r["memory"]["total"] / full
+        r["saving"] = 1 - r["over_full"]
+        r["paper_saving"] = PAPER.get(name)
+    out["lst_over_lora"] = out["lst"]["memory"]["total"] / out["lora"]["memory"]["total"]
+    out["goal_met"] = out["lst"]["over_full"] <= GOAL["lst_over_full"] and out["lst_over_lora"] < GOAL["lst_over_lora"]
+    return out
+
+
+def table(name: str, res: dict[str, Any]) -> str:
+    rows = [f"{name}: method | total MB | temp MB | x full | saving | paper saving | trainable"]
+    for m in ("full", "lora", "adapters", "lst"):
+        r = res[m]
+        paper = "-" if r["paper_saving"] is None else f"{r['paper_saving']:.0%}"
+        rows.append(
+            f"  {m:8s} | {r['memory']['total'] / 2**20:9.1f} | {r['memory']['temp'] / 2**20:8.1f} | "
+            f"{r['over_full']:.3f} | {r['saving']:6.1%} | {paper:>5s} | {r['trainable']:,}"
+        )
+    rows.append(
+        f"  LST / LoRA = {res['lst_over_lora']:.3f}; goal (<= 0.35 x full, < 0.7 x LoRA) met: {res['goal_met']}"
+    )
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "command": " ".join(["python", "-m", "experiments.bench", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "platform": platform.platform(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "layers": args.layers,
+        "rank": args.rank,
+        "reduction": args.reduction,
+        "paper_saving": PAPER,
+        "goal": GOAL,
+        "models": {},
+    }
+    for name in args.models:
+        res = measure(args, name)
+        report["models"][name] = res
+        print(table(name, res), flush=True)
+    return report
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("lst", help="peak XLA bytes of a ladder side tuning step vs full, LoRA and adapters")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--layers", type=int, default=12, help="transformer layers (12 = GPT-2-small / BERT-base)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--reduction", type=int, default=8, help="LST reduction factor r")
+    p.add_argument("--models", nargs="+", default=["gpt2-lm", "bert-cls"], choices=["gpt2-lm", "bert-cls"])
+    p.add_argument("--out", default="experiments/results/bench_lst.json")
