@@ -871,16 +871,17 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--block-size", type=int, default=64)
     q.add_argument("--dq-block-size", type=int, default=256)
     q.add_argument("--out", default="experiments/results/bench_qlora.json")
-    from experiments import bench_adapterdrop, bench_nnx, bench_torch
+    from experiments import bench_adapterdrop, bench_nnx, bench_qwix, bench_torch
 
     bench_torch.add_parser(sub)
     bench_adapterdrop.add_parser(sub)
     bench_nnx.add_parser(sub)
+    bench_qwix.add_parser(sub)
     from experiments import bench_lst
 
     bench_lst.add_parser(sub)
     args = parser.parse_args(argv)
-    runs = {"lora": run_lora, "qlora": run_qlora, "vs-torch": bench_torch.run, "adapterdrop": bench_adapterdrop.run, "nnx": bench_nnx.run}
+    runs = {"lora": run_lora, "qlora": run_qlora, "vs-torch": bench_torch.run, "adapterdrop": bench_adapterdrop.run, "nnx": bench_nnx.run, "vs-qwix": bench_qwix.run}
     runs["lst"] = bench_lst.run
     report = runs[args.bench](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
