@@ -1,4 +1,5 @@
-"""Greedy generation with the KV cache, for wrapped HF Flax decoder-only (GPT-2, Llama) and encoder-decoder (BART) models."""
+"""Greedy generation with the KV cache: wrapped HF Flax decoder-only (GPT-2, Llama) and encoder-decoder
+(BART) models here, NNX models from ``jpeft.apply`` with tunix's call convention in ``_generate_nnx``."""
 
 from __future__ import annotations
 
@@ -26,15 +27,27 @@ def _logits(out: Any) -> jax.Array:
 def generate(
     apply_fn: Callable[..., Any],
     method: Method,
-    peft_params: PyTree,
-    input_ids: jax.Array,
-    max_new_tokens: int,
+    peft_params: PyTree = None,
+    input_ids: jax.Array | None = None,
+    max_new_tokens: int | None = None,
     *,
     attention_mask: jax.Array | None = None,
     decoder_input_ids: jax.Array | None = None,
-    name: str = "default",
+    name: str | None = None,
 ) -> jax.Array:
     """Greedy decoding of a wrapped causal LM, one new token per step, with the model's KV cache.
+
+    NNX models: ``jpeft.generate(model, input_ids, max_new_tokens, attention_mask=None, name=None)``
+    decodes an NNX model from ``jpeft.apply`` with tunix's call convention (``tunix.models.llama3``,
+    ``qwen3``: ``model(input_tokens, positions, cache, attention_mask) -> (logits, cache)``), for
+    weight methods (LoRA, ...) and prompt and prefix methods (prompt tuning, P-tuning v2, prefix
+    tuning), whose ``P`` virtual positions enter the cache once; ``name`` chooses the active
+    adapter(s) (default: the model's). Left padding follows ``attention_mask``. The result equals
+    the adapted model called on the whole growing sequence (positions ``cumsum(mask) - 1``, a
+    causal mask without the padded keys), arg-max of the last logits, at every step. It compiles
+    once per model structure and shapes. Refused: sliding-window attention, delta dropout left on
+    (call ``model.eval()``), sequence-mean gates (UniPELT without ``force_open``), and a prompt or
+    prefix method with several adapters active.
 
     ``apply_fn`` is a bare HF Flax causal-LM module's apply (``model.module.apply``): it must take
     ``input_ids``, ``attention_mask``, ``position_ids``, ``init_cache`` and ``mutable=['cache']``
@@ -56,7 +69,7 @@ def generate(
     model's profile is known). The result equals ``jpeft.wrap(apply_fn, method)`` on the whole
     decoder sequence at every step. Encoder positions are ``arange(P + T)``, as HF's wrapper makes.
 
-    Nothing here is jitted: ``jax.jit(generate, static_argnums=(0, 1, 4))`` compiles it whole.
+    On linen nothing here is jitted: ``jax.jit(generate, static_argnums=(0, 1, 4))`` compiles it whole.
 
     Args:
       apply_fn: the bare module's apply.
@@ -67,7 +80,7 @@ def generate(
       attention_mask: ``(B, T)``, ones by default.
       decoder_input_ids: ``(B, S)`` int: the decoder's start for an encoder-decoder; ``None`` for a
         decoder-only model.
-      name: the adapter to run.
+      name: the adapter to run (linen: ``"default"`` if ``None``; NNX: the model's active adapters).
 
     Returns:
       ``(B, T + max_new_tokens)`` token ids: the inputs, then the generated tokens; for an
@@ -88,13 +101,41 @@ def generate(
       ...   out = jpeft.generate(model.module.apply, method, peft, jnp.ones((2, 4), jnp.int32), 5)
       >>> out.shape
       (2, 9)
+
+      An NNX model (tunix's Llama 3) with P-tuning v2:
+
+      >>> from flax import nnx
+      >>> from tunix.models.llama3 import model as llama3
+      >>> config = llama3.ModelConfig(num_layers=1, vocab_size=32, embed_dim=16, hidden_dim=32, num_heads=2,
+      ...                             head_dim=8, num_kv_heads=1, rope_theta=1_000_000, norm_eps=1e-6)
+      >>> base = llama3.Llama3(config, rngs=nnx.Rngs(0))
+      >>> tuned = jpeft.apply(jpeft.PTuningV2(num_virtual_tokens=2), base, key=jax.random.key(0))
+      >>> with jax.numpy_rank_promotion("allow"):  # tunix's RMSNorm relies on implicit rank promotion
+      ...   out = jpeft.generate(tuned, jnp.ones((2, 4), jnp.int32), 3)
+      >>> out.shape
+      (2, 7)
     """
+    if _nnx.is_model(apply_fn):  # jpeft.generate(model, input_ids, max_new_tokens)
+        from jpeft import _generate_nnx
+
+        if input_ids is not None or max_new_tokens is not None or decoder_input_ids is not None:
+            raise JpeftError(
+                "jpeft.generate on an NNX model is jpeft.generate(model, input_ids, max_new_tokens, attention_mask=..., "
+                "name=...): the model holds its methods and deltas, so pass no method or tree (and no "
+                "decoder_input_ids: tunix's decoders are decoder-only)."
+            )
+        return _generate_nnx.generate(apply_fn, method, peft_params, attention_mask=attention_mask, active=name)
+    name = "default" if name is None else name
     _core._check_method(method, "jpeft.generate")
-    if _nnx.is_model(apply_fn) or _nnx.is_model(peft_params):
+    if _nnx.is_model(peft_params):
         raise JpeftError(
-            "jpeft.generate decodes linen HF Flax modules. An NNX model from jpeft.apply runs its deltas in its own "
-            "call, so decode it with its own KV cache or sampler (nnx.MultiHeadAttention(decode=True), tunix's "
-            "Sampler); prompt and prefix methods need linen for cached decoding for now."
+            "jpeft.generate: peft_params is an NNX model. Pass it first, jpeft.generate(model, input_ids, "
+            "max_new_tokens): the model holds its methods and deltas."
+        )
+    if input_ids is None or max_new_tokens is None:
+        raise JpeftError(
+            "jpeft.generate(apply_fn, method, peft_params, input_ids, max_new_tokens): input_ids and max_new_tokens "
+            "are required for a linen model."
         )
     _core._check_params(peft_params, "jpeft.generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:

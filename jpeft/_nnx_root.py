@@ -71,12 +71,14 @@ def call(model: nnx.Module, next_fun: Callable[..., Any], args: tuple, kwargs: d
 
 
 CACHE_ARGS = ("cache", "kv_cache", "past_key_values", "decode", "init_cache")
-"""Root-call arguments that mean cached decoding, which the virtual positions cannot follow yet."""
+"""Root-call arguments that mean cached decoding, which a plain root call cannot follow (``jpeft.generate`` does)."""
 
 
 def _refuse_cache(model: nnx.Module, method: Method, args: tuple, kwargs: dict) -> None:
     """Refuses a root call that decodes through a KV cache: each step would get the P virtual
-    positions again (prompts) or miss them in the cache (prefixes), silently wrong."""
+    positions again (prompts) or miss them in the cache (prefixes), silently wrong. A caller's own
+    sampler (tunix's ``Sampler``) cannot say which call is the prefill, so ``jpeft.generate``
+    (``jpeft._generate_nnx``) decodes these methods: it writes the virtual positions once."""
     import inspect
 
     try:
@@ -86,9 +88,11 @@ def _refuse_cache(model: nnx.Module, method: Method, args: tuple, kwargs: dict) 
     used = [k for k in CACHE_ARGS if bound.get(k) is not None and bound.get(k) is not False]
     if used:
         raise JpeftError(
-            f"{type(method).__name__} on an NNX model: the root call got {used[0]}=..., cached decoding, which prompt "
-            "and prefix methods do not follow on NNX yet (each step would see the virtual positions again). Decode "
-            "by calling the model on the whole sequence, or use a linen model with jpeft.generate."
+            f"{type(method).__name__} on an NNX model: the root call got {used[0]}=..., cached decoding, which a "
+            "plain call of a prompt or prefix method cannot follow (each step would see the virtual positions again, "
+            "and a sampler's masks and positions leave no room for them). Decode with jpeft.generate(model, "
+            "input_ids, max_new_tokens) (tunix's decoders), which puts them in the cache once, or call the model on "
+            "the whole sequence."
         )
 
 
