@@ -218,6 +218,18 @@ CASES: tuple[Case, ...] = (
         },
     ),
     Case(
+        "PromptEnsemble",
+        lambda family, **kw: jpeft.PromptEnsemble(**{"k": 2, "num_virtual_tokens": 2, **kw}),
+        profile=True,
+        expect={
+            "mixed": ("error", "the member axis is the ensemble's own mix of rows", r"adapter_index= \(a mixed batch\) is not supported"),
+            "generate": ("error", "generate one member (PromptEnsemble.unstack)", r"the embedding ran without the ensemble's call"),
+            # not a bug: outputs carry the member axis, (k, B, 3); the cell asserts (B, 3). Each member equals a plain
+            # prompt on BERT's pooled head in tests/methods/test_prompt_ensemble.py::test_one_batch_equals_k_separate_runs
+            "pooled": ("xfail", "by design: outputs are (k, B, 3), the cell asserts (B, 3); members tested alone"),
+        },
+    ),
+    Case(
         "Prompt+LoRA",
         lambda family, **kw: jpeft.compose(
             jpeft.PromptTuning(num_virtual_tokens=2), jpeft.LoRA(targets=LORA_TARGETS[family], rank=R, alpha=A)
