@@ -69,8 +69,13 @@ from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft.methods._unipelt import UniPELT as UniPELT
 from jpeft.quant._nf4 import NF4 as NF4
 from jpeft.quant._nf4 import NF4Array as NF4Array
-from jpeft.quant._nf4 import dequantize as dequantize
-from jpeft.quant._nf4 import quantize as quantize
+from jpeft.quant._api import dequantize as dequantize
+from jpeft.quant._api import quantize as quantize
+from jpeft.quant._base import OnQuantized as OnQuantized
+from jpeft.quant._base import on_quantized as on_quantized
+from jpeft.quant._int import Int4 as Int4
+from jpeft.quant._int import Int8 as Int8
+from jpeft.quant._int import IntArray as IntArray
 
 __version__ = "0.1.0"
 
@@ -83,6 +88,11 @@ __all__ = [
     "models",
     "NF4",
     "NF4Array",
+    "Int8",
+    "Int4",
+    "IntArray",
+    "OnQuantized",
+    "on_quantized",
     "QLoRA",
     "dequantize",
     "quantize",
