@@ -112,7 +112,8 @@ class LadderSideTuning(Method):
     ``S`` and the up-projection as its transpose. Not mergeable, not the base model at init.
 
     Supported: GPT-2 (causal side attention) and BERT / RoBERTa (bidirectional, padding mask)
-    profiles, unscanned layers, full-sequence calls (no KV cache), one LST adapter per call.
+    profiles, unscanned layers, full-sequence calls (no KV cache), one LST adapter per call; linen
+    (``jpeft.wrap``) and NNX models alike (the side state passes from layer call to layer call).
 
     Args:
       num_heads: the backbone's attention heads (the tree does not hold them), e.g.
@@ -318,6 +319,20 @@ class LadderSideTuning(Method):
         return out
 
     # --- forward -------------------------------------------------------------------------------
+    def call(self, apply_fn: Any, variables: PyTree, args: tuple, kwargs: dict, *, active: str) -> Any:
+        """Runs the model (linen: ``jpeft.wrap``) and checks that the last layer used the side network."""
+        _STATE.side = _STATE.layer = None
+        out = apply_fn(variables, *args, **kwargs)
+        if getattr(_STATE, "side", None) is not None:
+            layer = _STATE.layer
+            _STATE.side = _STATE.layer = None
+            raise JpeftError(
+                f"{self._name()}: the side network stopped after layer {layer}: the last layer, which up-projects "
+                "the side state into the output, ran without its deltas (drop_layers= naming it?). Run every layer "
+                "with its deltas (no drop_layers=/drop_random=)."
+            )
+        return out
+
     def _layer_index(self, module: Any) -> int | None:
         path = join(getattr(module, "_jpeft_path", None) or module.path)
         for p in (self.profile,) if self.profile is not None else profiles.ALL:

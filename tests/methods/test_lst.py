@@ -287,5 +287,85 @@ def test_bad_inputs():
         jpeft.wrap(gpt2().module.apply, method)({"params": peft}, ids, mask, pos, init_cache=True, mutable=["cache"])
     with pytest.raises(jpeft.JpeftError, match=r"layer 1 ran without the side state of layer 0"):
         jpeft.wrap(gpt2().module.apply, method, drop_layers=[0])({"params": peft}, ids, mask, pos)
+    with pytest.raises(jpeft.JpeftError, match=r"side network stopped after layer 0: the last layer"):
+        jpeft.wrap(gpt2().module.apply, method, drop_layers=[1])({"params": peft}, ids, mask, pos)
     with pytest.raises(jpeft.JpeftError, match=r"adapter_index= \(a mixed batch\) is not supported"):
         jpeft.wrap(gpt2().module.apply, method)({"params": peft}, ids, mask, pos, adapter_index=jnp.zeros(B, int))
+
+
+# --- NNX -----------------------------------------------------------------------------------------
+def nnx_gpt2():
+    """HF GPT-2 (tiny) rewritten in NNX with the same parameter paths, holding the same weights."""
+    from flax import nnx
+
+    from tests._nnx_models import load
+
+    d, heads, rngs = 32, 4, nnx.Rngs(0)
+
+    class Conv1D(nnx.Module):  # HF's FlaxConv1D: kernel (out, in)
+        def __init__(self, n_in, n_out):
+            self.kernel, self.bias = nnx.Param(jnp.zeros((n_out, n_in))), nnx.Param(jnp.zeros((n_out,)))
+
+        def __call__(self, x):
+            return x @ self.kernel[...].T + self.bias[...][None, None]
+
+    class Attn(nnx.Module):
+        def __init__(self):
+            self.c_attn, self.c_proj = Conv1D(d, 3 * d), Conv1D(d, d)
+
+        def __call__(self, x, mask):
+            q, k, v = (a.reshape(B, T, heads, -1) for a in jnp.split(self.c_attn(x), 3, axis=-1))
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
+            ok = jnp.tril(jnp.ones((T, T), bool))[None, None] & (mask[:, None, None, :] > 0)
+            p = jax.nn.softmax(jnp.where(ok, s, jnp.finfo(s.dtype).min), axis=-1)
+            return self.c_proj(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, d))
+
+    class Mlp(nnx.Module):
+        def __init__(self):
+            self.c_fc, self.c_proj = Conv1D(d, 128), Conv1D(128, d)
+
+        def __call__(self, x):
+            return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+    class Block(nnx.Module):
+        def __init__(self):
+            self.ln_1, self.ln_2 = (nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs) for _ in range(2))
+            self.attn, self.mlp = Attn(), Mlp()
+
+        def __call__(self, x, mask):
+            x = x + self.attn(self.ln_1(x), mask)
+            return x + self.mlp(self.ln_2(x))
+
+    class Body(nnx.Module):
+        def __init__(self):
+            self.wte, self.wpe = nnx.Embed(50, d, rngs=rngs), nnx.Embed(16, d, rngs=rngs)
+            self.h = nnx.List([Block() for _ in range(2)])
+            self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.transformer = Body()
+
+        def __call__(self, ids, mask, pos):
+            t = self.transformer
+            x = t.wte(ids) + t.wpe(pos)
+            for block in t.h:
+                x = block(x, mask)
+            return t.ln_f(x) @ t.wte.embedding[...].T
+
+    return load(Model(), jax.tree.map(np.asarray, gpt2().params))
+
+
+def test_nnx_model_equals_linen():
+    """The same hooks on an NNX twin of GPT-2: base and LST outputs equal the linen HF model's."""
+    ids, mask, pos = batch()
+    method = jpeft.LadderSideTuning(num_heads=4, reduction=4)
+    model = nnx_gpt2()
+    base = gpt2().module.apply({"params": gpt2().params}, ids, mask, pos).logits
+    np.testing.assert_allclose(np.asarray(model(ids, mask, pos)), np.asarray(base), atol=1e-4, rtol=1e-4)
+    peft = jpeft.apply(method, gpt2().params, key=jax.random.key(0))
+    want = jpeft.wrap(gpt2().module.apply, method)({"params": peft}, ids, mask, pos).logits
+    adapted = jpeft.apply(method, model, key=jax.random.key(0))
+    got = adapted(ids, mask, pos)
+    assert float(jnp.abs(want - base).max()) > 1e-3  # the side network's output, not the base model's
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
