@@ -98,15 +98,23 @@ class Linear:
       weight: on a ``flax.nnx`` module, the attribute that holds the kernel when it is not named
         like the layout's leaf (``'kernel'``, ``'embedding'``): tunix's attention ``Einsum`` keeps
         it in ``w``. jpeft shows it to methods, and in its trees, under the layout's leaf name.
+      place: ``place(module, d) -> y`` moves an array whose trailing axes are the layout's output
+        axes (``x a b``, a per-output-feature scale) to where the module's output holds them
+        (tunix Gemma 3's ``kv_einsum`` returns ``(2, B, T, K, H)``); ``None`` when they end it.
     """
 
     layout: Layout | Callable[[nn.Module], Layout]
     down: Callable[[nn.Module, jax.Array, jax.Array], jax.Array] = _matmul_down
     inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_arg
     weight: str | None = None
+    place: Callable[[nn.Module, jax.Array], jax.Array] | None = None
 
     def layout_of(self, module: nn.Module) -> Layout:
         return self.layout(module) if callable(self.layout) else self.layout
+
+    def to_output(self, module: nn.Module, d: jax.Array) -> jax.Array:
+        """``d`` (output axes last, in the layout's order) in the module's output order (see ``place``)."""
+        return d if self.place is None else self.place(module, d)
 
 
 _REGISTRY: dict[type, Linear] = {

@@ -42,11 +42,17 @@ class Layout:
 
     Low-rank factors are ``a: (*S, *in, r)`` and ``b: (*S, r, *out)``; for ``conv``, ``in`` is
     ``(*window, c_in)``, so ``a`` is a convolution and ``b`` a 1x1 convolution.
+
+    ``in_axes`` (``dense_general`` only): the kernel's core axes (0-based, after the stack axes) that
+    hold the input features, when they do not lead; the other axes are the output axes, in the
+    kernel's order. tunix Gemma 3's ``q_einsum`` ``w: (N, D, H)`` is ``in_axes=(1,)``: ``a: (D, r)``,
+    ``b: (r, N, H)``. ``None``: the first ``n_in`` axes.
     """
 
     kind: str
     n_in: int = 1
     n_out: int = 1
+    in_axes: tuple[int, ...] | None = None
 
     @property
     def leaf(self) -> str:
@@ -63,7 +69,14 @@ class Layout:
         stack, core = shape[:n_stack], shape[n_stack:]
         if self.kind == "transposed":
             return stack, core[1:], core[:1]
+        if self.in_axes is not None:
+            ins = self.in_axes
+            return stack, tuple(core[i] for i in ins), tuple(n for i, n in enumerate(core) if i not in ins)
         return stack, core[: self.n_in], core[self.n_in :]
+
+    def _moved(self) -> tuple[list[int], list[int]]:
+        """``in_axes`` as negative kernel axes, and where they go in the ``(*in, *out)`` order."""
+        return [i - self.core_ndim for i in self.in_axes], list(range(-self.core_ndim, -self.n_out))
 
     def factor_shapes(self, shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Returns the shapes of ``a`` and ``b`` for a kernel of ``shape``."""
@@ -72,12 +85,16 @@ class Layout:
 
     def as_down(self, kernel: jax.Array) -> jax.Array:
         """The kernel as a down factor ``(*in, *out)``, so that ``down(x, W) == x W``."""
+        if self.in_axes is not None:
+            return jnp.moveaxis(kernel, *self._moved())
         return jnp.swapaxes(kernel, -1, -2) if self.kind == "transposed" else kernel
 
     def reduce_axes(self) -> tuple[int, ...]:
         """Negative kernel axes that hold input features (DoRA's column norm sums over them)."""
         if self.kind == "transposed":
             return (-1,)
+        if self.in_axes is not None:
+            return tuple(self._moved()[0])
         return tuple(range(-self.core_ndim, -self.n_out))
 
     def full_delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -89,6 +106,8 @@ class Layout:
         a2 = a.reshape(stack + (math.prod(d_in), rank))
         b2 = b.reshape(stack + (rank, math.prod(d_out)))
         w = jnp.matmul(a2, b2).reshape(stack + d_in + d_out)
+        if self.in_axes is not None:
+            return jnp.moveaxis(w, *self._moved()[::-1])
         return jnp.swapaxes(w, -1, -2) if self.kind == "transposed" else w
 
     def spec(self) -> str:

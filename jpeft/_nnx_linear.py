@@ -64,7 +64,8 @@ def _conv_down(view: Any, x: jax.Array, a: jax.Array) -> jax.Array:
 def _parse(spec: str, path: Any, shape: tuple[int, ...]) -> tuple[str, str, str, str, str]:
     """Splits ``'in,kernel->out'`` into (in, kernel, out, contracted, kernel outputs), or raises.
 
-    ``shape`` is the weight's shape; leading stack axes (``nnx.vmap`` layers) are allowed.
+    ``shape`` is the weight's shape; leading stack axes (``nnx.vmap`` layers) are allowed. The
+    weight's axes may come in any order, and its output axes may sit anywhere in the output.
     """
     spec = spec.replace(" ", "")
     try:
@@ -79,16 +80,16 @@ def _parse(spec: str, path: Any, shape: tuple[int, ...]) -> tuple[str, str, str,
     ok = (
         "." not in w
         and len(w) <= len(shape)
-        and w == contracted + outs
+        and len(set(w)) == len(w)
         and all(c in out and c not in x for c in outs)
-        and out.endswith(outs)
-        and x.replace(".", "").endswith(contracted)
+        and all(c in x or c in w or c == "." for c in out)
     )
     if not ok or not contracted or not outs:
         raise JpeftError(
             f"Einsum module at {join(path)!r} ({spec!r}, weight shape {shape}) is not a linear map jpeft can "
-            "factor: it needs the weight's contracted axes first, in the input's trailing order, then its output "
-            "axes, which must end the output (as in 'BTD,DNH->BTNH' or 'BTNH,NHD->BTD'). Register the type with "
+            "factor: every weight axis must be either contracted with the input (LoRA's A axes) or an output "
+            "axis the input lacks (B's axes), as in 'BTD,DNH->BTNH', 'BTD,NDH->BTNH' or 'BSD,CKDH->CBSKH'; a "
+            "weight axis shared by input and output (a per-head weight) is not. Register the type with "
             "jpeft.register_linear(T, jpeft.Linear(layout, down=..., weight=...)), or exclude it from targets."
         )
     return x, w, out, contracted, outs
@@ -98,7 +99,8 @@ def einsum_linear(weight: str = "kernel", spec: str = "einsum_str") -> Linear:
     """A :class:`jpeft.Linear` record for an NNX module that applies ``weight`` with an einsum string.
 
     The weight's contracted axes are LoRA's input axes (``A: (*in, r)``) and its remaining axes the
-    output axes (``B: (r, *out)``). jpeft finds such modules by themselves (an ``einsum_str``
+    output axes (``B: (r, *out)``), each in the weight's order, wherever they sit in the weight and
+    the output (tunix Gemma 3's ``'BSD,CKDH->CBSKH'``: ``A: (D, r)``, ``B: (r, C, K, H)``). jpeft finds such modules by themselves (an ``einsum_str``
     attribute and one ≥2-D weight); register this record for a type whose attributes differ.
 
     Args:
@@ -121,17 +123,27 @@ def einsum_linear(weight: str = "kernel", spec: str = "einsum_str") -> Linear:
         return _parse(getattr(view.module, spec), view.path, tuple(getattr(view.module, weight).shape))
 
     def layout(view: Any) -> Layout:
-        _, _, _, contracted, outs = parsed(view)
-        return Layout("dense_general", n_in=len(contracted), n_out=len(outs))
+        _, w, _, contracted, outs = parsed(view)
+        in_axes = tuple(w.index(c) for c in contracted)
+        lead = in_axes == tuple(range(len(contracted)))
+        return Layout("dense_general", n_in=len(contracted), n_out=len(outs), in_axes=None if lead else in_axes)
 
     def down(view: Any, x: jax.Array, a: jax.Array) -> jax.Array:
-        # ``a`` is a down factor (*in, r), or the whole weight (*in, *out) (QLoRA's dequantised base).
+        # ``a`` is a down factor (*in, r): returns (*rest, r) with the output's other axes in its
+        # order; or the whole weight as_down (*in, *out) (QLoRA's dequantised base, DoRA): the output.
         xs, w, out, contracted, outs = parsed(view)
+        if a.ndim - len(contracted) != 1:
+            return jnp.einsum(f"{xs},{contracted}{outs}->{out}", x, a)
         r = next(c for c in string.ascii_letters if c not in xs + w + out)
-        tail = r if a.ndim - len(contracted) == 1 else outs
-        return jnp.einsum(f"{xs},{contracted}{tail}->{out[: len(out) - len(outs)]}{tail}", x, a)
+        rest = "".join(c for c in out if c not in outs)
+        return jnp.einsum(f"{xs},{contracted}{r}->{rest}{r}", x, a)
 
-    return Linear(layout, down, weight=weight)
+    def place(view: Any, d: jax.Array) -> jax.Array:
+        _, _, out, _, outs = parsed(view)
+        rest = "".join(c for c in out if c not in outs)
+        return d if rest + outs == out else jnp.einsum(f"{rest}{outs}->{out}", d)
+
+    return Linear(layout, down, weight=weight, place=place)
 
 
 _NNX: dict[type, Linear] = {

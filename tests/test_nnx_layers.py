@@ -86,6 +86,14 @@ def _o(x, w, a, b):  # 'BTNH,NHD->BTD'
     return np.einsum("btnh,nhd->btd", x, w) + SCALE * np.einsum("btnh,nhr,rd->btd", x, a, b)
 
 
+def _gemma_q(x, w, a, b):  # 'BTD,NDH->BTNH' (tunix Gemma 3: the contracted axis in the middle)
+    return np.einsum("btd,ndh->btnh", x, w) + SCALE * np.einsum("btd,dr,rnh->btnh", x, a, b)
+
+
+def _gemma_kv(x, w, a, b):  # 'BSD,CKDH->CBSKH' (the stack axis C leads the output)
+    return np.einsum("bsd,ckdh->cbskh", x, w) + SCALE * np.einsum("bsd,dr,rckh->cbskh", x, a, b)
+
+
 def _normal(shape: tuple[int, ...], seed: int = 7) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape)
 
@@ -135,6 +143,20 @@ CASES: dict[
         _normal((2, 4, 2, 3)),
         ((2, 3, RANK), (RANK, 6)),
         _o,
+        ("w",),
+    ),
+    "gemma_q": (
+        lambda r: TunixEinsum("BTD,NDH->BTNH", (2, 6, 3), rngs=r),
+        _normal((2, 4, 6)),
+        ((6, RANK), (RANK, 2, 3)),
+        _gemma_q,
+        ("w",),
+    ),
+    "gemma_kv": (
+        lambda r: TunixEinsum("BSD,CKDH->CBSKH", (2, 3, 6, 4), rngs=r),
+        _normal((2, 4, 6)),
+        ((6, RANK), (RANK, 2, 3, 4)),
+        _gemma_kv,
         ("w",),
     ),
 }
@@ -208,8 +230,7 @@ def test_register_linear_for_a_custom_nnx_type():
 @pytest.mark.parametrize(
     ("spec", "shape"),
     [
-        ("BTD,NDH->BTNH", (2, 6, 3)),  # the contracted axis is not the weight's first
-        ("BTD,DNH->BNTH", (6, 2, 3)),  # the output axes do not end the output
+        ("BND,NDH->BNH", (2, 6, 3)),  # a weight axis in input and output (a per-head weight)
         ("BTD,DH,HK->BTK", (6, 3)),  # not 'input,weight->output'
     ],
 )

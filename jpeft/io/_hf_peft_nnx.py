@@ -9,6 +9,14 @@ torch's ``Linear`` layout, row-major:
 * o (``w: (N, H, D)``): ``lora_A (r, N·H)`` is ``A: (N, H, r)`` reshaped to ``(N·H, r)`` and
   transposed, and ``lora_B (D, r)`` is ``B: (r, D)`` transposed.
 
+Stacked weights (tunix Gemma 3's ``kv_einsum`` ``w: (2, K, D, H)``, ``B: (r, 2, K, H)``) hold several
+torch modules; ``hf_names`` name slice ``j`` of B's first output axis as ``path[j]``
+(``kv_einsum[1]`` is ``v_proj``). Export writes one torch LoRA per slice, the same ``A`` and
+``B[:, j]`` (exact). Import gives every target rank ``n r`` when ``n`` slices of one weight are
+adapted: slice ``k``'s A and B fill rank block ``k`` (zeros elsewhere; other targets use block 0)
+and alpha becomes ``n alpha`` (rsLoRA: ``sqrt(n) alpha``), so the scale and the function are
+torch's, DoRA magnitudes included. (IA)^3 files on stacked weights are refused.
+
 LoRA, rsLoRA and DoRA here: DoRA's ``lora_magnitude_vector (out,)`` is the norm per output feature
 of torch's ``(out, in)`` weight, a row of it, i.e. jpeft's ``magnitude`` over the kernel's output
 axes (``(N, H)`` for q, k, v; ``(D,)`` for o) flattened row-major. (IA)^3 is in
@@ -41,14 +49,26 @@ def _pattern(template: str, sep: str) -> re.Pattern:
     return re.compile(out)
 
 
-def _translate(name: str, pairs: tuple[tuple[str, str], ...], *, to_torch: bool) -> str | None:
-    """A jpeft module path to its torch module name (``to_torch``), or the reverse; ``None`` if no pair fits."""
+def _matches(name: str, pairs: tuple[tuple[str, str], ...], *, to_torch: bool) -> list[str]:
+    """Every translation of ``name`` (a jpeft module path if ``to_torch``, else a torch module name)."""
+    out = []
     for ours, theirs in pairs:
         src, dst = (ours, theirs) if to_torch else (theirs, ours)
         m = _pattern(src, "/" if to_torch else ".").fullmatch(name)
         if m is not None:
-            return dst.format(**m.groupdict())
-    return None
+            out.append(dst.format(**m.groupdict()))
+    return out
+
+
+def _translate(name: str, pairs: tuple[tuple[str, str], ...], *, to_torch: bool) -> str | None:
+    """A jpeft module path to its torch module name (``to_torch``), or the reverse; ``None`` if no pair fits."""
+    found = _matches(name, pairs, to_torch=to_torch)
+    return found[0] if found else None
+
+
+_PART = re.compile(r"(?P<path>.*)\[(?P<part>\d+)\]")
+"""``hf_names`` spell a slice of a stacked weight ``path[j]``: part ``j`` of B's first output axis
+(tunix Gemma 3's ``kv_einsum[1]`` is torch's ``v_proj``)."""
 
 
 def _profile(owner: str, model: Any, profile: Profile | None) -> Profile:
@@ -62,21 +82,38 @@ def _profile(owner: str, model: Any, profile: Profile | None) -> Profile:
     return profile
 
 
-def target(owner: str, file: str, key: str, torch_module: str, profile: Profile, modules: dict) -> Path:
-    """The NNX module path of a torch module name in an HF PEFT file, or raises naming the key."""
-    ours = _translate(torch_module, profile.hf_names, to_torch=False)
-    path = tuple(ours.split("/")) if ours is not None else None
-    if ours is None:
+def target_part(
+    owner: str, file: str, key: str, torch_module: str, profile: Profile, modules: dict
+) -> tuple[Path, int | None]:
+    """The NNX module path of a torch module name in an HF PEFT file and the part of its stacked
+    weight that it is (``None``: the whole module), or raises naming the key."""
+    found = _matches(torch_module, profile.hf_names, to_torch=False)
+    if not found:
         raise JpeftError(
             f"{owner}: {file!r} has key {key!r}, which names torch module {torch_module!r}; profile "
             f"{profile.name!r} maps no module of the model to it (its hf_names cover {[t for _, t in profile.hf_names]}; "
             "its docstring says what it leaves out)."
         )
-    if path not in modules:
+    for ours in found:
+        m = _PART.fullmatch(ours)
+        path = tuple((m["path"] if m else ours).split("/"))
+        if path in modules:
+            return path, (int(m["part"]) if m else None)
+    raise JpeftError(
+        f"{owner}: {file!r} has key {key!r}, which names torch module {torch_module!r}; it maps to "
+        f"{' or '.join(repr(f) for f in found)} under profile {profile.name!r}, and the model has no such module. "
+        "Pass the base model the adapter was trained on."
+    )
+
+
+def target(owner: str, file: str, key: str, torch_module: str, profile: Profile, modules: dict) -> Path:
+    """The NNX module path of a torch module name in an HF PEFT file, or raises naming the key."""
+    path, part = target_part(owner, file, key, torch_module, profile, modules)
+    if part is not None:
         raise JpeftError(
-            f"{owner}: {file!r} has key {key!r}, which names torch module {torch_module!r}; it maps to {ours!r} "
-            f"under profile {profile.name!r}, and the model has no such module. Pass the base model the adapter "
-            "was trained on."
+            f"{owner}: {file!r} has key {key!r}, which names torch module {torch_module!r}: part {part} of the "
+            f"stacked weight of {join(path)!r} under profile {profile.name!r}. Only LoRA (and DoRA) files import "
+            "into stacked weights; drop this module from the adapter's target_modules."
         )
     return path
 
@@ -91,28 +128,46 @@ def spelled(names: Any, paths: list[Path], modules: Any) -> str | tuple[str, ...
     return "|".join(re.escape(join(p)) for p in sorted(paths))
 
 
-def torch_targets(owner: str, paths: list[Path], modules: Any, profile: Profile) -> list[str]:
-    """HF PEFT ``target_modules`` for the adapted ``paths``: the torch module names' last components
-    (``o_proj``) when they select exactly those, else the full torch names."""
-    torch_names = [torch_name(owner, p, profile) for p in sorted(paths)]
-    names = {t.rsplit(".", 1)[-1] for t in torch_names}
-    twins = [
-        p
-        for p in modules
-        if p and (_translate(join(p), profile.hf_names, to_torch=True) or ".").rsplit(".", 1)[-1] in names
-    ]
-    return sorted(names) if sorted(twins) == sorted(paths) else torch_names
-
-
-def torch_name(owner: str, path: Path, profile: Profile) -> str:
-    """The torch module name of an NNX module path, or raises."""
-    theirs = _translate(join(path), profile.hf_names, to_torch=True)
-    if theirs is None:
+def torch_parts(owner: str, path: Path, profile: Profile) -> list[tuple[int | None, str]]:
+    """``[(part, torch module name)]`` of an NNX module path: ``[(None, name)]`` for a whole module,
+    one entry per part of a stacked weight (``kv_einsum``: ``k_proj``, ``v_proj``); or raises."""
+    out = _parts(path, profile)
+    if not out:
         raise JpeftError(
             f"{owner}: {join(path)!r} has no torch name under profile {profile.name!r} (hf_names "
             f"{[p for p, _ in profile.hf_names]})."
         )
-    return theirs
+    return out
+
+
+def _parts(path: Path, profile: Profile) -> list[tuple[int | None, str]]:
+    theirs = _translate(join(path), profile.hf_names, to_torch=True)
+    if theirs is not None:
+        return [(None, theirs)]
+    out: list[tuple[int | None, str]] = []
+    while (theirs := _translate(f"{join(path)}[{len(out)}]", profile.hf_names, to_torch=True)) is not None:
+        out.append((len(out), theirs))
+    return out
+
+
+def torch_targets(owner: str, paths: list[Path], modules: Any, profile: Profile) -> list[str]:
+    """HF PEFT ``target_modules`` for the adapted ``paths``: the torch module names' last components
+    (``o_proj``) when they select exactly those, else the full torch names."""
+    torch_names = [t for p in sorted(paths) for _, t in torch_parts(owner, p, profile)]
+    names = {t.rsplit(".", 1)[-1] for t in torch_names}
+    twins = [p for p in modules if p and any(t.rsplit(".", 1)[-1] in names for _, t in _parts(p, profile))]
+    return sorted(names) if sorted(twins) == sorted(paths) else torch_names
+
+
+def torch_name(owner: str, path: Path, profile: Profile) -> str:
+    """The torch module name of an NNX module path (a whole module), or raises."""
+    parts = torch_parts(owner, path, profile)
+    if parts[0][0] is not None:
+        raise JpeftError(
+            f"{owner}: {join(path)!r} stacks torch modules {[t for _, t in parts]} in one weight under profile "
+            f"{profile.name!r}; only LoRA (and DoRA) export them, one slice each. Exclude it from targets."
+        )
+    return parts[0][1]
 
 
 def adapted(model: Any, name: str) -> dict[Path, Any]:
@@ -165,7 +220,7 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
     use_dora = bool(config.get("use_dora", False))
     profile = _profile(owner, model, profile)
     modules = _nnx.modules(model)
-    found: dict[Path, dict[str, tuple[str, np.ndarray]]] = {}
+    found: dict[Path, dict[int | None, dict[str, tuple[str, np.ndarray]]]] = {}
     for key in sorted(tensors):
         m = _KEY.fullmatch(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
         kind = m["kind"].split(".")[0] if m is not None else None
@@ -175,24 +230,31 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
                 f"'{PREFIX}<module>.lora_A.weight', '.lora_B.weight' (and DoRA's '.lora_magnitude_vector') keys only."
             )
         leaf = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "magnitude"}[kind]
-        found.setdefault(target(owner, file, key, m["module"], profile, modules), {})[leaf] = (key, tensors[key])
+        t, part = target_part(owner, file, key, m["module"], profile, modules)
+        found.setdefault(t, {}).setdefault(part, {})[leaf] = (key, tensors[key])
     if not found:
         raise JpeftError(f"{owner}: {file!r} holds no LoRA factors; expected '{PREFIX}<module>.lora_A.weight' keys.")
     want_leaves = {"lora_a", "lora_b"} | ({"magnitude"} if use_dora else set())
-    for t, leaves in found.items():
-        if set(leaves) != want_leaves:
-            raise JpeftError(
-                f"{owner}: {file!r} has {sorted(k for k, _ in leaves.values())} for module {join(t)!r}; with "
-                f"use_dora={use_dora} every target needs exactly {sorted(want_leaves)}."
-            )
+    for t, parts in found.items():
+        for leaves in parts.values():
+            if set(leaves) != want_leaves:
+                raise JpeftError(
+                    f"{owner}: {file!r} has {sorted(k for k, _ in leaves.values())} for module {join(t)!r}; with "
+                    f"use_dora={use_dora} every target needs exactly {sorted(want_leaves)}."
+                )
     paths = sorted(found)
+    # Torch modules stacked in one weight (k_proj and v_proj in Gemma 3's kv_einsum) have an A each;
+    # with n of them on one weight, every target gets rank n r: part k's A and B fill rank block k
+    # (zeros elsewhere) and alpha grows so that the scale alpha / r (or / sqrt(r)) is kept.
+    blocks = max(len(parts) for parts in found.values())
+    rank, alpha, rslora = config.get("r", 8), config.get("lora_alpha", 8), config.get("use_rslora", False)
     try:
         method = LoRA(
             targets=spelled(config.get("target_modules"), paths, modules),
-            rank=config.get("r", 8),
-            alpha=config.get("lora_alpha", 8),
+            rank=rank * blocks,
+            alpha=alpha * (blocks**0.5 if rslora else blocks),
             dropout=config.get("lora_dropout", 0.0),
-            use_rslora=config.get("use_rslora", False),
+            use_rslora=rslora,
             use_dora=use_dora,
         )
     except JpeftError as e:
@@ -200,14 +262,38 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
     peft = jpeft.apply(method, model, key=jax.random.key(0), name=name)
     stores = adapted(peft, name)
     for t in paths:
-        for leaf, (key, x) in found[t].items():
-            shape = tuple(stores[t][leaf].shape)
-            want = {
-                "lora_a": (shape[-1], int(np.prod(shape[:-1]))),
-                "lora_b": (int(np.prod(shape[1:])), shape[0]),
-                "magnitude": (int(np.prod(shape)),),
-            }[leaf]
-            write_leaf(owner, stores[t][leaf], key, x, t, leaf, want)
+        store = stores[t]
+        a_full = np.zeros(store["lora_a"].shape, np.float32)
+        b_full = np.zeros(store["lora_b"].shape, np.float32)
+        magnitude = np.asarray(_nnx.read(store["magnitude"]), np.float32).copy() if use_dora else None
+        for k, (part, leaves) in enumerate(sorted(found[t].items(), key=lambda kv: -1 if kv[0] is None else kv[0])):
+            out = b_full.shape[1:] if part is None else b_full.shape[2:]
+            n_in, n_out = int(np.prod(a_full.shape[:-1])), int(np.prod(out))
+            shapes = {"lora_a": (rank, n_in), "lora_b": (n_out, rank), "magnitude": (n_out,)}
+            for leaf, (key, x) in leaves.items():
+                if tuple(x.shape) != shapes[leaf]:
+                    raise JpeftError(
+                        f"{owner}: {key!r} has shape {tuple(x.shape)}, but {join(t)}'s {leaf} needs "
+                        f"{shapes[leaf]} in HF PEFT's layout. The adapter was trained on another model or with "
+                        "other options (r)."
+                    )
+            cols = slice(k * rank, (k + 1) * rank)
+            a_full[..., cols] = np.asarray(leaves["lora_a"][1], np.float32).T.reshape(a_full.shape[:-1] + (rank,))
+            b = np.asarray(leaves["lora_b"][1], np.float32).T.reshape((rank,) + out)
+            if part is None:
+                b_full[cols] = b
+            else:
+                b_full[cols, part] = b
+            if use_dora:
+                mag = np.asarray(leaves["magnitude"][1], np.float32).reshape(out)
+                if part is None:
+                    magnitude = mag
+                else:
+                    magnitude[part] = mag
+        _nnx.write(store["lora_a"], jnp.asarray(a_full, store["lora_a"].dtype))
+        _nnx.write(store["lora_b"], jnp.asarray(b_full, store["lora_b"].dtype))
+        if use_dora:
+            _nnx.write(store["magnitude"], jnp.asarray(magnitude, store["magnitude"].dtype))
     return method, peft
 
 
@@ -239,10 +325,15 @@ def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name
     tensors: dict[str, np.ndarray] = {}
     for t, store in stores.items():
         a, b = (np.asarray(_nnx.read(store[n])) for n in ("lora_a", "lora_b"))
-        key = PREFIX + torch_name(owner, t, profile)
-        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
-        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
-        if method.use_dora:
-            tensors[key + ".lora_magnitude_vector.weight"] = np.asarray(_nnx.read(store["magnitude"])).reshape(-1)
+        magnitude = np.asarray(_nnx.read(store["magnitude"])) if method.use_dora else None
+        for part, theirs in torch_parts(owner, t, profile):  # a stacked weight: one torch module per slice
+            key = PREFIX + theirs
+            b_part, m_part = (
+                (b, magnitude) if part is None else (b[:, part], None if magnitude is None else magnitude[part])
+            )
+            tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+            tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b_part.reshape(b_part.shape[0], -1).T)
+            if method.use_dora:
+                tensors[key + ".lora_magnitude_vector.weight"] = m_part.reshape(-1)
     targets = torch_targets(owner, list(stores), _nnx.modules(model), profile)
     write(path, tensors, lora_config(method, extra, targets, False, method.use_dora, None))

@@ -27,6 +27,8 @@ def _feature_axes(layout: Layout, side: str) -> tuple[int, ...]:
     """The kernel's core axes (0-based, after the stack axes) that ``side``'s vector runs along."""
     if layout.kind == "transposed":
         return (0,) if side == OUT else (1,)
+    if layout.in_axes is not None:
+        return tuple(a for a in range(layout.core_ndim) if (a in layout.in_axes) == (side == IN))
     if side == OUT:
         return tuple(range(layout.n_in, layout.core_ndim))
     if layout.kind == "conv":  # the channels, not the window
@@ -234,7 +236,8 @@ class IA3(Method):
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         dtype = jnp.promote_types(y.dtype, v.dtype)
-        return (y.astype(dtype) * v.astype(dtype).reshape((1,) * (y.ndim - v.ndim) + v.shape)).astype(y.dtype)
+        scale = linear.to_output(module, v.astype(dtype).reshape((1,) * (y.ndim - v.ndim) + v.shape))
+        return (y.astype(dtype) * scale).astype(y.dtype)
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:

@@ -209,11 +209,12 @@ class LoRA(Method):
         # Token-major 2-D product: with the 3-D ``tensordot`` XLA:CPU computes dB from a
         # transposed, re-fused copy of dY (a (d_out, tokens) buffer per layer, ~14% of the step).
         delta = (h.reshape(-1, h.shape[-1]) @ b.reshape(b.shape[0], -1).astype(dtype)).reshape(h.shape[:-1] + b.shape[1:])
+        delta = linear.to_output(module, delta)  # where the module's output holds the output axes
         if not self.use_dora:
             return y + delta.astype(y.dtype)
         w = kernel.astype(dtype) + self.scale * layout.full_delta(a.astype(dtype), b.astype(dtype))
         norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=layout.reduce_axes())))
-        factor = _broadcast_out(deltas["magnitude"].astype(dtype) / norm, y.ndim)
+        factor = linear.to_output(module, _broadcast_out(deltas["magnitude"].astype(dtype) / norm, y.ndim))
         bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
         if dropped:  # x W on the dropped-out input, as HF PEFT's DoRA does
             base = linear.down(module, x, layout.as_down(kernel).astype(dtype))

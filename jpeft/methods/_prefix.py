@@ -142,6 +142,13 @@ class PrefixTuning(VirtualTokens):
                 kinds += [("prefix", 1)] if re.fullmatch(profile.value, joined) or cross(path, "value") else []
             if not kinds:
                 continue
+            if not fused and len(kinds) == 2:
+                raise JpeftError(
+                    f"{self._name()}: {joined} is both the key and the value projection of profile "
+                    f"{profile.name!r} (a stacked key-value weight, such as tunix Gemma 3's kv_einsum with its "
+                    "(2, B, T, K, H) output); prefixes need separate key and value projections or a fused "
+                    "[q; k; v] Dense. Use prompt tuning or LoRA on this model."
+                )
             layout = ctx.layout(self._name(), path, own, profile.layouts)
             if layout.kind not in ("dense", "transposed", "dense_general"):
                 raise JpeftError(

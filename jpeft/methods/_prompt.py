@@ -100,9 +100,9 @@ def regions(
     return module_calls(root, lambda path: side_of(path) is not None, around)
 
 
-ROLES = {"input_tokens": "input_ids", "positions": "position_ids"}
+ROLES = {"input_tokens": "input_ids", "last_tokens": "input_ids", "positions": "position_ids"}
 """Input names of families that spell them otherwise (tunix: ``model(input_tokens, positions, cache,
-attention_mask)``), by the HF name of the role they play."""
+attention_mask)``; its Gemma 3: ``model(last_tokens, ...)``), by the HF name of the role they play."""
 
 
 def role(name: str) -> str:

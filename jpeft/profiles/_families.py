@@ -174,7 +174,7 @@ projections are tunix ``Einsum`` modules, ``w: (D, N, H)`` for q, ``(D, K, H)`` 
 TUNIX_GEMMA3 = Profile(
     name="tunix_gemma3",
     detect=r"(.*/)?layers/\d+/attn/attn_vec_einsum/kernel",
-    lora_default=("attn_vec_einsum", "gate_proj", "up_proj", "down_proj"),
+    lora_default=("q_einsum", "kv_einsum"),
     layouts=((r"(.*/)?layers/\d+/attn/attn_vec_einsum", "dense_general:2,1"),),
     embedding=r"(.*/)?embedder",
     query=r"(.*/)?layers/\d+/attn/(q_einsum|qkv_einsum)",
@@ -186,21 +186,32 @@ TUNIX_GEMMA3 = Profile(
     layer_pattern=r"(?:^|/)layers/(\d+)(?=/|$)",
     inputs=("last_tokens", "positions", "cache", "attention_mask"),
     hf_names=(
+        ("layers/{i}/attn/q_einsum", "model.layers.{i}.self_attn.q_proj"),
+        ("layers/{i}/attn/kv_einsum[0]", "model.layers.{i}.self_attn.k_proj"),
+        ("layers/{i}/attn/kv_einsum[1]", "model.layers.{i}.self_attn.v_proj"),
+        ("layers/{i}/attn/qkv_einsum[0]", "model.layers.{i}.self_attn.q_proj"),
+        ("layers/{i}/attn/qkv_einsum[1]", "model.layers.{i}.self_attn.k_proj"),
+        ("layers/{i}/attn/qkv_einsum[2]", "model.layers.{i}.self_attn.v_proj"),
         ("layers/{i}/attn/attn_vec_einsum", "model.layers.{i}.self_attn.o_proj"),
         ("layers/{i}/mlp/{m}", "model.layers.{i}.mlp.{m}"),
         ("embedder", "model.embed_tokens"),
     ),
 )
-"""tunix's NNX Gemma 3 decoder, ``tunix.models.gemma3.model.Gemma3`` (text only). Its output
-projection ``attn/attn_vec_einsum`` (``w: (N, H, D)``, torch's ``o_proj``) and its gated MLP
-(``nnx.Linear`` ``gate_proj``, ``up_proj``, ``down_proj``) take LoRA and HF PEFT LoRA files, and
-``lora_default`` names these four. Its query, key and value weights are laid out so that jpeft
-cannot factor them and refuses them as targets: ``attn/q_einsum`` is ``w: (N, D, H)`` (the
-contracted axis in the middle), ``attn/kv_einsum`` stacks key and value, ``w: (2, K, D, H)``, with
-an output ``(2, B, T, K, H)``, and with as many key-value heads as query heads a single
-``attn/qkv_einsum`` (``w: (3, N, D, H)``) holds all three. HF PEFT adapters on ``q_proj``,
-``k_proj`` or ``v_proj`` are refused for the same reason. The embeddings are always tied (no
-``lm_head``)."""
+"""tunix's NNX Gemma 3 decoder, ``tunix.models.gemma3.model.Gemma3`` (text only). Its attention
+einsums keep their axes in their own order: ``attn/q_einsum`` ``w: (N, D, H)`` (``'BTD,NDH->BTNH'``),
+``attn/kv_einsum`` stacking key and value, ``w: (2, K, D, H)`` with an output ``(2, B, T, K, H)``,
+with as many key-value heads as query heads a single ``attn/qkv_einsum`` ``w: (3, N, D, H)``, and
+``attn/attn_vec_einsum`` ``w: (N, H, D)`` (torch's ``o_proj``). LoRA's A takes the contracted axis
+``D`` and B the others in the weight's order (``kv_einsum``: ``A: (D, r)``, ``B: (r, 2, K, H)``), so
+one LoRA on ``kv_einsum`` adapts key and value with a shared A. The gated MLP is ``nnx.Linear``
+(``gate_proj``, ``up_proj``, ``down_proj``). ``lora_default`` is ``q_einsum`` and ``kv_einsum``, the
+nearest to HF PEFT's ``q_proj``, ``v_proj`` (every released Gemma 3 has fewer key-value heads than
+query heads; with as many, target ``qkv_einsum``). ``hf_names`` map ``kv_einsum[0]`` / ``[1]`` to
+torch's ``k_proj`` / ``v_proj`` (``qkv_einsum[j]``: ``q_proj``, ``k_proj``, ``v_proj``): exported,
+a stacked LoRA is one torch LoRA per slice with the same A; imported, torch LoRAs of n slices of
+one weight become rank ``n r`` (block-diagonal, alpha scaled to keep the scale), exact for LoRA,
+rsLoRA and DoRA. (IA)^3 files on the stacked weights and prefix tuning (stacked key-value output)
+are refused. The embeddings are always tied (no ``lm_head``)."""
 
 ALL = (BERT, ROBERTA, GPT2, LLAMA, BART, TUNIX, TUNIX_GEMMA3)
 """The shipped profiles, in the order :func:`detect` tries them."""
