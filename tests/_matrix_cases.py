@@ -224,9 +224,6 @@ CASES: tuple[Case, ...] = (
         expect={
             "mixed": ("error", "the member axis is the ensemble's own mix of rows", r"adapter_index= \(a mixed batch\) is not supported"),
             "generate": ("error", "generate one member (PromptEnsemble.unstack)", r"the embedding ran without the ensemble's call"),
-            # not a bug: outputs carry the member axis, (k, B, 3); the cell asserts (B, 3). Each member equals a plain
-            # prompt on BERT's pooled head in tests/methods/test_prompt_ensemble.py::test_one_batch_equals_k_separate_runs
-            "pooled": ("xfail", "by design: outputs are (k, B, 3), the cell asserts (B, 3); members tested alone"),
         },
     ),
     Case(

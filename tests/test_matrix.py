@@ -329,7 +329,9 @@ def check_pooled(case: X.Case) -> None:
     method = case.method("bert")
     t = tree(case, "bert", method=method, scale=0.3)
     got = run("bert", method, t)
-    assert got.shape == (H.BATCH, 3) and np.isfinite(got).all()
+    # PromptEnsemble returns one row per member first: (k, B, 3).
+    lead = (method.k,) if isinstance(method, jpeft.PromptEnsemble) else ()
+    assert got.shape == (*lead, H.BATCH, 3) and np.isfinite(got).all()
     assert differs(got, base_output(case.name, "bert")), "the deltas must change the output"
 
     # Token 0 is jpeft's placeholder id (and BERT's padding, masked out of the one padded position).
@@ -498,7 +500,8 @@ def test_every_method_is_a_row():
         for name in jpeft.__all__
         if isinstance(getattr(jpeft, name), type)
         and issubclass(getattr(jpeft, name), jpeft.Method)
-        and getattr(jpeft, name) not in (jpeft.Method, jpeft.Compose)
+        # OnQuantized wraps methods for a quantized base: tests/quant/test_int.py checks each one on it.
+        and getattr(jpeft, name) not in (jpeft.Method, jpeft.Compose, jpeft.OnQuantized)
     }
     rows = {type(c.method()).__name__ for c in X.CASES}
     assert classes <= rows | {"LoRA"}, sorted(classes - rows)
