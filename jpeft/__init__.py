@@ -67,8 +67,6 @@ from jpeft.methods._prompt_tuning import PromptTuning as PromptTuning
 from jpeft.methods._ptuning import PTuning as PTuning
 from jpeft.methods._qlora import QLoRA as QLoRA
 from jpeft.methods._unipelt import UniPELT as UniPELT
-from jpeft.quant._nf4 import NF4 as NF4
-from jpeft.quant._nf4 import NF4Array as NF4Array
 from jpeft.quant._api import dequantize as dequantize
 from jpeft.quant._api import quantize as quantize
 from jpeft.quant._base import OnQuantized as OnQuantized
@@ -76,6 +74,8 @@ from jpeft.quant._base import on_quantized as on_quantized
 from jpeft.quant._int import Int4 as Int4
 from jpeft.quant._int import Int8 as Int8
 from jpeft.quant._int import IntArray as IntArray
+from jpeft.quant._nf4 import NF4 as NF4
+from jpeft.quant._nf4 import NF4Array as NF4Array
 
 __version__ = "0.1.0"
 

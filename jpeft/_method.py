@@ -68,6 +68,8 @@ class Method:
     #: False where ``wrap(...)(..., adapter_index=)`` cannot run one adapter per row (LoRA-drop: the
     #: shared pairs live at the tree's root and are published to the layers during the root's call).
     mixed_batches: ClassVar[bool] = True
+    #: Why ``mixed_batches`` is False, for the error message.
+    mixed_batches_why: ClassVar[str] = ""
     #: True where ``forward`` needs the module's own call to run again inside it (parallel adapters
     #: intercept the projections of the block they wrap): the mixed-batch and runtime-drop paths
     #: then re-run the module for the method instead of handing it the precomputed base output.

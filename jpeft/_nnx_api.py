@@ -75,8 +75,8 @@ def call(model: Any, *args: Any, adapter_index: Any = None, active: str | Sequen
         for _, m in _nnx_apply.methods(model):
             if not m.mixed_batches:
                 raise JpeftError(
-                    f"jpeft.call({type(m).__name__}): adapter_index= (a mixed batch) is not supported by this method. "
-                    "Run one adapter per call (jpeft.set_adapter), or merge each adapter and batch the merged models."
+                    f"jpeft.call({type(m).__name__}): adapter_index= (a mixed batch) is not supported: "
+                    f"{m.mixed_batches_why or 'the method cannot run one adapter per row'}. Run one adapter per call (jpeft.set_adapter), or merge each adapter and batch the merged models."
                 )
         _check_adapter_index(adapter_index, shown, args, kwargs, "jpeft.call")
     with _nnx_apply.calling(adapter_index, names):

@@ -127,8 +127,7 @@ def wrap(
             if not method.mixed_batches:
                 raise JpeftError(
                     f"jpeft.wrap({type(method).__name__}): adapter_index= (a mixed batch) is not supported: "
-                    "its layers read pairs shared through the tree's root, which one call cannot publish per row. "
-                    "Run one adapter per call (active='<name>'), or merge each adapter and batch the merged models."
+                    f"{method.mixed_batches_why or 'the method cannot run one adapter per row'}. Run one adapter per call (active='<name>'), or merge each adapter and batch the merged models."
                 )
             _check_adapter_index(index, names, args, kwargs)
         drop = None

@@ -121,6 +121,10 @@ class Compose(Method):
         return all(m.mixed_batches for m in self.methods)
 
     @property  # type: ignore[override]
+    def mixed_batches_why(self) -> str:
+        return "; ".join(f"{type(m).__name__}: {m.mixed_batches_why}" for m in self.methods if not m.mixed_batches)
+
+    @property  # type: ignore[override]
     def mergeable(self) -> bool:
         return all(m.mergeable for m in self.methods)
 

@@ -105,6 +105,9 @@ class LoRADrop(LoRA):
     keep: tuple[str, ...] = ()
     scan_layers: str | None = None
     mixed_batches: ClassVar[bool] = False
+    mixed_batches_why: ClassVar[str] = (
+        "its layers read pairs shared through the tree's root, which one call cannot publish per row"
+    )
     freeze_a: bool = False
     lr_ratio: float | None = None
 

@@ -156,6 +156,7 @@ class LadderSideTuning(Method):
     identity_at_init: ClassVar[bool] = False
     site_role: ClassVar[str] = "output"
     mixed_batches: ClassVar[bool] = False
+    mixed_batches_why: ClassVar[str] = "the side state passes from layer to layer within one call"
     #: Whether the side network reads the backbone through ``stop_gradient`` (tests flip it).
     detach: ClassVar[bool] = True
 

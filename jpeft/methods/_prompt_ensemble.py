@@ -81,7 +81,8 @@ class PromptEnsemble(PromptTuning):
 
     k: int = 5
 
-    mixed_batches = False  # the member axis is the ensemble's own mix of rows; adapter_index= is refused
+    mixed_batches = False
+    mixed_batches_why = "the member axis is the ensemble's own mix of rows (each example runs once per prompt)"
 
     def __post_init__(self) -> None:
         _errors.positive_int(self._name(), "k", self.k)
