@@ -11,6 +11,8 @@ from jpeft._intercept import Linear as Linear
 from jpeft._intercept import register_linear as register_linear
 from jpeft._layout import Layout as Layout
 from jpeft._method import Method as Method
+from jpeft._method_dict import method_from_dict as method_from_dict
+from jpeft._method_dict import method_to_dict as method_to_dict
 from jpeft._named import adapters as adapters
 from jpeft._named import add_weighted as add_weighted
 from jpeft._named import remove as remove
@@ -129,6 +131,8 @@ __all__ = [
     "PTuningV2",
     "generate",
     "Method",
+    "method_from_dict",
+    "method_to_dict",
     "adapters",
     "compose",
     "add_weighted",
