@@ -24,6 +24,9 @@ from jpeft._nnx_api import call as call
 from jpeft._nnx_api import set_adapter as set_adapter
 from jpeft._nnx_linear import einsum_linear as einsum_linear
 from jpeft._nnx_train import trainable as trainable
+from jpeft._router import Router as Router
+from jpeft._router import fit_router as fit_router
+from jpeft._router import run_routed as run_routed
 from jpeft._sharding import partition_specs as partition_specs
 from jpeft._train import check as check
 from jpeft._train import combine as combine
@@ -160,4 +163,7 @@ __all__ = [
     "summary",
     "trainable",
     "wrap",
+    "Router",
+    "fit_router",
+    "run_routed",
 ]
