@@ -212,3 +212,22 @@ def test_bad_inputs_are_clear_errors(bert):
         jpeft.run_routed(router, features, hf.apply, **inputs, method=method, variables=v, mode="all")
     with pytest.raises(E, match=r"needs method=<the jpeft method> and variables="):
         jpeft.run_routed(router, features, hf.apply, **inputs)
+
+
+def test_grouped_outputs_need_a_batch_axis():
+    import flax.linen as nn
+
+    model, x = nn.Dense(3), jnp.ones((4, 2))
+    method = jpeft.LoRA(targets=".*", rank=1)
+    peft = jpeft.apply(method, model.init(jax.random.key(0), x)["params"], key=jax.random.key(1), name="a")
+    peft = jpeft.apply(method, peft, key=jax.random.key(2), name="b")
+    router = jpeft.fit_router(np.array([[0.0], [1.0]]), np.array([0, 1]), ("a", "b"), kind="centroid")
+    feats = np.array([[0.0], [1.0], [1.0], [0.0]])
+    total = lambda variables, x: model.apply(variables, x).sum()  # noqa: E731
+    with pytest.raises(
+        jpeft.JpeftError, match=r"output leaf of shape \(\) has no leading batch axis of the group's 2 rows"
+    ):
+        jpeft.run_routed(router, feats, total, x, method=method, variables={"params": peft}, mode="grouped")
+    y, _ = jpeft.run_routed(router, feats, model.apply, x, method=method, variables={"params": peft}, mode="grouped")
+    mixed, _ = jpeft.run_routed(router, feats, model.apply, x, method=method, variables={"params": peft})
+    np.testing.assert_allclose(y, mixed, atol=1e-6)
