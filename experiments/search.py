@@ -281,6 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="keep only the first N encoder layers (0: all; for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/results/search")
+    p.add_argument("--reload", action="store_true", help="no search: reload --out's best/ and re-evaluate it")
     args = p.parse_args(argv)
     for name in ("trials", "steps", "eval_every", "batch", "seq", "val"):
         if getattr(args, name) < 1:
@@ -306,13 +307,8 @@ def load_space(args: argparse.Namespace) -> dict[str, Any]:
     return space
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the search and returns everything written to ``search.json``."""
-    import optuna
-
-    args = parse_args(argv)
-    space = load_space(args)  # before any loading or training: a bad space fails at once
-    t_start = time.perf_counter()
+def load_task(args: argparse.Namespace) -> tuple[list[str], Any, dict[str, Any], dict[str, Any]]:
+    """Labels, model, pretrained params and the tokenised train / validation / held-out splits of ``args``."""
     labels, splits = Q.load_headlines(Q.data_dir())
     (train_x, train_y), (eval_x, eval_y) = splits["train"], splits["eval"]
     rng = np.random.default_rng(args.seed)
@@ -333,16 +329,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train": tok(train_idx), "train_y": train_y[train_idx], "val": tok(val_idx), "val_y": train_y[val_idx],
         "eval": Q.tokenize(tokenizer, eval_x, args.seq), "eval_y": eval_y, "n_encoder": C.count(base),
         "feed": C.batches(len(train_idx), args.batch, args.steps, args.seed),
+        "n_train": len(train_idx), "n_val": len(val_idx),
     }  # fmt: skip
+    return labels, model, base, data
+
+
+def reevaluate(out: str, model: Any, base: dict[str, Any], labels: Sequence[str], data: Mapping[str, Any], batch: int):
+    """Restores ``<out>/best`` onto the pretrained encoder and checks its held-out accuracy against ``best.json``."""
+    with open(os.path.join(out, "best.json")) as f:
+        saved = json.load(f)
+    restored = jpeft.restore(os.path.join(os.path.abspath(out), "best"), C.with_head(base, len(labels)))
+    if restored.method != jpeft.method_from_dict(saved["method"]):
+        raise AssertionError(f"the checkpoint's method {restored.method} is not best.json's {saved['method']}")
+    got = scorer(model, restored.method, batch)(restored.params, data["eval"], data["eval_y"])
+    want = saved["heldout"]
+    if got["accuracy"] != want["accuracy"] or abs(got["loss"] - want["loss"]) > 1e-5:
+        raise AssertionError(f"{out}/best re-evaluates to {got}, not the search's {want}")
+    return got
+
+
+def reload(out: str) -> dict[str, Any]:
+    """``--reload``: rebuilds the run's data from ``best.json``'s arguments and re-evaluates ``best/``."""
+    with open(os.path.join(out, "best.json")) as f:
+        saved = json.load(f)
+    args = argparse.Namespace(**saved["args"])
+    labels, model, base, data = load_task(args)
+    got = reevaluate(out, model, base, labels, data, args.batch)
     print(
-        f"task: BBC News headline topic ({len(labels)} topics): {len(train_idx)} train / {len(val_idx)} validation / "
-        f"{len(eval_x)} held-out headlines; all-MiniLM-L6-v2 ({data['n_encoder']:,} parameters"
+        f"{out}/best (trial {saved['trial']}, {saved['method']['__dataclass__']}): held-out accuracy "
+        f"{got['accuracy']:.1%}, loss {got['loss']:.4f}; the search measured {saved['heldout']['accuracy']:.1%}, "
+        f"{saved['heldout']['loss']:.4f}"
+    )
+    return got
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the search and returns everything written to ``search.json``."""
+    import optuna
+
+    args = parse_args(argv)
+    if args.reload:
+        return reload(args.out)
+    space = load_space(args)  # before any loading or training: a bad space fails at once
+    t_start = time.perf_counter()
+    labels, model, base, data = load_task(args)
+    print(
+        f"task: BBC News headline topic ({len(labels)} topics): {data['n_train']} train / {data['n_val']} validation / "
+        f"{len(data['eval_y'])} held-out headlines; all-MiniLM-L6-v2 ({data['n_encoder']:,} parameters"
         f"{f', first {args.layers} layers' if args.layers else ''}); {args.trials} trials of <= {args.steps} steps of "
         f"batch {args.batch} x {args.seq} tokens over {', '.join(space)}"
     )
     frozen_train = C.embed_all(model.module.apply, base, data["train"], args.batch)
     probe_head = C.train_probe(frozen_train, data["train_y"], data["feed"], len(labels), args)
-    probe = C.evaluate(probe_head, C.embed_all(model.module.apply, base, data["eval"], args.batch), eval_y)
+    probe = C.evaluate(probe_head, C.embed_all(model.module.apply, base, data["eval"], args.batch), data["eval_y"])
 
     params = C.with_head(base, len(labels))
     best: dict[str, Any] = {}
@@ -394,12 +433,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           overwrite=True)  # fmt: skip
         with open(os.path.join(args.out, "best.json"), "w") as f:
             json.dump({"trial": best["number"], "method": best["method"], "lr": best["lr"], "checkpoint": ckpt,
-                       "heldout": best["heldout"], "val": best["val"]}, f, indent=2)  # fmt: skip
-        restored = jpeft.restore(os.path.join(args.out, "best"), C.with_head(base, len(labels)))
-        assert restored.method == method, (restored.method, method)
-        reloaded = scorer(model, restored.method, args.batch)(restored.params, data["eval"], eval_y)
-        assert reloaded["accuracy"] == best["heldout"]["accuracy"], (reloaded, best["heldout"])
-        assert abs(reloaded["loss"] - best["heldout"]["loss"]) <= 1e-5, (reloaded, best["heldout"])
+                       "heldout": best["heldout"], "val": best["val"], "args": vars(args)}, f, indent=2)  # fmt: skip
+        reloaded = reevaluate(args.out, model, base, labels, data, args.batch)
     md = table(rows, front)
     png = save_plot(rows, front, probe["accuracy"], os.path.join(args.out, "pareto.png"))
     results = {
@@ -409,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "args": vars(args),
         "space": space,
-        "task": {"labels": labels, "n_train": len(train_idx), "n_val": len(val_idx), "n_eval": len(eval_x),
+        "task": {"labels": labels, "n_train": data["n_train"], "n_val": data["n_val"], "n_eval": len(data["eval_y"]),
                  "n_encoder": data["n_encoder"]},
         "before": probe,
         "trials": rows,

@@ -45,6 +45,13 @@ def test_writes_table_plot_json_and_a_checkpoint_that_reloads(run):
     assert type(method).__name__ in ("LoRA", "BitFit") and method.extra_trainable == search.C.HEAD_RE
 
 
+def test_reload_in_a_new_call_gives_the_same_accuracy(run):
+    results, out = run
+    again = search.main(["--reload", "--out", out])  # data rebuilt from best.json's arguments
+    assert again["accuracy"] == results["best"]["heldout"]["accuracy"]
+    assert abs(again["loss"] - results["best"]["heldout"]["loss"]) <= 1e-5
+
+
 def test_trainable_counts_and_the_pareto_front(run):
     results, _ = run
     done = [t for t in results["trials"] if t["state"] == "COMPLETE"]
