@@ -246,15 +246,18 @@ def save_plot(rows: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, An
         pts = [r for r in done if r["name"] == name]
         ax.scatter([max(r["trainable_pct"], 1e-4) for r in pts], [100 * r["heldout"]["accuracy"] for r in pts],
                    s=40, marker="osD^v<>pP*Xh"[i % 12], label=name, zorder=3)  # fmt: skip
-    if front:
+    if front:  # the front as a staircase to the largest trial, its points ringed
         xs = [max(r["trainable_pct"], 1e-4) for r in front]
-        ax.step(xs, [100 * r["heldout"]["accuracy"] for r in front], where="post", c="k", lw=1, label="Pareto front")
+        ys = [100 * r["heldout"]["accuracy"] for r in front]
+        right = max(max(r["trainable_pct"], 1e-4) for r in done)
+        ax.step(xs + [right], ys + ys[-1:], where="post", c="k", lw=1, label="Pareto front")
+        ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="k", zorder=4)
     ax.axhline(100 * probe, ls="--", c="gray", lw=1, label="frozen encoder + head")
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters (% of the encoder, log scale)", ylabel="held-out accuracy (%)")
     ax.set_title("Optuna search (TPE + median pruning), all-MiniLM-L6-v2 on BBC News headline topics", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
