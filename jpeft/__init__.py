@@ -53,6 +53,9 @@ from jpeft.methods._freeze import Freeze as Freeze
 from jpeft.methods._freeze import Full as Full
 from jpeft.methods._fusion import AdapterFusion as AdapterFusion
 from jpeft.methods._ia3 import IA3 as IA3
+from jpeft.methods._intrinsic_prompt import IntrinsicProjection as IntrinsicProjection
+from jpeft.methods._intrinsic_prompt import IntrinsicPromptTuning as IntrinsicPromptTuning
+from jpeft.methods._intrinsic_prompt import fit_intrinsic_projection as fit_intrinsic_projection
 from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
@@ -107,6 +110,9 @@ __all__ = [
     "Freeze",
     "Full",
     "IA3",
+    "IntrinsicProjection",
+    "IntrinsicPromptTuning",
+    "fit_intrinsic_projection",
     "HoulsbyAdapter",
     "MultiHeadParallelAdapter",
     "ParallelAdapter",
