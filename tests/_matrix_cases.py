@@ -173,6 +173,7 @@ CASES: tuple[Case, ...] = (
     Case("Freeze", lambda family, **kw: jpeft.Freeze(**{"trainable_layers": 1, **kw})),
     Case("Full", _fixed(jpeft.Full)),
     Case("PromptTuning", lambda family, **kw: jpeft.PromptTuning(**{"num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME}),
+    Case("IntrinsicPrompt", lambda family, **kw: jpeft.IntrinsicPromptTuning(**{"dim": 4, "num_virtual_tokens": 2, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME}),
     Case("PTuning", lambda family, **kw: jpeft.PTuning(**{"num_virtual_tokens": 2, "encoder_hidden_size": 8, **kw}), profile=True, expect={"mixed": ONE_AT_A_TIME}),
     Case(
         "PrefixTuning",
