@@ -117,6 +117,9 @@ class IntrinsicPromptTuning(PromptTuning):
         baseline. ``num_virtual_tokens`` defaults to the projection's P.
       num_virtual_tokens, profile, dtype, extra_trainable: as :class:`PromptTuning`.
 
+    ``jpeft.save`` writes methods as JSON, so it refuses a method holding a fitted or matrix
+    projection (a clear ``JpeftError``); ``projection=None`` (drawn at ``apply``) saves and restores.
+
     Raises:
       JpeftError: on ``dim < 1``, a projection whose ``dim`` differs, a matrix that is not 2-D, a
         projection whose width is not ``P d`` of the model (raised at ``jpeft.apply``), or
@@ -135,8 +138,9 @@ class IntrinsicPromptTuning(PromptTuning):
       [('intrinsic', 'trainable'), ('up_basis', 'frozen'), ('up_mean', 'frozen')]
       >>> method.param_count(model.params)
       3
+      >>> ids = jnp.ones((1, 3), jnp.int32)
       >>> with jax.numpy_rank_promotion("allow"):
-      ...   out = jpeft.wrap(model.module.apply, method)({"params": peft}, jnp.ones((1, 3), jnp.int32))
+      ...   out = jpeft.wrap(model.module.apply, method)({"params": peft}, ids, jnp.ones((1, 3)), jnp.arange(3)[None])
       >>> out.logits.shape
       (1, 3, 50)
 

@@ -171,7 +171,7 @@ def test_bad_method_inputs(kwargs: dict, match: str) -> None:
         jpeft.IntrinsicPromptTuning(**kwargs)
 
 
-def test_projection_mismatches() -> None:
+def test_projection_mismatches(tmp_path) -> None:
     proj = jpeft.fit_intrinsic_projection(np.random.default_rng(0).normal(size=(6, P, D + 1)), 2)
     with pytest.raises(jpeft.JpeftError, match=r"pass dim=2"):
         jpeft.IntrinsicPromptTuning(dim=3, projection=proj)
@@ -182,6 +182,9 @@ def test_projection_mismatches() -> None:
         jpeft.JpeftError, match=r"shape \(2, 33\) \(P\*d = 66\), but transformer/wte embeds tokens in d = 32"
     ):
         jpeft.apply(jpeft.IntrinsicPromptTuning(dim=2, projection=proj), model.params, key=jax.random.key(0))
+    fitted = jpeft.IntrinsicPromptTuning(dim=2, projection=jpeft.fit_intrinsic_projection(np.zeros((4, P, D)), 2))
+    with pytest.raises(jpeft.JpeftError, match=r"jpeft.save: the method field IntrinsicPromptTuning.projection"):
+        jpeft.save(str(tmp_path / "ckpt"), fitted, jpeft.apply(fitted, model.params, key=jax.random.key(0)), step=0)
     wide = jpeft.IntrinsicPromptTuning(dim=2, projection=np.zeros((2, 4 * D)), num_virtual_tokens=P)  # P*d = 2*64
     with pytest.raises(jpeft.JpeftError, match=r"P\*d = 128\), but .* so prompts are \(2, 32\)"):
         jpeft.apply(wide, model.params, key=jax.random.key(0))
