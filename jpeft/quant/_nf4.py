@@ -364,9 +364,7 @@ def _hits(params: PyTree, config: NF4, targets: Any) -> list[tuple[Path, Any]]:
     """The leaves ``targets`` selects for quantisation, checked; raises if none."""
     pairs = [(p, x) for p, x in _tree.leaves(params) if RESERVED not in p]
     hit = [
-        (p, x)
-        for p, x in pairs
-        if _tree.matches(targets, p) or (p[-1] == "kernel" and _tree.matches(targets, p[:-1]))
+        (p, x) for p, x in pairs if _tree.matches(targets, p) or (p[-1] == "kernel" and _tree.matches(targets, p[:-1]))
     ]
     if not hit:
         example = join(pairs[0][0]) if pairs else "<no leaves>"
