@@ -14,7 +14,7 @@ import jax
 
 from jpeft import _tree
 from jpeft._errors import JpeftError
-from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft._tree import PyTree
 from jpeft.quant import _int, _nf4
 from jpeft.quant._int import IntArray, IntFormat, is_quantized
 
@@ -68,42 +68,12 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
             f"jpeft.quantize(params, {config!r}, targets=...) needs targets: a regex over leaf or module "
             "paths, or module-name suffixes like ('c_attn', 'c_fc')."
         )
-    targets = _tree.normalize_targets("jpeft.quantize", targets)
-    from jpeft import _nnx
-
-    if _nnx.is_model(params):
-        from jpeft.quant import _nnx as _nnx_quant
-
-        return _nnx_quant.quantize_model(
-            params, lambda tree: _hits(tree, config, targets), lambda x: _int.quantize_array(x, config)
-        )
-    if not isinstance(params, Mapping):
-        raise JpeftError(
-            f"jpeft.quantize expects a nested mapping of arrays; got {type(params).__name__}. Pass a params "
-            "tree or a flax.nnx.Module."
-        )
-    out = _tree.as_dicts(params)
-    for p, x in _hits(params, config, targets):
-        _tree.get(out, p[:-1])[p[-1]] = _int.quantize_array(x, config)
-    return out
-
-
-def _hits(params: PyTree, config: IntFormat, targets: Any) -> list[tuple[Path, Any]]:
-    """The leaves ``targets`` selects, each checked by the format; raises if none."""
-    pairs = [(p, x) for p, x in _tree.leaves(params) if RESERVED not in p]
-    hit = [
-        (p, x) for p, x in pairs if _tree.matches(targets, p) or (p[-1] == "kernel" and _tree.matches(targets, p[:-1]))
-    ]
-    if not hit:
-        example = join(pairs[0][0]) if pairs else "<no leaves>"
-        raise JpeftError(
-            f"jpeft.quantize(targets={targets!r}) matched 0 of {len(pairs)} parameter paths.\n"
-            f"Paths look like {example!r}; see jpeft.list_paths(params). A regex must match a whole leaf "
-            "or module path (use '.*/c_attn'); suffixes must be whole path components."
-        )
-    for p, x in hit:
-        config.check("jpeft.quantize", p, x)
-    return hit
+    return _nf4.quantize_tree(
+        params,
+        targets,
+        lambda p, x: config.check("jpeft.quantize", p, x),
+        lambda x: _int.quantize_array(x, config),
+    )
 
 
 def dequantize(x: Any, dtype: Any = None) -> Any:

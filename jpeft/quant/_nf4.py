@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -340,28 +340,40 @@ def quantize(params: PyTree, config: Any, *, targets: Any = None) -> PyTree:
             "jpeft.quantize(params, jpeft.NF4(), targets=...) needs targets: a regex over leaf or module "
             "paths, or module-name suffixes like ('c_attn', 'c_fc')."
         )
+    return quantize_tree(
+        params,
+        targets,
+        lambda p, x: _check_leaf("jpeft.quantize", p, x, config),
+        lambda x: quantize_array(x, config),
+    )
+
+
+def quantize_tree(
+    params: Any, targets: Any, check: Callable[[Path, Any], None], quantize_leaf: Callable[[Any], Any]
+) -> Any:
+    """``jpeft.quantize``'s walk, for every format: ``targets`` (not yet normalised) selects leaves of a
+    tree or an NNX model, ``check(path, leaf)`` raises on a leaf the format cannot hold (before any
+    is quantised), ``quantize_leaf`` quantises one."""
     targets = _tree.normalize_targets("jpeft.quantize", targets)
     from jpeft import _nnx
 
     if _nnx.is_model(params):
         from jpeft.quant import _nnx as _nnx_quant
 
-        return _nnx_quant.quantize_model(
-            params, lambda tree: _hits(tree, config, targets), lambda x: quantize_array(x, config)
-        )
+        return _nnx_quant.quantize_model(params, lambda tree: _hits(tree, targets, check), quantize_leaf)
     if not isinstance(params, Mapping):
         raise JpeftError(
             f"jpeft.quantize expects a nested mapping of arrays; got {type(params).__name__}. Pass a params "
             "tree or a flax.nnx.Module."
         )
     out = _tree.as_dicts(params)
-    for p, x in _hits(params, config, targets):
-        _tree.get(out, p[:-1])[p[-1]] = quantize_array(x, config)
+    for p, x in _hits(params, targets, check):
+        _tree.get(out, p[:-1])[p[-1]] = quantize_leaf(x)
     return out
 
 
-def _hits(params: PyTree, config: NF4, targets: Any) -> list[tuple[Path, Any]]:
-    """The leaves ``targets`` selects for quantisation, checked; raises if none."""
+def _hits(params: PyTree, targets: Any, check: Callable[[Path, Any], None]) -> list[tuple[Path, Any]]:
+    """The leaves ``targets`` selects for quantisation, each checked; raises if none."""
     pairs = [(p, x) for p, x in _tree.leaves(params) if RESERVED not in p]
     hit = [
         (p, x) for p, x in pairs if _tree.matches(targets, p) or (p[-1] == "kernel" and _tree.matches(targets, p[:-1]))
@@ -374,7 +386,7 @@ def _hits(params: PyTree, config: NF4, targets: Any) -> list[tuple[Path, Any]]:
             "or module path (use '.*/c_attn'); suffixes must be whole path components."
         )
     for p, x in hit:
-        _check_leaf("jpeft.quantize", p, x, config)
+        check(p, x)
     return hit
 
 
