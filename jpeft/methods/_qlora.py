@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -25,9 +25,44 @@ _COMPUTED = ("dense", "transposed", "dense_general")  # layouts whose layer QLoR
 
 def _abstract(own: Mapping[str, Any]) -> dict[str, Any]:
     """The module's leaves with quantised ones shown as their float shape and original dtype."""
-    return {
-        k: jax.ShapeDtypeStruct(v.shape, v.orig_dtype) if isinstance(v, NF4Array) else v for k, v in own.items()
-    }
+    return {k: jax.ShapeDtypeStruct(v.shape, v.orig_dtype) if isinstance(v, NF4Array) else v for k, v in own.items()}
+
+
+def quantized_forward(
+    owner: str,
+    module: nn.Module,
+    kernel: Any,
+    args: tuple,
+    kwargs: dict,
+    compute_dtype: Any,
+    dequantize: Callable[[Any, Any], jax.Array],
+    remat: bool = False,
+) -> Any:
+    """``x dequantize(W) + b`` in ``compute_dtype``, cast to the layer's output dtype: the forward of a
+    layer whose kernel is quantised (QLoRA's NF4, ``jpeft.on_quantized``'s every format). With
+    ``remat`` the dequantised kernel is recomputed in the backward pass, not kept."""
+    linear = linear_of(module)
+    layout = linear.layout_of(module)
+    if layout.kind not in _COMPUTED:
+        raise JpeftError(
+            f"{owner}: {join(module.path)!r} ({type(module).__name__}, layout {layout.spec()!r}) holds a quantised "
+            f"kernel; only layouts {_COMPUTED} are computed from quantised kernels. Leave it out of jpeft.quantize's "
+            "targets."
+        )
+    x = linear.inputs(args, kwargs)
+    cd = jnp.dtype(compute_dtype)
+    module_dtype = getattr(module, "dtype", None)
+    out_dtype = jnp.result_type(x.dtype, kernel.orig_dtype) if module_dtype is None else jnp.dtype(module_dtype)
+
+    def matmul(x: jax.Array, q: Any) -> jax.Array:
+        return linear.down(module, x, layout.as_down(dequantize(q, cd)))
+
+    if remat:
+        matmul = jax.checkpoint(matmul)
+    y = matmul(jnp.asarray(x, cd), kernel)
+    if module.has_variable("params", "bias"):
+        y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
+    return y.astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,8 +132,7 @@ class QLoRA(LoRA):
             dt = None
         if dt is None or not jnp.issubdtype(dt, jnp.floating):
             raise JpeftError(
-                f"{name}(compute_dtype={self.compute_dtype!r}): compute_dtype must name a float dtype, "
-                "e.g. 'bfloat16'."
+                f"{name}(compute_dtype={self.compute_dtype!r}): compute_dtype must name a float dtype, e.g. 'bfloat16'."
             )
         object.__setattr__(self, "compute_dtype", dt.name)
 
@@ -160,22 +194,7 @@ class QLoRA(LoRA):
         kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
         if not isinstance(kernel, NF4Array):
             return next_fun(*args, **kwargs)
-        linear = linear_of(module)
-        layout = linear.layout_of(module)
-        if layout.kind not in _COMPUTED:
-            raise JpeftError(
-                f"{self._name()}: {join(module.path)!r} ({type(module).__name__}, layout {layout.spec()!r}) "
-                f"holds a quantised kernel; QLoRA computes layouts {_COMPUTED} only. Do not quantise it."
-            )
-        x = linear.inputs(args, kwargs)
-        cd = jnp.dtype(self.compute_dtype)
-        module_dtype = getattr(module, "dtype", None)
-        out_dtype = jnp.result_type(x.dtype, kernel.orig_dtype) if module_dtype is None else jnp.dtype(module_dtype)
-        w = layout.as_down(dequantize_array(kernel, cd))
-        y = linear.down(module, jnp.asarray(x, cd), w)
-        if module.has_variable("params", "bias"):
-            y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
-        return y.astype(out_dtype)
+        return quantized_forward(self._name(), module, kernel, args, kwargs, self.compute_dtype, dequantize_array)
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:

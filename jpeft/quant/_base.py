@@ -23,17 +23,14 @@ import numpy as np
 
 from jpeft import _nnx, _tree
 from jpeft._errors import JpeftError
-from jpeft._intercept import linear_of
 from jpeft._method import Context, Method
 from jpeft._tree import Path, PyTree, join
 from jpeft.methods._compose import Compose
-from jpeft.methods._lora import _broadcast_out
+from jpeft.methods._qlora import _COMPUTED as COMPUTED
+from jpeft.methods._qlora import quantized_forward
 from jpeft.quant._api import dequantize, dequantize_array, quantize
 from jpeft.quant._int import IntArray, is_quantized
 from jpeft.quant._nf4 import NF4, NF4Array
-
-COMPUTED = ("dense", "transposed", "dense_general")
-"""The layouts whose quantised layers :class:`OnQuantized` computes."""
 
 
 def _abstract(own: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,27 +182,9 @@ class OnQuantized(Compose):
         kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
         if not is_quantized(kernel):
             return super().base_forward(module, next_fun, args, kwargs)
-        linear = linear_of(module)
-        layout = linear.layout_of(module)
-        if layout.kind not in COMPUTED:
-            raise JpeftError(
-                f"{self._name()}: {join(module.path)!r} ({type(module).__name__}, layout {layout.spec()!r}) holds a "
-                f"quantised kernel; only layouts {COMPUTED} are computed. Leave it out of jpeft.quantize's targets."
-            )
-        x = linear.inputs(args, kwargs)
-        cd = jnp.dtype(self.compute_dtype)
-        module_dtype = getattr(module, "dtype", None)
-        out_dtype = jnp.result_type(x.dtype, kernel.orig_dtype) if module_dtype is None else jnp.dtype(module_dtype)
-
-        def matmul(x: jax.Array, q: Any) -> jax.Array:
-            return linear.down(module, x, layout.as_down(dequantize_array(q, cd)))
-
-        if self.remat:
-            matmul = jax.checkpoint(matmul)
-        y = matmul(jnp.asarray(x, cd), kernel)
-        if module.has_variable("params", "bias"):
-            y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
-        return y.astype(out_dtype)
+        return quantized_forward(
+            self._name(), module, kernel, args, kwargs, self.compute_dtype, dequantize_array, self.remat
+        )
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
