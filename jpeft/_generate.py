@@ -20,6 +20,18 @@ from jpeft._tree import PyTree, join
 from jpeft.methods._prompt import regions, virtual_part, writing
 
 
+def checked_ids(input_ids: Any, max_new_tokens: Any) -> jax.Array:
+    """``input_ids`` as a ``(batch, seq)`` int array, or a clear error (and one for ``max_new_tokens``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise JpeftError(f"jpeft.generate(max_new_tokens={max_new_tokens!r}): must be a positive int.")
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise JpeftError(
+            f"jpeft.generate: input_ids must be a (batch, seq) int array; got shape {ids.shape} and dtype {ids.dtype}."
+        )
+    return ids
+
+
 def _logits(out: Any) -> jax.Array:
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -138,13 +150,7 @@ def generate(
             "are required for a linen model."
         )
     _core._check_params(peft_params, "jpeft.generate")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise JpeftError(f"jpeft.generate(max_new_tokens={max_new_tokens!r}): must be a positive int.")
-    ids = jnp.asarray(input_ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise JpeftError(
-            f"jpeft.generate: input_ids must be a (batch, seq) int array; got shape {ids.shape} and dtype {ids.dtype}."
-        )
+    ids = checked_ids(input_ids, max_new_tokens)
     batch, length = ids.shape
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, ids.dtype)
     if mask.shape != ids.shape:

@@ -54,13 +54,9 @@ def generate(
             f"{base.__qualname__}.__call__ takes {tuple(params)}. The deltas run inside the model's own call, so decode "
             "another NNX model with its own KV cache or sampler (prompt and prefix methods refuse a cached root call)."
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise JpeftError(f"jpeft.generate(max_new_tokens={max_new_tokens!r}): must be a positive int.")
-    ids = jnp.asarray(input_ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise JpeftError(
-            f"jpeft.generate: input_ids must be a (batch, seq) int array; got shape {ids.shape} and dtype {ids.dtype}."
-        )
+    from jpeft._generate import checked_ids
+
+    ids = checked_ids(input_ids, max_new_tokens)
     ids = ids.astype(jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
     if mask.shape != ids.shape:
