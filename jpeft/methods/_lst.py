@@ -130,14 +130,17 @@ class LadderSideTuning(Method):
       >>> import jax, jax.numpy as jnp, jpeft
       >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
       >>> cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
-      >>> model = FlaxGPT2LMHeadModel(cfg, seed=0)
+      >>> with jax.numpy_rank_promotion("allow"):  # HF's Flax code relies on implicit rank promotion
+      ...   model = FlaxGPT2LMHeadModel(cfg, seed=0)
       >>> method = jpeft.LadderSideTuning(num_heads=4, reduction=4)
       >>> peft = jpeft.apply(method, model.params, key=jax.random.key(0))
       >>> sorted(peft["transformer"]["h"]["1"][jpeft.RESERVED]["default"])[:4]
       ['alpha', 'down_bias', 'down_kernel', 'fc_bias']
       >>> ids = jnp.ones((2, 5), jnp.int32)
       >>> pos = jnp.broadcast_to(jnp.arange(5), ids.shape)
-      >>> jpeft.wrap(model.module.apply, method)({"params": peft}, ids, jnp.ones_like(ids), pos).logits.shape
+      >>> with jax.numpy_rank_promotion("allow"):
+      ...   out = jpeft.wrap(model.module.apply, method)({"params": peft}, ids, jnp.ones_like(ids), pos)
+      >>> out.logits.shape
       (2, 5, 50)
 
     References:

@@ -328,13 +328,14 @@ def test_errors(key: jax.Array) -> None:
         jpeft.apply(jpeft.PTuningV2(), {"dense": {"kernel": jnp.ones((2, 2))}}, key=key)
     import dataclasses
 
-    embed = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=None, key=r"(.*/)?wpe", value=r"(.*/)?wpe")
+    embed = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=None, key=r"(.*/)?wpe", value=r"(.*/)?h/\d+/attn/c_attn")
     with pytest.raises(jpeft.JpeftError, match=r"transformer/wpe has a 'embed' kernel; key and value projections must be dense"):
         jpeft.apply(jpeft.PTuningV2(profile=embed), m.params, key=key)
     nokv = dataclasses.replace(jpeft.profiles.LLAMA, key=r"nothing", value=r"nothing")
     with pytest.raises(jpeft.JpeftError, match=r"profile 'llama' finds no key or value projection"):
         jpeft.apply(jpeft.PTuningV2(profile=nokv), H.make("llama").params, key=key)
-    odd = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=r"(.*/)?h/\d+/attn/c_proj")
+    c_proj = r"(.*/)?h/\d+/attn/c_proj"
+    odd = dataclasses.replace(jpeft.profiles.GPT2, qkv_fused=c_proj, key=c_proj, value=c_proj)
     with pytest.raises(jpeft.JpeftError, match=r"fused QKV module .*c_proj has output features \(32,\)"):
         jpeft.apply(jpeft.PTuningV2(profile=odd), m.params, key=key)
     method = jpeft.PTuningV2(num_virtual_tokens=2)
