@@ -28,6 +28,19 @@ def _abstract(own: Mapping[str, Any]) -> dict[str, Any]:
     return {k: jax.ShapeDtypeStruct(v.shape, v.orig_dtype) if isinstance(v, NF4Array) else v for k, v in own.items()}
 
 
+def float_dtype_name(owner: str, compute_dtype: Any) -> str:
+    """``compute_dtype`` as a float dtype's name (QLoRA and ``on_quantized`` check it alike), or a clear error."""
+    try:
+        dt = jnp.dtype(compute_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise JpeftError(
+            f"{owner}(compute_dtype={compute_dtype!r}): compute_dtype must name a float dtype, e.g. 'bfloat16'."
+        )
+    return dt.name
+
+
 def quantized_forward(
     owner: str,
     module: nn.Module,
@@ -126,15 +139,7 @@ class QLoRA(LoRA):
             raise JpeftError(f"{name}(quant={self.quant!r}): quant must be a jpeft.NF4(...) config.")
         if self.use_dora:
             raise JpeftError(f"{name}(use_dora=True): DoRA on quantised kernels is not supported; use jpeft.DoRA.")
-        try:
-            dt = jnp.dtype(self.compute_dtype)
-        except TypeError:
-            dt = None
-        if dt is None or not jnp.issubdtype(dt, jnp.floating):
-            raise JpeftError(
-                f"{name}(compute_dtype={self.compute_dtype!r}): compute_dtype must name a float dtype, e.g. 'bfloat16'."
-            )
-        object.__setattr__(self, "compute_dtype", dt.name)
+        object.__setattr__(self, "compute_dtype", float_dtype_name(name, self.compute_dtype))
 
     # --- structure -----------------------------------------------------------------------------
     def select(self, params: PyTree) -> list[Path]:

@@ -27,7 +27,7 @@ from jpeft._method import Context, Method
 from jpeft._tree import Path, PyTree, join
 from jpeft.methods._compose import Compose
 from jpeft.methods._qlora import _COMPUTED as COMPUTED
-from jpeft.methods._qlora import quantized_forward
+from jpeft.methods._qlora import float_dtype_name, quantized_forward
 from jpeft.quant._api import dequantize, dequantize_array, quantize
 from jpeft.quant._int import IntArray, is_quantized
 from jpeft.quant._nf4 import NF4, NF4Array
@@ -103,15 +103,7 @@ class OnQuantized(Compose):
         name = self._name()
         if any(isinstance(m, QLoRA) for m in self.methods):
             raise JpeftError(f"{name}: QLoRA already computes its quantised base; pass jpeft.LoRA(...) instead.")
-        try:
-            dt = jnp.dtype(self.compute_dtype)
-        except TypeError:
-            dt = None
-        if dt is None or not jnp.issubdtype(dt, jnp.floating):
-            raise JpeftError(
-                f"{name}(compute_dtype={self.compute_dtype!r}): compute_dtype must name a float dtype, e.g. 'bfloat16'."
-            )
-        object.__setattr__(self, "compute_dtype", dt.name)
+        object.__setattr__(self, "compute_dtype", float_dtype_name(name, self.compute_dtype))
         if not isinstance(self.remat, bool):
             raise JpeftError(f"{name}(remat={self.remat!r}): remat must be a bool.")
 
