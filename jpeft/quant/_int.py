@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, ClassVar
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 
 from jpeft._errors import JpeftError
 from jpeft._tree import Path, join
+from jpeft.quant._nf4 import QuantizedArray
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +148,7 @@ class Int4(IntFormat):
     meta_fields=["rows", "orig_dtype", "bits", "block_size"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class IntArray:
+class IntArray(QuantizedArray):
     """An INT8/INT4-quantised kernel: integer codes and float32 scales, shape and format static.
 
     Attributes:
@@ -183,21 +183,9 @@ class IntArray:
         return tuple(self.codes.shape[:-2]) + (self.rows, self.codes.shape[-1])
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def dtype(self) -> np.dtype:
         """The storage dtype of the codes, so that float-only code refuses it; see ``orig_dtype``."""
         return np.dtype(np.int8 if self.bits == 8 else np.uint8)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(x.nbytes) for x in jax.tree.leaves(self))
 
     def __repr__(self) -> str:
         shape = self.shape if hasattr(self.codes, "shape") else f"(..., {self.rows}, ...)"

@@ -129,13 +129,30 @@ def bits_per_param(config: NF4) -> float:
     return 4 + 32 / config.block_size
 
 
+class QuantizedArray:
+    """What every quantised kernel (:class:`NF4Array`, ``IntArray``) derives from its ``shape`` and children."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: the sum over the children."""
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self))
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "absmax", "absmax_scale", "absmax_offset"],
     meta_fields=["core_shape", "orig_dtype", "block_size", "dq_block_size"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class NF4Array:
+class NF4Array(QuantizedArray):
     """An NF4-quantised array: a pytree of arrays with static shape and block sizes.
 
     ``S`` are the leading (stack) axes, ``n = prod(core_shape)`` the size of the last two axes and
@@ -174,22 +191,9 @@ class NF4Array:
         return tuple(self.codes.shape[:-1]) + tuple(self.core_shape)
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def dtype(self) -> np.dtype:
         """The storage dtype, uint8, so that float-only code refuses it; see ``orig_dtype``."""
         return np.dtype(np.uint8)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored: the sum over the children."""
-        return sum(int(x.nbytes) for x in jax.tree.leaves(self))
 
     def __repr__(self) -> str:
         dq = f", dq_block_size={self.dq_block_size}" if self.dq_block_size else ""
