@@ -56,6 +56,12 @@ def _normalize(where: str, path: Path, spec: Any, shape: tuple[int, ...]) -> Spe
             f"{where}: base_specs at {join(path)!r} is {spec} with {len(entries)} entries, but the leaf "
             f"has shape {shape} ({len(shape)} axes). Give at most one entry per axis."
         )
+    axes = [a for e in entries for a in (e if isinstance(e, tuple) else (e,)) if a is not None]
+    if len(set(axes)) != len(axes):
+        raise JpeftError(
+            f"{where}: base_specs at {join(path)!r} is {spec}, which names a mesh axis more than once; "
+            "a mesh axis can split at most one array axis. Use each mesh axis once, e.g. P('data', 'model')."
+        )
     return entries + (None,) * (len(shape) - len(entries))
 
 
