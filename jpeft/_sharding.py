@@ -14,12 +14,19 @@ A delta leaf sits next to the kernel it modifies, so its sharding follows from t
 A composition (``jpeft.compose``) nests each component's leaves under the component's key; each
 component's leaves follow its own layouts and hook.
 
-A quantised base kernel (:class:`jpeft.NF4Array`, from ``jpeft.quantize``) takes its spec in
-``base_specs`` as for the float kernel it stands for (its logical shape ``(*S, d0, d1)``, spec
-``(s, e0, e1)``); its children get specs derived from it. ``codes: (*S, d0 d1 / 2)`` holds the
-kernel row-major, so splitting its last axis like ``d0`` (``e0``) gives each device whole rows:
-``(s, e0)``. A split of ``d1`` cannot be expressed on the flat axis and is dropped (replicated).
-The scale arrays (``absmax``, ``absmax_scale``, about 1/32 of the codes) keep only ``s``.
+A quantised base kernel (any ``jpeft.quant._nf4.QuantizedArray``: :class:`jpeft.NF4Array` or
+:class:`jpeft.IntArray`, from ``jpeft.quantize``) takes its spec in ``base_specs`` as for the float
+kernel it stands for (its logical shape ``(*S, d0, d1)``, spec ``(s, e0, e1)``); its children get
+specs derived from it:
+
+* NF4: ``codes: (*S, d0 d1 / 2)`` holds the kernel row-major, so splitting its last axis like
+  ``d0`` (``e0``) gives each device whole rows: ``(s, e0)``. A split of ``d1`` cannot be expressed
+  on the flat axis and is dropped (replicated). The scale arrays (``absmax``, ``absmax_scale``,
+  about 1/32 of the codes) keep only ``s``.
+* INT8 / INT4: ``codes: (*S, d0, d1)`` (INT4: ``(*S, d0 / 2, d1)``, two rows a byte) keep the
+  kernel's spec ``(s, e0, e1)``; ``scales: (*S, d0 / block, d1)`` are split like the columns only,
+  ``(s, None, e1)``: every device holds the scales of its columns' blocks, so dequantising its
+  rows needs no communication whatever the block size.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
-from jpeft.quant._nf4 import NF4Array
+from jpeft.quant._int import IntArray
+from jpeft.quant._nf4 import NF4Array, QuantizedArray
 
 Spec = tuple[Any, ...]
 """A partition spec as a tuple with one entry per array axis: ``None``, a mesh axis or a tuple of them."""
@@ -101,13 +109,20 @@ def _default_rule(shape: tuple[int, ...], kernel_shape: tuple[int, ...] | None, 
     return kspec[:n_stack] + (None,) * (len(shape) - n_stack)
 
 
-def _nf4_specs(kspec: Spec, q: NF4Array) -> NF4Array:
+CHILDREN = {NF4Array: ("codes", "absmax", "absmax_scale", "absmax_offset"), IntArray: ("codes", "scales")}
+"""The array children of each quantised kernel type, which get specs of their own."""
+
+
+def _quantised_specs(kspec: Spec, q: QuantizedArray) -> QuantizedArray:
     """The specs of a quantised kernel's children, from the spec of its logical shape ``(*S, d0, d1)``."""
     s = kspec[:-2]
 
     def of(child: Any, spec: Spec) -> PartitionSpec | None:
         return None if child is None else PartitionSpec(*spec)
 
+    if isinstance(q, IntArray):  # codes keep the kernel's axes; scales follow its columns
+        return dataclasses.replace(q, codes=of(q.codes, kspec), scales=of(q.scales, s + (None,) + kspec[-1:]))
+    assert isinstance(q, NF4Array), type(q)  # CHILDREN names every QuantizedArray type
     return dataclasses.replace(
         q,
         codes=of(q.codes, s + kspec[-2:-1]),
@@ -166,10 +181,11 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
       default are replicated, except leading axes equal to the kernel's stack axes ``S``, which
       keep ``s``.
 
-    A quantised kernel (:class:`jpeft.NF4Array`) takes the spec of its logical shape
-    ``(*S, d0, d1)`` in ``base_specs``, ``(s, e0, e1)``; its children get ``codes: (s, e0)`` (the
-    codes are the kernel's rows, flattened) and ``absmax``, ``absmax_scale``: ``(s, None)``,
-    ``absmax_offset: (s,)``: ``e1`` and the small scale arrays are not split.
+    A quantised kernel takes the spec of its logical shape ``(*S, d0, d1)`` in ``base_specs``,
+    ``(s, e0, e1)``. A :class:`jpeft.NF4Array`'s children get ``codes: (s, e0)`` (the codes are the
+    kernel's rows, flattened) and ``absmax``, ``absmax_scale``: ``(s, None)``, ``absmax_offset:
+    (s,)``: ``e1`` and the small scale arrays are not split. A :class:`jpeft.IntArray` (INT8 /
+    INT4) keeps ``codes: (s, e0, e1)`` and gets ``scales: (s, None, e1)``.
 
     Args:
       method: the method that made the deltas.
@@ -182,7 +198,7 @@ def partition_specs(method: Method, peft_params: PyTree, base_specs: PyTree, *, 
 
     Returns:
       A tree of ``PartitionSpec`` with the structure of ``peft_params`` (as plain dicts, and an
-      ``NF4Array`` of specs for each quantised kernel), one entry per array axis. Wrap it with
+      ``NF4Array`` / ``IntArray`` of specs for each quantised kernel), one entry per array axis. Wrap it with
       ``jax.tree.map(lambda s: NamedSharding(mesh, s), specs)`` for ``jax.jit`` or
       ``jax.device_put``.
 
@@ -256,8 +272,8 @@ def derive(method: Method, peft_params: PyTree, base_specs: PyTree, mesh: Any, c
                 out[k] = {name: store_specs(path, own, method, store) for name, store in v.items()}
             elif isinstance(v, Mapping):
                 out[k] = visit(v, path + (str(k),))
-            elif isinstance(v, NF4Array):
-                out[k] = _nf4_specs(spec_of(path + (str(k),), v), v)
+            elif isinstance(v, QuantizedArray):
+                out[k] = _quantised_specs(spec_of(path + (str(k),), v), v)
             elif v is not None:
                 out[k] = spec_of(path + (str(k),), v)
         return out
@@ -299,16 +315,16 @@ def derive(method: Method, peft_params: PyTree, base_specs: PyTree, mesh: Any, c
     if mesh_shape is not None:
         # Base leaves first: their specs are the user's, and the delta specs derive from them.
         for path, x in sorted(_tree.leaves(peft_params), key=lambda px: RESERVED in px[0]):
-            if isinstance(x, NF4Array):  # the given logical spec, then the derived children
+            if isinstance(x, QuantizedArray):  # the given logical spec, then the derived children
                 _validate(where, path, tuple(x.shape), specs[path], mesh_shape)
-                for field in ("codes", "absmax", "absmax_scale", "absmax_offset"):
+                how = "second-to-last axis" if isinstance(x, NF4Array) else "axes (4-bit codes: two rows a byte)"
+                for field in CHILDREN[type(x)]:
                     child = getattr(x, field)
                     if child is not None:
                         spec = tuple(getattr(_tree.get(out, path), field))
                         note = (
                             f" The spec is derived from {PartitionSpec(*specs[path])}, given for the quantised "
-                            f"kernel {join(path)!r} of shape {tuple(x.shape)}: its codes are split like its "
-                            "second-to-last axis."
+                            f"kernel {join(path)!r} of shape {tuple(x.shape)}: its codes are split like its {how}."
                         )
                         _validate(where, path + (field,), tuple(child.shape), spec, mesh_shape, note)
                 continue
@@ -319,6 +335,6 @@ def derive(method: Method, peft_params: PyTree, base_specs: PyTree, mesh: Any, c
 def _to_partition_specs(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _to_partition_specs(v) for k, v in tree.items()}
-    if isinstance(tree, NF4Array):  # its children hold PartitionSpecs already
+    if isinstance(tree, QuantizedArray):  # its children hold PartitionSpecs already
         return tree
     return PartitionSpec(*tree)

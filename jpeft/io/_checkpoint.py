@@ -372,15 +372,19 @@ def _delta_shardings(method: Method, abstract: PyTree, params: PyTree) -> Callab
     from jax.sharding import NamedSharding
 
     from jpeft._sharding import partition_specs
+    from jpeft.quant._int import IntArray
 
-    named = [x.sharding for _, x in _base_leaves(params) if isinstance(getattr(x, "sharding", None), NamedSharding)]
+    def sharding(x: Any) -> Any:  # an INT8/INT4 kernel's codes keep its axes: their spec is the kernel's
+        return getattr(x.codes if isinstance(x, IntArray) else x, "sharding", None)
+
+    named = [sharding(x) for _, x in _base_leaves(params) if isinstance(sharding(x), NamedSharding)]
     meshes = {s.mesh for s in named}
     if len(meshes) != 1:
         return lambda _: _default_sharding()
     (mesh,) = meshes
 
     def base_spec(_: Path, x: Any) -> Any:
-        s = getattr(x, "sharding", None)
+        s = sharding(x)
         return s.spec if isinstance(s, NamedSharding) and s.mesh == mesh else None
 
     specs = partition_specs(method, abstract, _map_leaves(base_spec, params))
