@@ -18,7 +18,9 @@ def test_label_head_is_a_scaled_cosine_and_padding_never_wins():
     labels, emb = rng.normal(size=(3, 8)), rng.normal(size=(5, 8))
     head = intrinsic.pad_head(intrinsic.label_head(labels, scale=20.0))
     got = np.asarray(intrinsic.logits(head, emb, normalize=True))
-    cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (labels / np.linalg.norm(labels, axis=1, keepdims=True)).T
+    cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
+        labels / np.linalg.norm(labels, axis=1, keepdims=True)
+    ).T
     assert got.shape == (5, intrinsic.CLASSES)
     np.testing.assert_allclose(got[:, :3], 20.0 * cos, rtol=1e-5, atol=1e-5)
     assert (got[:, 3:] < -1e8).all() and (got.argmax(1) < 3).all()
