@@ -26,11 +26,9 @@ Only safetensors is read or written, never pickle.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +40,7 @@ from jpeft._errors import JpeftError
 from jpeft._layout import Layout
 from jpeft._method import Context, Method
 from jpeft._tree import RESERVED, Path, PyTree, join
+from jpeft.io._hf_peft_files import CONFIG, WEIGHTS, check_export_path, read_adapter, write
 from jpeft.methods._ia3 import IA3
 from jpeft.methods._lora import LoRA
 from jpeft.methods._prompt import VirtualTokens
@@ -50,11 +49,6 @@ from jpeft.profiles import Profile
 PREFIX = "base_model.model."
 """The prefix of every key: PEFT wraps the model in a ``PeftModel`` and a ``LoraModel``."""
 
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-"""The ``peft_type`` values that :func:`import_hf` reads."""
-
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 
 _KEY = re.compile(
     r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A(?:\.weight)?|"
@@ -128,25 +122,6 @@ def _from_torch(name: str, x: np.ndarray, own: Mapping[str, Any]) -> tuple[str, 
     return name, x
 
 
-def write(path: str, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``path``, each atomically."""
-    from safetensors.numpy import save_file
-
-    os.makedirs(path, exist_ok=True)
-    for filename, save in (
-        (WEIGHTS, lambda f: save_file(dict(tensors), f, metadata={"format": "pt"})),
-        (CONFIG, lambda f: open(f, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{filename}.")
-        os.close(fd)
-        try:
-            save(tmp)
-            os.replace(tmp, os.path.join(path, filename))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
 def adapter(owner: str, tree: PyTree, target: Path, name: str) -> Mapping[str, Any]:
     """The delta leaves of adapter ``name`` at module ``target``."""
     store = _tree.get(tree, target).get(RESERVED, {})
@@ -159,7 +134,12 @@ def adapter(owner: str, tree: PyTree, target: Path, name: str) -> Mapping[str, A
 
 
 def lora_config(
-    method: Any, extra: Mapping[str, Any], target_modules: Any, fan_in_fan_out: bool, use_dora: bool, modules_to_save: Any
+    method: Any,
+    extra: Mapping[str, Any],
+    target_modules: Any,
+    fan_in_fan_out: bool,
+    use_dora: bool,
+    modules_to_save: Any,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` of a LoRA export (linen and NNX)."""
     return {
@@ -221,7 +201,10 @@ def export_hf(
 
     Args:
       path: the directory to write; created if missing. Existing files of the same names are
-        replaced (each written to a temporary file first, then renamed).
+        replaced: both are written to a temporary directory inside ``path`` first, then renamed,
+        weights first; the weights' safetensors metadata holds the config's SHA-256
+        (``jpeft_config_sha256``), which ``import_hf`` checks, so a pair torn by a killed or
+        concurrent export is refused rather than loaded with the old config.
       method: the ``jpeft.LoRA`` (or DoRA, LoRA-FA, LoRA+), ``IA3``, ``PromptTuning``, ``PTuning``,
         ``PrefixTuning`` or ``PTuningV2`` that made the deltas.
       peft_params: the tree holding the deltas, from ``jpeft.apply`` and training.
@@ -235,7 +218,9 @@ def export_hf(
         HF PEFT equivalent (stacked or multi-axis kernel, an IA3 embedding, prefixes of a rotary,
         encoder-decoder, stacked or uneven model), or ``extra_trainable`` selects part of a module,
         a LoRA target or a root leaf (``modules_to_save`` holds whole named modules), or is set for
-        a method other than LoRA.
+        a method other than LoRA; if ``path`` is a file or holds a directory named like one of the
+        two files, ``base_model_name_or_path`` or ``task_type`` is not a str, or a delta holds NaN or
+        Inf. All of these are raised before anything is written.
 
     Example:
       >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -259,6 +244,13 @@ def export_hf(
       HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
     """
     owner = "jpeft.export_hf"
+    check_export_path(owner, path)
+    for field, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
+        if value is not None and not isinstance(value, str):
+            raise JpeftError(
+                f"{owner}({field}={value!r}): expected a str or None, written to {CONFIG} as is; got a "
+                f"{type(value).__name__}. Pass str(...) of it."
+            )
     extra = {
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
@@ -338,26 +330,6 @@ def export_hf(
     write(path, tensors, config)
 
 
-def read_config(owner: str, path: str) -> dict[str, Any]:
-    """``adapter_config.json`` of ``path`` as a dict, with any ``peft_type``."""
-    file = os.path.join(path, CONFIG)
-    if not os.path.isfile(file):
-        raise JpeftError(f"{owner}: {file!r} does not exist. Pass the directory HF PEFT's save_pretrained wrote.")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise JpeftError(f"{owner}: {file!r} is not valid JSON ({e}). Write or download it again.") from None
-    if not isinstance(config, dict):
-        raise JpeftError(f"{owner}: {file!r} holds a {type(config).__name__}, expected a JSON object.")
-    if config.get("peft_type") not in PEFT_TYPES:
-        raise JpeftError(
-            f"{owner}: {file!r} has peft_type={config.get('peft_type')!r}; import_hf reads {list(PEFT_TYPES)} "
-            "adapters only."
-        )
-    return config
-
-
 def _check_lora_config(owner: str, path: str, config: Mapping[str, Any]) -> None:
     file = os.path.join(path, CONFIG)
     unsupported = {
@@ -422,11 +394,14 @@ def import_hf(
       ``params``, except those of ``modules_to_save``; ``params`` itself is not changed.
 
     Raises:
-      JpeftError: on a missing, invalid or truncated file, a ``peft_type`` outside :data:`PEFT_TYPES`,
-        options jpeft lacks (``bias``, ``rank_pattern``, ``alpha_pattern``; ``modules_to_save`` for
-        IA3; encoder-decoder prompts), or a checkpoint for another model: a key whose module
-        ``params`` lacks, a tensor whose shape does not fit (naming the key and both shapes), or a
-        prefix file with another number of layers.
+      JpeftError: on a missing, invalid (not UTF-8 JSON) or truncated file, a ``peft_type`` outside
+        ``jpeft.io._hf_peft_files.PEFT_TYPES``, a config field of the wrong type (``use_dora: "false"``,
+        a non-finite ``lora_alpha``, an invalid ``target_modules`` / ``feedforward_modules`` regex), a
+        tensor that is not a float or holds NaN or Inf, weights that ``export_hf`` wrote beside another
+        config (a killed or concurrent export, or an edited config), options jpeft lacks (``bias``,
+        ``rank_pattern``, ``alpha_pattern``; ``modules_to_save`` for IA3; encoder-decoder prompts),
+        or a checkpoint for another model: a key whose module ``params`` lacks, a tensor whose shape
+        does not fit (naming the key and both shapes), or a prefix file with another number of layers.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -444,34 +419,30 @@ def import_hf(
     References:
       HF PEFT, "PEFT checkpoint format", https://huggingface.co/docs/peft/developer_guides/checkpoint
     """
-    from jpeft.models._safetensors import read_safetensors
-
     owner = "jpeft.import_hf"
     if _nnx.is_model(params):
         from jpeft.io._hf_peft_nnx import import_nnx
 
         if not isinstance(name, str) or not name or "/" in name:
             raise JpeftError(f"{owner}: adapter name must be a non-empty str without '/'; got {name!r}.")
-        config = read_config(owner, path)
-        tensors = read_safetensors(os.path.join(path, WEIGHTS), owner)
+        config, tensors = read_adapter(owner, path)
         return import_nnx(path, config, tensors, params, profile, name)
     if not isinstance(params, Mapping):
         raise JpeftError(f"{owner} expects the params collection as a nested mapping; got {type(params).__name__}.")
     if not isinstance(name, str) or not name or "/" in name:
         raise JpeftError(f"{owner}: adapter name must be a non-empty str without '/'; got {name!r}.")
     layouts = _check_profile(owner, profile)
-    config = read_config(owner, path)
+    config, tensors = read_adapter(owner, path)
     file = os.path.join(path, WEIGHTS)
     if config["peft_type"] == "IA3":
         from jpeft.io._hf_peft_ia3 import import_ia3
 
-        return import_ia3(path, config, read_safetensors(file, owner), params, layouts, name)
+        return import_ia3(path, config, tensors, params, layouts, name)
     if config["peft_type"] != "LORA":
         from jpeft.io._hf_peft_prompt import import_prompt
 
-        return import_prompt(path, config, read_safetensors(file, owner), params, profile, name)
+        return import_prompt(path, config, tensors, params, profile, name)
     _check_lora_config(owner, path, config)
-    tensors = read_safetensors(file, owner)
     modules = _tree.modules(params)
     to_save = config.get("modules_to_save") or []
     if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):

@@ -21,17 +21,8 @@ from jpeft import _tree
 from jpeft._errors import JpeftError
 from jpeft._method import Context
 from jpeft._tree import RESERVED, Path, PyTree, join
-from jpeft.io._hf_peft import (
-    CONFIG,
-    PREFIX,
-    WEIGHTS,
-    _check_profile,
-    _layout,
-    _resolve,
-    _targets_for_torch,
-    adapter,
-    write,
-)
+from jpeft.io._hf_peft import PREFIX, _check_profile, _layout, _resolve, _targets_for_torch, adapter
+from jpeft.io._hf_peft_files import CONFIG, WEIGHTS, write
 from jpeft.methods._ia3 import IA3, IN, OUT, _vector_shape
 
 LEAF = ".ia3_l"

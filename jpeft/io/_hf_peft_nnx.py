@@ -198,7 +198,8 @@ _FLAT = ("magnitude", "ia3_out", "ia3_in", "prompt")
 def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Profile | None, name: str) -> Any:
     """``jpeft.import_hf`` for an NNX model: ``(method, peft_model)``, see the module docstring."""
     import jpeft
-    from jpeft.io._hf_peft import _KEY, CONFIG, PREFIX, _check_lora_config
+    from jpeft.io._hf_peft import _KEY, PREFIX, _check_lora_config
+    from jpeft.io._hf_peft_files import CONFIG
 
     owner = "jpeft.import_hf"
     file = os.path.join(path, CONFIG)
@@ -299,7 +300,8 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
 
 def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name: str, extra: dict) -> None:
     """``jpeft.export_hf`` for an NNX model, see the module docstring."""
-    from jpeft.io._hf_peft import PREFIX, lora_config, write
+    from jpeft.io._hf_peft import PREFIX, lora_config
+    from jpeft.io._hf_peft_files import write
     from jpeft.methods._ia3 import IA3
     from jpeft.methods._prompt import VirtualTokens
 

@@ -18,7 +18,8 @@ import numpy as np
 from jpeft import _nnx
 from jpeft._errors import JpeftError
 from jpeft._tree import join
-from jpeft.io._hf_peft import CONFIG, PREFIX, WEIGHTS, write
+from jpeft.io._hf_peft import PREFIX
+from jpeft.io._hf_peft_files import CONFIG, WEIGHTS, write
 from jpeft.io._hf_peft_ia3 import LEAF, _names, read_vectors
 from jpeft.io._hf_peft_nnx import adapted, spelled, target, torch_name, torch_targets, write_leaf
 from jpeft.methods._ia3 import IA3, IN, OUT

@@ -30,7 +30,8 @@ import numpy as np
 from jpeft import _tree
 from jpeft._errors import JpeftError
 from jpeft._tree import RESERVED, Path, PyTree, join
-from jpeft.io._hf_peft import CONFIG, WEIGHTS, _check_profile, adapter, write
+from jpeft.io._hf_peft import _check_profile, adapter
+from jpeft.io._hf_peft_files import CONFIG, WEIGHTS, write
 from jpeft.methods._prefix import PrefixTuning, PTuningV2, _Site
 from jpeft.methods._prompt import VirtualTokens
 from jpeft.methods._prompt_tuning import PromptTuning

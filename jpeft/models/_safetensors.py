@@ -109,7 +109,9 @@ def _rename(key: tuple[str, ...], x: np.ndarray, ref: Mapping[tuple[str, ...], A
     return key, x
 
 
-def convert(state: Mapping[str, np.ndarray], shapes: PyTree, prefix: str, *, owner: str = _OWNER) -> PyTree:
+def convert(
+    state: Mapping[str, np.ndarray], shapes: PyTree, prefix: str, *, owner: str = _OWNER, check_finite: bool = True
+) -> PyTree:
     """Converts a torch-format state dict to a Flax parameter tree with NumPy only.
 
     Args:
@@ -118,13 +120,16 @@ def convert(state: Mapping[str, np.ndarray], shapes: PyTree, prefix: str, *, own
         (such as ``model.params_shape_tree``).
       prefix: the model's ``base_model_prefix``; added or stripped as the two sides need.
       owner: the public function to name in errors.
+      check_finite: refuse tensors holding NaN or Inf (one pass over every weight); ``False`` skips
+        the scan, for a huge model whose weights you trust.
 
     Returns:
       A nested dict with the structure of ``shapes``, each leaf a NumPy array of its shape and
       dtype. Leaves the state dict does not hold are ``None``.
 
     Raises:
-      JpeftError: naming the unexpected keys, or the keys whose shape differs from the Flax one.
+      JpeftError: naming the unexpected keys, the keys whose shape differs from the Flax one, a
+        non-float tensor (int, bool) for a float parameter, or one holding NaN or Inf.
 
     Example:
       >>> import numpy as np
@@ -140,7 +145,7 @@ def convert(state: Mapping[str, np.ndarray], shapes: PyTree, prefix: str, *, own
     has_prefix_torch = any(k.split(".")[0] == prefix for k in state)
     out: dict[tuple[str, ...], np.ndarray] = {}
     source: dict[tuple[str, ...], str] = {}
-    unexpected, wrong, tied = [], [], []
+    unexpected, wrong, tied, dtypes, nonfinite = [], [], [], [], []
     for name in sorted(state):
         x = np.asarray(state[name])
         key = tuple(name.split("."))
@@ -161,18 +166,31 @@ def convert(state: Mapping[str, np.ndarray], shapes: PyTree, prefix: str, *, own
         if tuple(y.shape) != tuple(want.shape):
             wrong.append(f"{name} {tuple(x.shape)} -> {'/'.join(flax_key)} expects {tuple(want.shape)}")
             continue
+        if jnp.issubdtype(want.dtype, jnp.floating) and not jnp.issubdtype(y.dtype, jnp.floating):
+            dtypes.append(f"{name} {y.dtype} -> {'/'.join(flax_key)} {jnp.dtype(want.dtype).name}")
+            continue
+        if check_finite and jnp.issubdtype(y.dtype, jnp.floating) and not np.isfinite(y).all():
+            nonfinite.append(f"{name} ({int((~np.isfinite(y)).sum())} of {y.size})")
+            continue
         out[flax_key] = y.astype(want.dtype)
         source[flax_key] = name
     embeddings = [v for k, v in out.items() if k[-1] == "embedding"]
     for name, x in tied:
         if not any(e.shape == x.shape and np.array_equal(e, x.astype(e.dtype)) for e in embeddings):
             unexpected.append(f"{name} (not equal to any embedding, so not a tied copy)")
-    if unexpected or wrong:
+    if nonfinite:
+        raise JpeftError(
+            f"{owner}: {len(nonfinite)} tensors of the checkpoint hold NaN or Inf: {', '.join(nonfinite[:8])}. The "
+            "file is damaged or the model diverged; download it again (check_finite=False skips this scan)."
+        )
+    if unexpected or wrong or dtypes:
         lines = [f"{owner}: the checkpoint does not fit the Flax model."]
         if unexpected:
             lines.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
         if wrong:
             lines.append(f"Shape mismatches ({len(wrong)}): {'; '.join(wrong[:8])}")
+        if dtypes:
+            lines.append(f"Non-float tensors for float parameters ({len(dtypes)}): {'; '.join(dtypes[:8])}")
         lines.append("Check that config.json belongs to this checkpoint, or pass the right model_class.")
         raise JpeftError("\n".join(lines))
     return _unflat({k: out.get(k) for k in ref})
@@ -201,12 +219,81 @@ def _model_class(config: Any, model_class: Any) -> type:
     return transformers.FlaxAutoModel._model_mapping[type(config)]
 
 
+def _json(path: str, what: str) -> Any:
+    """A JSON file's value, or a clear error for bytes that are not UTF-8 JSON."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise JpeftError(
+            f"{_OWNER}: {path!r} is not {what}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 4]!r}). "
+            "The file is damaged: download it again."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise JpeftError(f"{_OWNER}: {path!r} is not {what}: not valid JSON ({e}). Download it again.") from None
+
+
+def _read_config(path: str) -> Any:
+    import transformers
+
+    raw = _json(path, "a valid HF model config")
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        got = f"a {type(raw).__name__}" if not isinstance(raw, dict) else f"model_type={raw.get('model_type')!r}"
+        raise JpeftError(
+            f"{_OWNER}: {path!r} is not a valid HF model config: it holds {got}; expected a JSON object with a "
+            "model_type string such as 'bert'. Add the model_type of the checkpoint, or download config.json again."
+        )
+    try:
+        return transformers.AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise JpeftError(f"{_OWNER}: {path!r} is not a valid HF model config: {e}.") from None
+
+
+def _read_shards(directory: str, index_path: str) -> dict[str, np.ndarray]:
+    """The tensors of a sharded checkpoint, as ``model.safetensors.index.json`` maps them."""
+    index = _json(index_path, "a valid sharded-checkpoint index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise JpeftError(
+            f"{_OWNER}: {index_path!r} holds {type(index).__name__ if not isinstance(index, dict) else 'an object'} "
+            f"{'without' if weight_map is None else 'with a bad'} 'weight_map'; expected {{\"weight_map\": {{tensor name: "
+            "shard file name}}}. Download the index again."
+        )
+    for shard in sorted(set(weight_map.values())):
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise JpeftError(
+                f"{_OWNER}: {index_path!r} maps tensors to shard {shard!r}, which is not a file name inside the "
+                "model directory (absolute or with '..'); jpeft reads no file outside it. Fix the index."
+            )
+    state: dict[str, np.ndarray] = {}
+    where: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        for name, x in read_safetensors(os.path.join(directory, shard), _OWNER).items():
+            if name in where:
+                raise JpeftError(
+                    f"{_OWNER}: tensor {name!r} is in two shards, {where[name]!r} and {shard!r} "
+                    f"({index_path!r} names {weight_map.get(name)!r}); a checkpoint holds each tensor once. "
+                    "Download the checkpoint again."
+                )
+            state[name], where[name] = x, shard
+    lost = sorted(k for k, shard in weight_map.items() if where.get(k) != shard)
+    if lost:
+        raise JpeftError(
+            f"{_OWNER}: {index_path!r} maps {len(lost)} tensors to shards that do not hold them, such as "
+            f"{lost[0]!r} -> {weight_map[lost[0]]!r}. The index and the shards disagree; download them again."
+        )
+    return state
+
+
 def load_hf_safetensors(
     directory: str,
     *,
     model_class: Any = None,
     dtype: Any = jnp.float32,
     key: jax.Array | None = None,
+    check_finite: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Loads an HF PyTorch-format model directory into a ``transformers`` Flax model, without torch.
 
@@ -228,6 +315,8 @@ def load_hf_safetensors(
         (float32), whatever the checkpoint stores.
       key: a ``jax.random`` key that initialises parameters the checkpoint lacks (a new task
         head). Without it, missing parameters are an error.
+      check_finite: refuse weights holding NaN or Inf; ``False`` skips this pass over every weight,
+        for a huge model whose files you trust.
 
     Returns:
       ``(model, params)``: the Flax model (built with ``_do_init=False``, so it holds no
@@ -235,8 +324,10 @@ def load_hf_safetensors(
       ``model(**inputs, params=params)`` or ``model.module.apply({'params': params}, ...)``.
 
     Raises:
-      JpeftError: if a file is missing or unreadable, the family is not supported, or the
-        checkpoint does not fit the model (naming unexpected, missing or misshapen keys).
+      JpeftError: if a file is missing or unreadable (not UTF-8 JSON, no ``model_type``, an index
+        without a ``weight_map`` or naming a shard outside the directory, a tensor in two shards),
+        the family is not supported, or the checkpoint does not fit the model (naming unexpected,
+        missing or misshapen keys, a non-float tensor for a float parameter, NaN or Inf).
 
     Example:
       >>> import jpeft
@@ -247,8 +338,6 @@ def load_hf_safetensors(
       ...   print(e)
       jpeft.models.load_hf_safetensors: '/nonexistent/config.json' does not exist. Pass the directory of an HF model saved with save_pretrained (config.json and model.safetensors).
     """
-    import transformers
-
     config_path = os.path.join(directory, "config.json")
     weights_path = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(config_path):
@@ -256,24 +345,17 @@ def load_hf_safetensors(
             f"{_OWNER}: {config_path!r} does not exist. Pass the directory of an HF model saved with "
             "save_pretrained (config.json and model.safetensors)."
         )
-    try:
-        with open(config_path) as f:
-            raw = json.load(f)
-        config = transformers.AutoConfig.for_model(**raw)
-    except (json.JSONDecodeError, ValueError, KeyError) as e:
-        raise JpeftError(f"{_OWNER}: {config_path!r} is not a valid HF model config: {e}.") from None
+    config = _read_config(config_path)
     cls = _model_class(config, model_class)
     index_path = weights_path + ".index.json"
     if not os.path.isfile(weights_path) and os.path.isfile(index_path):  # a sharded checkpoint
-        with open(index_path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {k: v for shard in shards for k, v in read_safetensors(os.path.join(directory, shard), _OWNER).items()}
+        state = _read_shards(directory, index_path)
     else:
         state = read_safetensors(weights_path, _OWNER)
     with jax.numpy_rank_promotion("allow"):  # HF's own init code relies on implicit rank promotion
         model = cls(config, dtype=dtype, _do_init=False)
         shapes = model.params_shape_tree
-        tree = convert(state, shapes, cls.base_model_prefix)
+        tree = convert(state, shapes, cls.base_model_prefix, check_finite=check_finite)
         flat = _flat(tree)
         missing = [k for k, v in flat.items() if v is None]
         if missing:

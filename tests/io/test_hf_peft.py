@@ -576,7 +576,7 @@ PREFIX_OK = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers"
         ({**IA3_OK, "target_modules": ["mlp.c_proj"]}, {IA3_KEY.replace("attn.c_attn", "mlp.c_proj"): np.ones((H, 1))},
          r"has no feedforward_modules among its targets, but jpeft.IA3\(feedforward=None\) scales the profile's FFN"),
         ({**IA3_OK, "feedforward_modules": 3}, {IA3_KEY: np.ones((3 * H, 1), np.float32)},
-         r"feedforward_modules=3 in .* must be a regex str or a list of module names"),
+         r"adapter_config.json' has feedforward_modules=3 \(int\); expected a regex str or a list of module names"),
         ({**IA3_OK, "modules_to_save": ["lm_head"]}, {IA3_KEY: np.ones((3 * H, 1), np.float32)},
          r"modules_to_save=\['lm_head'\]; the IA3 import reads ia3_l vectors only"),
         (PREFIX_OK, {"prompt_embeddings": np.ones((P, 2 * L * H + 1), np.float32)},
