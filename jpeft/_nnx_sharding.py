@@ -17,6 +17,13 @@ axis of ``nnx.vmap`` included, the rank axis replicated; see ``jpeft._sharding``
   creation only when the weight was (``eager_sharding``) and a mesh is known (the ``mesh``
   metadata or ``jax.set_mesh``); otherwise ``apply`` works anywhere and sharding happens when you
   place the state.
+
+Quantised kernels (``jpeft.quantize``: ``NF4Array``, ``IntArray``) get the derived specs of their
+codes and scales from ``jpeft.partition_specs`` (an ``IntArray`` / ``NF4Array`` of specs inside the
+kernel's ``Variable``; see ``jpeft._sharding``), exactly as on linen, and their deltas follow the
+logical kernel in both routes. The kernel ``Variable`` itself keeps the float kernel's
+``out_sharding`` metadata, one spec for the whole quantised node, which the codes and scales do
+not all share: place a quantised model through the derived specs.
 """
 
 from __future__ import annotations

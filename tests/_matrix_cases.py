@@ -63,6 +63,7 @@ QUANTISED = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 NF4 = jpeft.NF4(block_size=8, dq_block_size=4)
+INT8 = jpeft.Int8()
 R, A = 2, 4.0
 FUSED = ("fa", "fb")
 """The names of the trained Pfeiffer adapters that AdapterFusion fuses."""
@@ -102,8 +103,10 @@ class Case:
     Attributes:
       name: the row id.
       make: ``make(family, **overrides) -> Method``.
-      setup: how the base tree is prepared: ``''``, ``'quantize'`` (QLoRA) or ``'fusion'`` (two
-        trained Pfeiffer adapters :data:`FUSED` first).
+      setup: how the base tree is prepared: ``''``, ``'quantize'`` (QLoRA, ``jpeft.on_quantized``: the
+        :data:`QUANTISED` kernels in the format ``quant``) or ``'fusion'`` (two trained Pfeiffer
+        adapters :data:`FUSED` first).
+      quant: the format of a ``'quantize'`` setup.
       embedding: the method can target an embedding through ``targets=``.
       profile: the method needs an architecture profile (the synthetic model has none).
       expect: feature -> ``("error", regex)`` or ``("xfail", reason)``.
@@ -112,6 +115,7 @@ class Case:
     name: str
     make: Callable[..., jpeft.Method]
     setup: str = ""
+    quant: Any = NF4
     embedding: bool = False
     profile: bool = False
     expect: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -135,6 +139,12 @@ def _new(what: str) -> tuple[str, str]:
 NO_PROFILE = ("error", r"no known architecture|profile")
 ONE_AT_A_TIME = ("error", "prompt and prefix methods run one adapter at a time", r"one adapter at a time")
 PARALLEL: dict[str, tuple[str, ...]] = {}  # mixed and drop_random re-run the block (Method.reenters)
+REQUANTISE = (
+    "error",
+    "jpeft.merge into an INT base refuses (it would re-quantise); jpeft.quant.merge_requantized re-quantises and "
+    "reports the error (tests/quant/test_int.py)",
+    r"merging into the quantised kernel .* would re-quantise",
+)
 DROP_4 = ("error", "AdapterDrop with a prefix (a dropped layer would attend to the placeholders)", r"AdapterDrop is not supported with prefixes")
 
 CASES: tuple[Case, ...] = (
@@ -162,6 +172,15 @@ CASES: tuple[Case, ...] = (
         "QLoRA",
         _lora(jpeft.QLoRA, quant=NF4, compute_dtype="float32"),
         setup="quantize",
+    ),
+    Case(
+        "LoRA@Int8",
+        lambda family, **kw: jpeft.on_quantized(
+            jpeft.LoRA(**{"targets": LORA_TARGETS[family], "rank": R, "alpha": A, **kw}), compute_dtype="float32"
+        ),
+        setup="quantize",
+        quant=INT8,
+        expect={"tied": REQUANTISE},
     ),
     Case("IA3", _ia3),
     Case("BitFit", _fixed(jpeft.BitFit)),

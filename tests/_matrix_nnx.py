@@ -48,7 +48,7 @@ def nnx_base(case: X.Case, family: str) -> nnx.Module:
 
     model = twin(family)
     if case.setup == "quantize":
-        model = jpeft.quantize(model, X.NF4, targets=X.QUANTISED[T.arch(family)])
+        model = jpeft.quantize(model, case.quant, targets=X.QUANTISED[T.arch(family)])
     if case.setup == "fusion":
         adapter = case.method(T.arch(family)).adapter
         for i, n in enumerate(X.FUSED):

@@ -63,7 +63,7 @@ def base_tree(case_name: str, family: str) -> Any:
     """The tree the method is applied to: quantised for QLoRA, with two trained adapters for fusion."""
     case, params = X.BY_NAME[case_name], model(family)[0]
     if case.setup == "quantize":
-        return jpeft.quantize(params, X.NF4, targets=X.QUANTISED[arch(family)])
+        return jpeft.quantize(params, case.quant, targets=X.QUANTISED[arch(family)])
     if case.setup == "fusion":
         adapter = case.method(arch(family)).adapter
         for i, n in enumerate(X.FUSED):
@@ -208,7 +208,10 @@ def check_scan(case: X.Case) -> None:
     assert differs(got, base_output(case.name, "synthetic")), "the deltas must change the output"
     twin = method
     if case.setup == "quantize" or case.name == "LoRADrop":  # QLoRA: dequantised; LoRADrop: per-layer LoRA
-        twin = jpeft.LoRA(targets=method.targets, rank=method.rank, alpha=method.alpha)
+        if isinstance(method, jpeft.OnQuantized):  # its methods, composed, on the dequantised base
+            twin = jpeft.compose(*method.methods)
+        else:
+            twin = jpeft.LoRA(targets=method.targets, rank=method.rank, alpha=method.alpha)
         t = strip_empty(jpeft.dequantize(t)) if case.setup == "quantize" else {k: v for k, v in t.items() if k != R}
     want = jpeft.wrap(Unrolled().apply, twin)({"params": unstack(t)}, M.inputs())
     np.testing.assert_allclose(got, np.asarray(want), **TOL)
@@ -500,8 +503,7 @@ def test_every_method_is_a_row():
         for name in jpeft.__all__
         if isinstance(getattr(jpeft, name), type)
         and issubclass(getattr(jpeft, name), jpeft.Method)
-        # OnQuantized wraps methods for a quantized base: tests/quant/test_int.py checks each one on it.
-        and getattr(jpeft, name) not in (jpeft.Method, jpeft.Compose, jpeft.OnQuantized)
+        and getattr(jpeft, name) not in (jpeft.Method, jpeft.Compose)
     }
     rows = {type(c.method()).__name__ for c in X.CASES}
     assert classes <= rows | {"LoRA"}, sorted(classes - rows)
