@@ -216,6 +216,38 @@ def test_nnx_checkpoint_round_trip_is_bit_exact_and_training_continues(tmp_path)
     assert got.keys() == want.keys() and all(np.array_equal(got[p], want[p]) for p in want)
 
 
+# --- merge on NNX ------------------------------------------------------------------------------------
+def test_nnx_merge_refuses_then_requantizes_within_half_a_step():
+    from tests.quant.test_int import _np_dequant
+
+    method = _method()
+    model = jpeft.apply(
+        method, jpeft.quantize(N.synthetic(), FORMATS["int4"], targets=QUANTISED), key=jax.random.key(0)
+    )
+    rng = np.random.RandomState(2)
+    for _, var in nnx.to_flat_state(nnx.state(model, jpeft.Delta)):
+        var[...] = jnp.asarray(0.3 * rng.standard_normal(var.shape), var.dtype)
+    with pytest.raises(
+        jpeft.JpeftError, match=r"merging into the quantised kernel 'layers/q/kernel' would re-quantise"
+    ):
+        jpeft.merge(method, model)
+    merged, report = jpeft.quant.merge_requantized(method, model)
+    assert not nnx.state(merged, jpeft.Delta)
+    q = merged.layers.q.kernel.get_value()
+    assert isinstance(q, jpeft.IntArray) and (q.bits, q.block_size) == (4, 4)
+    # NumPy: the dequantised base plus s A B per layer, re-quantised to within half a step of its new blocks
+    d = model.layers.q.__jpeft__["default"]["lora"]
+    lora = method.methods[0]
+    w = _np_dequant(model.layers.q.kernel.get_value()) + lora.scale * np.einsum(
+        "lir,lro->lio", np.asarray(d["lora_a"][...]), np.asarray(d["lora_b"][...])
+    )
+    err = np.abs(w - _np_dequant(q))
+    assert np.all(err <= np.repeat(np.asarray(q.scales), 4, axis=-2) / 2 * (1 + 1e-5) + 1e-7)
+    np.testing.assert_allclose(report["layers/q/kernel"]["max_abs_error"], err.max(), rtol=1e-4)
+    # o is quantised but not adapted: re-quantising its dequantised kernel gives the same codes
+    np.testing.assert_array_equal(merged.layers.o.kernel.get_value().codes, model.layers.o.kernel.get_value().codes)
+
+
 # --- training on a simulated mesh (subprocess) ----------------------------------------------------
 CASES = ("int8", "int4")
 STEPS = 2
