@@ -198,8 +198,9 @@ _FLAT = ("magnitude", "ia3_out", "ia3_in", "prompt")
 def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Profile | None, name: str) -> Any:
     """``jpeft.import_hf`` for an NNX model: ``(method, peft_model)``, see the module docstring."""
     import jpeft
-    from jpeft.io._hf_peft import _KEY, PREFIX, _check_lora_config
+    from jpeft.io._hf_peft import PREFIX
     from jpeft.io._hf_peft_files import CONFIG
+    from jpeft.io._hf_peft_lora import _KEY, _check_lora_config
 
     owner = "jpeft.import_hf"
     file = os.path.join(path, CONFIG)
@@ -300,8 +301,9 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
 
 def export_nnx(path: str, method: Any, model: Any, profile: Profile | None, name: str, extra: dict) -> None:
     """``jpeft.export_hf`` for an NNX model, see the module docstring."""
-    from jpeft.io._hf_peft import PREFIX, lora_config
+    from jpeft.io._hf_peft import PREFIX
     from jpeft.io._hf_peft_files import write
+    from jpeft.io._hf_peft_lora import lora_config
     from jpeft.methods._ia3 import IA3
     from jpeft.methods._prompt import VirtualTokens
 
