@@ -178,8 +178,8 @@ def test_deltas_that_apply_makes_differently_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(jpeft.LoRA, "init_module", wider)
     with pytest.raises(
         jpeft.JpeftError,
-        match=r"do not match the checkpoint's: __jpeft__/default/lora_a "
-        r"\(model \(4, 4\), checkpoint \(4, 2\)\)",
+        match=r"leaves listed in .*step_1/meta/metadata' are not those LoRA makes .*\n  __jpeft__/default/lora_a: "
+        r"expected \(4, 4\) float32, found \(4, 2\) float32",
     ):
         jpeft.restore(tmp_path, base)
 

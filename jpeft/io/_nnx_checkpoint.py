@@ -28,7 +28,7 @@ from jpeft._errors import JpeftError
 from jpeft._method import Method
 from jpeft._nnx import is_model as is_model
 from jpeft._tree import RESERVED, Path, join
-from jpeft.io import _checkpoint
+from jpeft.io import _checkpoint, _checkpoint_read
 from jpeft.io._checkpoint import Checkpoint
 
 
@@ -96,22 +96,41 @@ def restore(
     """
     where = "jpeft.restore"
     view = _nnx.tree(model)
-    ck = _checkpoint.restore(path, view, step=step, method=method)
-    # The linen restore attached one adapter the base did not hold (none for methods without deltas: BitFit).
-    name = next(iter(_adapters(ck.params) - _adapters(view)), "default")
-    peft = _nnx_apply.apply(ck.method, model, jax.random.key(0), name)
-    _load(peft, view, ck.params, name, where)
-    _place(ck.method, peft)
-    restored_opt = None
-    if opt_state is not None:
+    for attempt in range(2):  # the step may be replaced between the two reads: read both again once
+        made: dict[str, Any] = {}
+
+        def applied(method: Method, name: str, made: dict[str, Any] = made) -> Any:
+            # The deltas jpeft.apply makes on this model are what the checkpoint must hold.
+            made["peft"], made["name"] = _nnx_apply.apply(method, model, jax.random.key(0), name), name
+            return _nnx.tree(made["peft"])
+
+        ck, save_id = _checkpoint_read.read(path, view, step=step, opt_state=None, method=method, applied=applied)
+        peft, name = made["peft"], made["name"]
+        _load(peft, view, ck.params, name, where)
+        _place(ck.method, peft)
+        if opt_state is None:
+            return Checkpoint(ck.method, peft, None, ck.step)
         target = opt_state(ck.method, peft) if callable(opt_state) else opt_state
-        template = _state(target)
-        with_opt = _checkpoint.restore(path, view, step=ck.step, opt_state=template, method=ck.method)
+        try:
+            with_opt, _ = _checkpoint_read.read(
+                path,
+                view,
+                step=ck.step,
+                opt_state=_state(target),
+                method=ck.method,
+                save_id=save_id,
+                applied=lambda _m, _n, peft=peft: _nnx.tree(peft),
+            )
+        except JpeftError as e:
+            if attempt == 0 and "replaced between two reads" in str(e):
+                continue
+            raise
         restored_opt = with_opt.opt_state
         if isinstance(target, nnx.Pytree):
             nnx.update(target, restored_opt)
             restored_opt = target
-    return Checkpoint(ck.method, peft, restored_opt, ck.step)
+        return Checkpoint(ck.method, peft, restored_opt, ck.step)
+    raise AssertionError("unreachable")
 
 
 def _adapters(tree: Any) -> set[str]:
