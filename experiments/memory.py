@@ -142,7 +142,7 @@ def make_method(row: Row, layers: int, args: argparse.Namespace) -> tuple[jpeft.
         raise SystemExit(f"unknown method {row.method!r}")
     if row.precision == "float":
         return inner, None
-    return jpeft.on_quantized(inner, compute_dtype=args.dtype), PROJ.format(layers=quantised)
+    return jpeft.on_quantized(inner, compute_dtype=args.dtype, remat=args.remat), PROJ.format(layers=quantised)
 
 
 def quant_config(precision: str, args: argparse.Namespace) -> Any:
@@ -317,6 +317,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--freeze-layers", type=int, default=3, help="Freeze's l")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the float base's dtype")
     p.add_argument("--int4-block", type=int, default=64, help="jpeft.Int4 block size")
+    p.add_argument(
+        "--no-remat",
+        dest="remat",
+        action="store_false",
+        help="on_quantized(remat=False): keep every dequantised kernel for the backward pass (the plan before the fix)",
+    )
     p.add_argument("--batch-scale", type=int, default=1, help="divide every batch by this (quick checks)")
     p.add_argument(
         "--only", nargs="*", default=None, help="row keys to run, e.g. lora/b4/float freeze/b4/int8 (default: all)"
@@ -338,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git": bench._git_state(),
         "model": dict(SMOLLM2, num_hidden_layers=args.layers, vocab_size=model.config.vocab_size),
         "param_bytes": _nbytes(params),

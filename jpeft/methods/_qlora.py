@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jpeft import _tree
 from jpeft._errors import JpeftError
@@ -41,6 +42,65 @@ def float_dtype_name(owner: str, compute_dtype: Any) -> str:
     return dt.name
 
 
+def _after(q: Any, g: jax.Array) -> Any:
+    """``q`` unchanged, but computed from ``g``: every leaf plus an exact zero read from ``g``.
+
+    ``jax.lax.optimization_barrier`` cannot express this on XLA:CPU, whose ``cse_barrier_expander``
+    pass removes barriers before CSE and scheduling run. ``0 * where(isfinite(g0), g0, 0)`` is an
+    exact (signed) zero that XLA does not fold (``x * 0`` is not simplified for floats), so the
+    backward's dequantisation depends on the cotangent: it is neither merged with the forward's nor
+    scheduled before the layer's backward pass. Adding it to the codes and scales is fused into the
+    dequantisation."""
+    g0 = jnp.ravel(g)[0]
+    zero = jnp.where(jnp.isfinite(g0), g0, jnp.zeros_like(g0)) * jnp.zeros_like(g0)
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), q)
+
+
+def _codes_matmul(
+    matmul: Callable[[jax.Array, jax.Array], jax.Array],
+    dequantize: Callable[[Any], jax.Array],
+    x_type: jax.ShapeDtypeStruct,
+) -> Callable[[jax.Array, Any], jax.Array]:
+    """``f(x, q) = matmul(x, dequantize(q))`` whose backward keeps the codes, not the float kernel.
+
+    The residual is ``q`` itself (codes and scales, already resident as the step's argument); the
+    backward dequantises it again and transposes the matmul, ``dx = g W^T``. Under plain autodiff
+    (and under ``jax.checkpoint``, whose recomputation depends on parameters only) XLA is free to
+    compute every layer's ``W`` once and keep it from the forward to the backward pass: all layers'
+    float kernels are then live at the peak. Here the backward's dequantisation reads ``q`` through
+    :func:`_after` the cotangent ``g``, so XLA can neither CSE it with the forward's nor run it
+    before that layer's backward starts; the forward's reads ``q`` after ``x``, so XLA does not
+    run every layer's forward dequantisation at the start of the step either (on a stack of six
+    INT8 ``nn.Dense`` layers it did, planning six float kernels at once): one float kernel is live
+    at a time.
+    ``x`` is kept only when ``q``'s float leaves (the scales) are differentiated, which
+    ``jpeft.split`` never does; the gradient is then autodiff's through ``dequantize``.
+    """
+
+    def plain(x: jax.Array, q: Any) -> jax.Array:
+        return matmul(x, dequantize(_after(q, x)))
+
+    f = jax.custom_vjp(plain)
+
+    def fwd(x: Any, q: Any) -> tuple[jax.Array, tuple[Any, Any]]:
+        values = jax.tree.map(lambda p: p.value, q)
+        perturbed = any(p.perturbed for p in jax.tree.leaves(q))
+        return plain(x.value, values), (values, x.value if perturbed else None)
+
+    def bwd(res: tuple[Any, Any], g: Any) -> tuple[Any, Any]:
+        q, x = res
+        if isinstance(g, SymbolicZero):
+            return None, None
+        if x is not None:  # the base itself is differentiated: autodiff through dequantize
+            return jax.vjp(plain, x, q)[1](g)
+        w = dequantize(_after(q, g))
+        (dx,) = jax.linear_transpose(lambda v: matmul(v, w), x_type)(g)
+        return dx, None
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
 def quantized_forward(
     owner: str,
     module: nn.Module,
@@ -49,11 +109,15 @@ def quantized_forward(
     kwargs: dict,
     compute_dtype: Any,
     dequantize: Callable[[Any, Any], jax.Array],
-    remat: bool = False,
+    remat: bool = True,
 ) -> Any:
     """``x dequantize(W) + b`` in ``compute_dtype``, cast to the layer's output dtype: the forward of a
-    layer whose kernel is quantised (QLoRA's NF4, ``jpeft.on_quantized``'s every format). With
-    ``remat`` the dequantised kernel is recomputed in the backward pass, not kept."""
+    layer whose kernel is quantised (QLoRA's NF4, ``jpeft.on_quantized``'s every format).
+
+    With ``remat`` (the default) the backward pass dequantises the kernel again from its codes
+    (:func:`_codes_matmul`), so a training step holds one layer's float kernel at a time instead of
+    all of them; without it autodiff keeps each dequantised kernel from the forward pass. Both give
+    the same gradients."""
     linear = linear_of(module)
     layout = linear.layout_of(module)
     if layout.kind not in _COMPUTED:
@@ -66,13 +130,18 @@ def quantized_forward(
     cd = jnp.dtype(compute_dtype)
     module_dtype = getattr(module, "dtype", None)
     out_dtype = jnp.result_type(x.dtype, kernel.orig_dtype) if module_dtype is None else jnp.dtype(module_dtype)
+    x = jnp.asarray(x, cd)
 
-    def matmul(x: jax.Array, q: Any) -> jax.Array:
-        return linear.down(module, x, layout.as_down(dequantize(q, cd)))
+    def matmul(v: jax.Array, w: jax.Array) -> jax.Array:
+        return linear.down(module, v, layout.as_down(w))
+
+    def dequant(q: Any) -> jax.Array:
+        return dequantize(q, cd)
 
     if remat:
-        matmul = jax.checkpoint(matmul)
-    y = matmul(jnp.asarray(x, cd), kernel)
+        y = _codes_matmul(matmul, dequant, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, kernel)
+    else:
+        y = matmul(x, dequant(kernel))
     if module.has_variable("params", "bias"):
         y = y + _broadcast_out(module.get_variable("params", "bias").astype(cd), y.ndim)
     return y.astype(out_dtype)
@@ -89,6 +158,8 @@ class QLoRA(LoRA):
     bias and casts to the module's dtype, then LoRA's unmerged ``s * x A B`` is added as in
     :class:`jpeft.LoRA`. Gradients flow through the dequantised weight to ``x`` only; the quantised
     leaves are labelled ``'frozen'`` (train with ``jpeft.split``: integer leaves have no gradient).
+    The backward pass dequantises each kernel again from its codes, so a training step holds one
+    layer's float kernel at a time, not all of them.
 
     Quantised modules that ``targets`` does not select still run dequantised (they get an empty
     delta entry); targeted modules with float kernels get plain LoRA. Trainable parameters per

@@ -75,7 +75,8 @@ class OnQuantized(Compose):
     Args:
       methods: the methods, as in :class:`jpeft.Compose`.
       compute_dtype: the dtype of the dequantised kernel and the base matmul.
-      remat: recompute the dequantised kernel in the backward pass (``jax.checkpoint``).
+      remat: dequantise the kernel again from its codes in the backward pass (a ``custom_vjp`` whose
+        residual is the codes), so a step holds one float kernel at a time; False keeps every layer's.
 
     Raises:
       JpeftError: on a bad field; from ``jpeft.apply``, on a tree without quantised kernels, a
