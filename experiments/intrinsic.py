@@ -312,6 +312,8 @@ def save_plot(result: dict[str, Any], path: str) -> str | None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, group in zip(axes[:2], ("seen", "unseen"), strict=True):
         for kind, color in (("pca", "C0"), ("autoencoder", "C3")):
+            if kind not in result["recovered"]:  # a partial report, written before this kind ran
+                continue
             rows = result["recovered"][kind]
             dims = sorted(int(d) for d in rows)
             for measure, ls in (("raw", "-"), ("gain", "--")):

@@ -54,3 +54,19 @@ def test_the_target_must_not_be_a_source(capsys):
     assert "unseen task must not be one of --sources" in capsys.readouterr().err
     args = intrinsic.parse_args([])
     assert (args.sources, args.target, args.head, args.dims) == (["bbc", "rt"], "imdb", "label", [5, 20, 100])
+
+
+@pytest.mark.parametrize("kinds", [("pca",), ("pca", "autoencoder")])
+def test_plot_of_a_partial_and_a_full_report(tmp_path, kinds):
+    pytest.importorskip("matplotlib")
+    share = {"seen": {"raw": 0.98, "gain": 0.8}, "unseen": {"raw": 1.0, "gain": 1.1}}
+    row = {"floor": 0.6, "prompt_tuning_curves": [[[25, 0.62], [50, 0.66]]]}
+    result = {
+        "recovered": {k: {"5": share, "20": share} for k in kinds},
+        "groups": {"seen": ["bbc"], "unseen": ["imdb"]},
+        "accuracy": {"bbc": row, "imdb": row},
+        "args": {"head": "label"},
+    }
+    path = intrinsic.save_plot(result, str(tmp_path / "intrinsic.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
