@@ -264,7 +264,6 @@ CASES: tuple[Case, ...] = (
             "mixed": ("error", "the side state passes from layer to layer within one call", r"adapter_index= \(a mixed batch\) is not supported"),
             "drop_static": ("error", "a dropped layer breaks the side network's chain", r"ran without the side state"),
             "generate": ("error", "the side network attends over the full sequence, no KV cache", r"cached decoding .* is not supported"),
-            "nnx": ("error", "the NNX twin is a Llama (gated FFN, rotary): side blocks exist for GPT-2 and BERT", r"the 'llama' profile is not supported"),
         },
     ),
 )

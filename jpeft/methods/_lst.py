@@ -7,11 +7,11 @@ the side network's previous state through a learned gate::
     z_i = mu_i * (stop_gradient(b_i) D_i + c_i) + (1 - mu_i) * s_{i-1},   mu_i = sigmoid(alpha_i / T)
     s_i = SideBlock_i(z_i),   s_{-1} = stop_gradient(x_emb) D_in + c_in
 
-and the last state, up-projected (``s_{L-1} U + u``), replaces the backbone's final hidden state
-(the last layer's output) before whatever the model runs after its layer stack (GPT-2's ``ln_f``
-and LM head, BERT's pooler and classifier). The backbone's activations enter the side network only
-through ``stop_gradient``, so no gradient flows through a backbone layer: training stores the
-activations of the narrow side network only (the paper's memory saving).
+and the last state, up-projected (``s_{L-1} U + u``), replaces the last layer's output before what
+the model runs after its layers (GPT-2's ``ln_f`` and LM head, BERT's pooler, Llama's ``norm``).
+Backbone activations enter only through ``stop_gradient``: no gradient flows through a backbone
+layer, and training stores the narrow side network's activations only (the paper's memory saving).
+The side blocks per family and their pruning init are in ``jpeft.methods._lst_blocks``.
 """
 
 from __future__ import annotations
@@ -25,104 +25,59 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jpeft import _errors, _tree, profiles
+from jpeft import _errors, profiles
 from jpeft._errors import JpeftError
 from jpeft._method import Context, Method
 from jpeft._tree import Path, PyTree, join
-from jpeft.methods._adapters import ACTIVATIONS, _module_paths, _own
+from jpeft.methods import _lst_blocks as blocks
+from jpeft.methods._adapters import ACTIVATIONS, _module_paths
 
 _STATE = threading.local()
 """The side network's state between two layer calls of one model call (``side``, ``layer``)."""
-
-SUPPORTED = ("gpt2", "bert", "roberta")
-CAUSAL = ("gpt2",)
-BLOCK = ("ln1_scale", "ln1_bias", "q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias", "o_kernel")
-BLOCK += ("o_bias", "ln2_scale", "ln2_bias", "fc_kernel", "fc_bias", "proj_kernel", "proj_bias")
-
-
-def _xp(*arrays: Any) -> Any:
-    """NumPy for concrete arrays (no per-op compiles at init), ``jax.numpy`` under tracing."""
-    return jnp if any(isinstance(a, jax.core.Tracer) for a in arrays) else np
-
-
-def top_k(score: Any, k: int) -> Any:
-    """The indices of the ``k`` largest scores (ties: the lower index), in increasing order."""
-    xp = _xp(score)
-    return xp.sort(xp.argsort(-score, stable=True)[:k])
-
-
-def selection(d: int, keep: Any, dtype: Any) -> jax.Array:
-    """The ``(d, len(keep))`` matrix ``P`` with ``P[keep[j], j] = 1``: ``x P == x[..., keep]``."""
-    return jnp.zeros((d, keep.shape[0]), dtype).at[jnp.asarray(keep), jnp.arange(keep.shape[0])].set(1)
-
-
-def _vec(v: jax.Array, ndim: int) -> jax.Array:
-    return v.reshape((1,) * (ndim - 1) + v.shape)
-
-
-def _lin(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    return x @ kernel + _vec(bias, x.ndim)
-
-
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * _vec(scale, x.ndim) + _vec(bias, x.ndim)
-
-
-def side_block(p: Mapping[str, jax.Array], x: jax.Array, mask: jax.Array | None, heads: int, causal: bool, act: Any):
-    """One pre-LayerNorm transformer block of the side network on ``x: (B, T, d_s)``."""
-    b, t, _ = x.shape
-    h = _layer_norm(x, p["ln1_scale"], p["ln1_bias"])
-    q, k, v = (_lin(h, p[f"{n}_kernel"], p[f"{n}_bias"]).reshape(b, t, heads, -1) for n in "qkv")
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    allowed = jnp.ones((b, 1, t, t), bool)
-    if mask is not None:
-        allowed = allowed & (mask[:, None, None, :] > 0)
-    if causal:
-        allowed = allowed & jnp.tril(jnp.ones((t, t), bool))[None, None]
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, -1)
-    x = x + _lin(o, p["o_kernel"], p["o_bias"])
-    h = _layer_norm(x, p["ln2_scale"], p["ln2_bias"])
-    return x + _lin(act(_lin(h, p["fc_kernel"], p["fc_bias"])), p["proj_kernel"], p["proj_bias"])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LadderSideTuning(Method):
     r"""Ladder side tuning (LST): a side network of width ``d / reduction`` on the frozen backbone.
 
-    One side block per backbone layer (pre-LayerNorm attention with the backbone's ``num_heads``
-    heads of width ``d_head / reduction``, and an FFN of width ``d_ff / reduction``) reads the
-    layer's output through a linear down-projection and a gate ``mu_i = sigmoid(alpha_i / T)``
-    (``alpha_i = 0`` at init, ``T = temperature``); the side network's last state, up-projected,
-    replaces (``output='replace'``) or is added to (``output='add'``) the backbone's final hidden
-    state. Backbone activations are read through ``stop_gradient``: no backward pass runs through
-    a backbone layer. The side blocks start from the backbone by **structural pruning by weight
+    One side block per backbone layer, of the backbone's kind at width ``d / reduction`` (heads of
+    width ``d_head / reduction``, FFN ``d_ff / reduction``): pre-LayerNorm attention and FFN for
+    GPT-2 (causal) and BERT / RoBERTa (padding mask); for Llama-style decoders pre-RMSNorm causal
+    attention with rotary positions (the backbone's rope base ``rope_theta``), as many key-value
+    heads as the backbone, and the gated SiLU MLP. Each reads the layer's output through a linear
+    down-projection and a gate ``mu_i = sigmoid(alpha_i / T)`` (``alpha_i = 0`` at init,
+    ``T = temperature``); the side network's last state, up-projected, replaces
+    (``output='replace'``) or is added to (``output='add'``) the backbone's final hidden state.
+    Backbone activations are read through ``stop_gradient``: no backward pass runs through a
+    backbone layer. The side blocks start from the backbone by **structural pruning by weight
     magnitude** (the paper ranks rows and columns by importance; jpeft uses their L1 norm, which
     needs no data): one set ``S`` of ``d / reduction`` hidden features for the whole side network
     (the largest summed L1 norms of the hidden rows of the q, k, v and FFN-input kernels and the
-    hidden columns of the attention- and FFN-output kernels, over all layers); per layer and head,
-    the ``d_head / reduction`` head features with the largest L1 norms over the q, k, v columns and
-    the attention-output row; per layer the ``d_ff / reduction`` FFN features with the largest L1
-    norms over the FFN-input column and FFN-output row. The pruned kernels and biases are copied;
-    the side LayerNorms start at ``(1, 0)``; every down-projection starts as the selection of
-    ``S`` and the up-projection as its transpose. Not mergeable, not the base model at init.
+    hidden columns of the attention- and FFN-output kernels, over all layers); per layer and head
+    (Llama: per key-value group, in rotary pairs) the ``d_head / reduction`` head features with the
+    largest L1 norms over the q, k, v columns and the attention-output rows; per layer the
+    ``d_ff / reduction`` FFN features with the largest L1 norms over the FFN-input columns and
+    FFN-output row. The pruned kernels and biases are copied; the side norms start at ``(1, 0)``;
+    every down-projection starts as the selection of ``S`` and the up-projection as its transpose.
+    Not mergeable, not the base model at init.
 
-    Supported: GPT-2 (causal side attention) and BERT / RoBERTa (bidirectional, padding mask)
-    profiles, unscanned layers, full-sequence calls (no KV cache), one LST adapter per call; linen
+    Supported: the GPT-2, BERT / RoBERTa and Llama profiles (HF's ``FlaxLlamaForCausalLM``,
+    ``jpeft.models``' NNX Llama, SmolLM2; not tunix's decoders, whose layers return ``(cache, x)``),
+    unscanned layers, full-sequence calls (no KV cache), one LST adapter per call; linen
     (``jpeft.wrap``) and NNX models alike (the side state passes from layer call to layer call).
 
     Args:
-      num_heads: the backbone's attention heads (the tree does not hold them), e.g.
-        ``config.num_attention_heads``; required.
-      reduction: ``r``; ``d_head``, ``d`` and ``d_ff`` must be multiples of it. The paper's 8.
+      num_heads: the backbone's (query) attention heads (the tree does not hold them), e.g.
+        ``config.num_attention_heads``; required. Key-value heads follow from the kernels.
+      reduction: ``r``; ``d``, ``d_head`` and ``d_ff`` must be multiples of it (Llama:
+        ``d_head / r`` even, for the rotary pairs). The paper's 8.
       temperature: ``T`` of the gates; the paper's 0.1.
       output: ``'replace'`` (the paper: the side network's output feeds the head) or ``'add'``.
       nonlinearity: the side FFN's, one of ``jpeft.methods._adapters.ACTIVATIONS``; by default the
-        family's (``gelu_new`` for GPT-2, ``gelu`` for BERT).
+        family's (``gelu_new`` for GPT-2, ``gelu`` for BERT, ``swish`` (SiLU) for Llama).
+      rope_theta: the rotary base of Llama side blocks: pass the backbone's ``config.rope_theta``
+        (HF's Flax Llama always rotates with 10000, the default; SmolLM2 uses 1e5).
       profile: the architecture profile; by default the detected one.
       extra_trainable: regex over base leaf paths that train fully (a task head).
 
@@ -153,6 +108,7 @@ class LadderSideTuning(Method):
     temperature: float = 0.1
     output: str = "replace"
     nonlinearity: str | None = None
+    rope_theta: float = 10000.0
     profile: profiles.Profile | None = None
 
     mergeable: ClassVar[bool] = False
@@ -174,6 +130,7 @@ class LadderSideTuning(Method):
         _errors.positive_int(name, "num_heads", self.num_heads)
         _errors.positive_int(name, "reduction", self.reduction)
         _errors.positive_number(name, "temperature", self.temperature)
+        _errors.positive_number(name, "rope_theta", self.rope_theta)
         _errors.one_of(name, "output", self.output, ("replace", "add"))
         if self.nonlinearity is not None:
             _errors.one_of(name, "nonlinearity", self.nonlinearity, tuple(ACTIVATIONS))
@@ -184,11 +141,11 @@ class LadderSideTuning(Method):
     def resolve_profile(self, params: PyTree) -> profiles.Profile:
         profile = self.profile if self.profile is not None else profiles.detect(params)
         profiles.check(profile, params)
-        if profile.name not in SUPPORTED:
+        if profile.name not in blocks.KIND:
             raise JpeftError(
                 f"{self._name()}: the {profile.name!r} profile is not supported; ladder side tuning builds its side "
-                f"blocks for the {', '.join(SUPPORTED)} families (multi-head attention with one FFN input "
-                "projection, no rotary positions, no encoder-decoder). Use another method for this model."
+                f"blocks for the {', '.join(blocks.KIND)} families (Dense or Conv1D projections, layers that return "
+                "their hidden state, no encoder-decoder). Use another method for this model."
             )
         return profile
 
@@ -205,80 +162,44 @@ class LadderSideTuning(Method):
             )
         return sorted(layers, key=layers.get)
 
-    def _kernels(self, path: Path, ctx: Context) -> dict[str, jax.Array]:
-        """The layer's q, k, v, o, fc, proj kernels as ``(in, out)`` matrices and their biases."""
-        profile = self.resolve_profile(ctx.params)
-        node = _tree.get(ctx.params, path)
-        found: dict[str, jax.Array] = {}
-        fields = {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_in": "fc", "ffn_out": "proj"}
-        for sub, child in _module_paths(node).items():
-            full = tuple(path) + sub
-            own = _own(child)
-            for field, short in fields.items():
-                if not re.fullmatch(getattr(profile, field), join(full)):
-                    continue
-                layout = ctx.layout(self._name(), full, own, profile.layouts)
-                kernel = own.get(layout.leaf)
-                if kernel is None or layout.kind not in ("dense", "transposed") or kernel.ndim != 2:
-                    shape = None if kernel is None else tuple(kernel.shape)
-                    raise JpeftError(
-                        f"{self._name()}: {join(full)} (the {field} site) has kernel shape {shape} and layout "
-                        f"{layout.kind!r}; ladder side tuning needs one unstacked 2-D Dense or Conv1D kernel per site "
-                        "(no nn.scan stack, no quantised base)."
-                    )
-                xp = _xp(kernel)
-                w = xp.asarray(kernel).T if layout.kind == "transposed" else xp.asarray(kernel)
-                bias = xp.asarray(own["bias"]) if "bias" in own else xp.zeros(w.shape[1], w.dtype)
-                found[short], found[short + "_b"] = w, bias
-        missing = [f for f, s in fields.items() if s not in found]
-        if missing:
-            raise JpeftError(
-                f"{self._name()}: layer {join(path)} has no {missing} site under the {profile.name} profile."
-            )
-        if profile.qkv_fused is not None:
-            w, bias = found["q"], found["q_b"]
-            d = w.shape[1] // 3
-            for j, n in enumerate("qkv"):
-                found[n], found[n + "_b"] = w[:, j * d : (j + 1) * d], bias[j * d : (j + 1) * d]
-        return found
-
-    def dims(self, params: PyTree) -> tuple[int, int, int]:
-        """``(d, d_head, d_ff)`` of the backbone, checked against ``reduction`` and ``num_heads``."""
+    def dims(self, params: PyTree) -> blocks.Dims:
+        """The backbone's sizes (``blocks.Dims``), checked against ``reduction`` and ``num_heads``."""
         path = self.select(params)[0]
-        k = self._kernels(path, Context(params))
-        d, f = k["fc"].shape
+        k = blocks.layer_kernels(self._name(), self.resolve_profile(params), path, Context(params))
+        (d, f), qo, kv = k["fc"].shape, k["q"].shape[1], k["k"].shape[1]
         name, r, h = self._name(), self.reduction, self.num_heads
-        if d % h:
+        if qo % h or kv % (qo // h):
             raise JpeftError(
-                f"{name}(num_heads={h}): the hidden size {d} of {join(path)} is not a multiple of num_heads."
+                f"{name}(num_heads={h}): the query width {qo} of {join(path)} is not a multiple of num_heads, or "
+                f"its key width {kv} not a multiple of the head size; pass config.num_attention_heads."
             )
-        dh = d // h
-        if dh % r or f % r:
+        dh = qo // h
+        if d % r or dh % r or f % r:
             raise JpeftError(
-                f"{name}(reduction={r}): the head size {dh} (hidden {d} / {h} heads) and the FFN size {f} of "
-                f"{join(path)} must be multiples of reduction; pick a reduction that divides both."
+                f"{name}(reduction={r}): the hidden size {d}, head size {dh} ({qo} / {h} heads) and FFN size {f} of "
+                f"{join(path)} must be multiples of reduction; pick a reduction that divides all three."
             )
-        return d, dh, f
+        if blocks.KIND[self.resolve_profile(params).name] == "llama" and (dh // r) % 2:
+            raise JpeftError(
+                f"{name}(reduction={r}): the side head size {dh} / {r} = {dh // r} is odd; rotary positions rotate "
+                "feature pairs, so pick a reduction with an even d_head / reduction."
+            )
+        return blocks.Dims(d=d, heads=h, kv_heads=kv // dh, head=dh, ffn=f, r=r)
 
     def hidden_keep(self, params: PyTree) -> jax.Array:
         """The global set ``S`` of hidden features the side network keeps (see the class docs)."""
-        d, _, _ = self.dims(params)
-        ctx = Context(params)
-        score = 0.0
-        for path in self.select(params):
-            k = self._kernels(path, ctx)
-            xp = _xp(*k.values())
-            k = {n: xp.abs(xp.asarray(v, xp.float32)) for n, v in k.items()}
-            score = score + sum(k[n].sum(1) for n in ("q", "k", "v", "fc")) + k["o"].sum(0) + k["proj"].sum(0)
-        return top_k(score, d // self.reduction)
+        dims, ctx = self.dims(params), Context(params)
+        kernels = (
+            blocks.layer_kernels(self._name(), self.resolve_profile(params), p, ctx) for p in self.select(params)
+        )
+        score = sum(blocks.hidden_score(k) for k in kernels)
+        return blocks.top_k(score, dims.d // self.reduction)
 
     def _shapes(self, params: PyTree, first: bool, last: bool) -> dict[str, tuple[int, ...]]:
-        d, dh, f = self.dims(params)
-        ds, fs = d // self.reduction, f // self.reduction
+        dims = self.dims(params)
+        d, ds = dims.d, dims.side[0]
         shapes = {"alpha": (), "down_kernel": (d, ds), "down_bias": (ds,)}
-        shapes |= {n: (ds,) for n in BLOCK if n.endswith(("_bias", "_scale"))}
-        shapes |= {"q_kernel": (ds, ds), "k_kernel": (ds, ds), "v_kernel": (ds, ds), "o_kernel": (ds, ds)}
-        shapes |= {"fc_kernel": (ds, fs), "fc_bias": (fs,), "proj_kernel": (fs, ds)}
+        shapes |= blocks.shapes(blocks.KIND[self.resolve_profile(params).name], dims)
         if first:
             shapes |= {"in_kernel": (d, ds), "in_bias": (ds,)}
         if last:
@@ -294,32 +215,20 @@ class LadderSideTuning(Method):
     def init_module(self, key: jax.Array, path: Path, own: Mapping[str, Any], ctx: Context) -> dict[str, jax.Array]:
         cached = vars(ctx).get("_lst")
         if cached is None or cached[0] != self:  # once per jpeft.apply: S needs every layer
-            cached = (self, self.select(ctx.params), self.dims(ctx.params), self.hidden_keep(ctx.params))
+            profile = self.resolve_profile(ctx.params)
+            cached = (self, self.select(ctx.params), self.dims(ctx.params), self.hidden_keep(ctx.params), profile)
             ctx._lst = cached
-        _, layers, (d, dh, f), keep = cached
-        r, h = self.reduction, self.num_heads
-        k = self._kernels(tuple(path), ctx)
+        _, layers, dims, keep, profile = cached
+        k = blocks.layer_kernels(self._name(), profile, tuple(path), ctx)
         dtype = jnp.promote_types(k["q"].dtype, jnp.float32)
-        xp = _xp(*k.values())
-        k = {n: xp.asarray(v, dtype) for n, v in k.items()}
-        a = {n: xp.abs(v) for n, v in k.items()}
-        head = (a["q"].sum(0) + a["k"].sum(0) + a["v"].sum(0) + a["o"].sum(1)).reshape(h, dh)
-        cols = xp.concatenate([i * dh + top_k(head[i], dh // r) for i in range(h)])
-        ffn = top_k(a["fc"].sum(0) + a["proj"].sum(1), f // r)
-        sel = selection(d, keep, dtype)
-        ones = jnp.ones((d // r,), dtype)
-        out = {"alpha": jnp.zeros((), dtype), "down_kernel": sel, "down_bias": jnp.zeros_like(ones)}
-        out |= {"ln1_scale": ones, "ln1_bias": 0 * ones, "ln2_scale": ones, "ln2_bias": 0 * ones}
-        for n in "qkv":
-            out[f"{n}_kernel"], out[f"{n}_bias"] = k[n][keep][:, cols], k[n + "_b"][cols]
-        out["o_kernel"], out["o_bias"] = k["o"][cols][:, keep], k["o_b"][keep]
-        out["fc_kernel"], out["fc_bias"] = k["fc"][keep][:, ffn], k["fc_b"][ffn]
-        out["proj_kernel"], out["proj_bias"] = k["proj"][ffn][:, keep], k["proj_b"][keep]
-        out = {n: jnp.asarray(v, dtype) for n, v in out.items()}
+        sel = jnp.zeros((dims.d, keep.shape[0]), dtype).at[jnp.asarray(keep), jnp.arange(keep.shape[0])].set(1)
+        zeros = jnp.zeros((dims.side[0],), dtype)
+        out = {"alpha": jnp.zeros((), dtype), "down_kernel": sel, "down_bias": zeros}
+        out |= blocks.prune(blocks.KIND[profile.name], k, keep, dims, dtype)
         if tuple(path) == tuple(layers[0]):
-            out["in_kernel"], out["in_bias"] = sel, jnp.zeros_like(ones)
+            out["in_kernel"], out["in_bias"] = sel, zeros
         if tuple(path) == tuple(layers[-1]):
-            out["up_kernel"], out["up_bias"] = sel.T, jnp.zeros((d,), dtype)
+            out["up_kernel"], out["up_bias"] = sel.T, jnp.zeros((dims.d,), dtype)
         return out
 
     # --- forward -------------------------------------------------------------------------------
@@ -337,13 +246,15 @@ class LadderSideTuning(Method):
             )
         return out
 
-    def _layer_index(self, module: Any) -> int | None:
+    def _layer_index(self, module: Any) -> tuple[int | None, str]:
+        """The layer's index and the supported family whose layer pattern its path matches."""
         path = join(getattr(module, "_jpeft_path", None) or module.path)
-        for p in (self.profile,) if self.profile is not None else profiles.ALL:
+        candidates = (self.profile,) if self.profile is not None else profiles.ALL
+        for p in candidates:
             m = re.search(p.layer_pattern, path)
-            if m:
-                return int(m.group(1))
-        return None
+            if m and p.name in blocks.KIND:
+                return int(m.group(1)), p.name
+        return None, candidates[0].name
 
     def forward(self, module: Any, next_fun: Any, args: tuple, kwargs: dict, deltas: Any) -> Any:
         name = self._name()
@@ -362,11 +273,12 @@ class LadderSideTuning(Method):
             raise JpeftError(
                 f"{name}: expected the layer's attention_mask as (batch, seq); got shape {jnp.shape(mask)}."
             )
-        index = self._layer_index(module)
+        positions = args[2] if len(args) > 2 else kwargs.get("position_ids")
+        index, family = self._layer_index(module)
         sg = jax.lax.stop_gradient if self.detach else (lambda v: v)
         p = {n: v.astype(jnp.promote_types(v.dtype, b.dtype)) for n, v in deltas.items()}
         if "in_kernel" in p:
-            state = _lin(sg(x).astype(p["in_kernel"].dtype), p["in_kernel"], p["in_bias"])
+            state = blocks.lin(sg(x).astype(p["in_kernel"].dtype), p["in_kernel"], p["in_bias"])
         else:
             state, previous = getattr(_STATE, "side", None), getattr(_STATE, "layer", None)
             if state is None or index is None or previous != index - 1:
@@ -376,19 +288,16 @@ class LadderSideTuning(Method):
                     "call: no drop_layers=/drop_random=, no nn.scan or nn.remat around the layers, one LST adapter active."
                 )
         mu = jax.nn.sigmoid(p["alpha"] / self.temperature)
-        z = mu * _lin(sg(b).astype(state.dtype), p["down_kernel"], p["down_bias"]) + (1 - mu) * state
-        act = ACTIVATIONS[self.nonlinearity or ("gelu_new" if self._causal(module) else "gelu")]
-        s = side_block(p, z, mask, self.num_heads, self._causal(module), act)
+        z = mu * blocks.lin(sg(b).astype(state.dtype), p["down_kernel"], p["down_bias"]) + (1 - mu) * state
+        act = ACTIVATIONS[self.nonlinearity or blocks.ACTIVATION[family]]
+        kind, causal = blocks.KIND[family], family in blocks.CAUSAL
+        s = blocks.block(
+            kind, p, z, mask, positions, heads=self.num_heads, causal=causal, act=act, rope_theta=self.rope_theta
+        )
         if "up_kernel" not in p:
             _STATE.side, _STATE.layer = s, index
             return out
         _STATE.side, _STATE.layer = None, None
-        y = _lin(s, p["up_kernel"], p["up_bias"]).astype(b.dtype)
+        y = blocks.lin(s, p["up_kernel"], p["up_bias"]).astype(b.dtype)
         y = y if self.output == "replace" else b + y
         return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
-
-    def _causal(self, module: Any) -> bool:
-        if self.profile is not None:
-            return self.profile.name in CAUSAL
-        path = join(getattr(module, "_jpeft_path", None) or module.path)
-        return any(re.search(p.layer_pattern, path) for p in profiles.ALL if p.name in CAUSAL)
