@@ -15,7 +15,12 @@ init). The head sits in the parameter tree at ``classifier/`` and trains through
 the head learning rate ``--head-lr`` (Adam is invariant to gradient scale, so this is Adam at the
 head's rate). **Per method:** only the peak learning rate of the encoder's trainable leaves, in
 :data:`LEARNING_RATES`, picked per method family from the papers' ranges (full fine-tuning small,
-prompt tuning large).
+prompt tuning large). The method table (``SPECS``, ``LEARNING_RATES``, ``MEMORY_METHODS``, ``QUANTIZED_BASES``)
+lives in ``experiments/_compare_specs.py``. Rows in ``QUANTIZED_BASES`` quantise the encoder's 36 linear
+kernels (``jpeft.quantize``, INT8 / INT4) and run their method through ``jpeft.on_quantized``. A
+method whose outputs carry a leading member axis (a prompt ensemble's ``(k, B, ...)``) trains on the
+mean loss over its members and is evaluated by the members' majority vote (``jpeft.PromptEnsemble.vote``),
+with each member's accuracy reported too.
 
 Measured, all in one process so the ratios compare like with like:
 
@@ -27,7 +32,7 @@ Measured, all in one process so the ratios compare like with like:
   its ratio to ``Full``'s in the same run;
 * the jitted train step's peak bytes by XLA's ``compiled.memory_analysis()``: argument + temp +
   output - alias (the state is donated);
-* a memory table: a few methods x batch sizes x base dtype (fp32, bf16, NF4), bytes by
+* a memory table: a few methods x batch sizes x base dtype (fp32, bf16, NF4, INT8, INT4), bytes by
   ``memory_analysis`` and the median of a few timed steps.
 
 Writes ``compare.md`` (both tables), ``compare.png`` (trainable %, log scale, against held-out
@@ -65,97 +70,19 @@ from tqdm.auto import tqdm
 
 import jpeft
 from experiments import quickstart as qs
+from experiments._compare_specs import (  # noqa: F401 (re-exported: the method table)
+    ALL_LINEAR,
+    DIFF_PRUNING_LAMBDA,
+    LEARNING_RATES,
+    MEMORY_METHODS,
+    MINILM_HEADS,
+    QUANTIZED_BASES,
+    QV,
+    SPECS,
+)
 
 HEAD = "classifier"
 HEAD_RE = rf"{HEAD}/.*"
-QV = ("query", "value")
-#: The encoder's linear modules (BERT profile names), for methods that act on all of them.
-ALL_LINEAR = (
-    r".*encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense|intermediate/dense|output/dense)"
-)
-DIFF_PRUNING_LAMBDA = 1.25e-7  # Guo et al.'s lambda on the expected L0 norm
-
-# name -> (label, jpeft class name, keyword arguments given the number of steps). Hyperparameters
-# follow each paper's defaults for BERT-sized models where they give one.
-SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
-    "full": ("Full", "Full", lambda n: {}),
-    "freeze": ("Freeze(3)", "Freeze", lambda n: dict(trainable_layers=3)),
-    "bitfit": ("BitFit", "BitFit", lambda n: {}),
-    "prompt": ("Prompt tuning (20)", "PromptTuning", lambda n: dict(num_virtual_tokens=20, init="vocab")),
-    "ptuning": ("P-tuning (20, MLP)", "PTuning", lambda n: dict(num_virtual_tokens=20, encoder_hidden_size=128)),
-    "prefix": (
-        "Prefix tuning (20, MLP 128)",
-        "PrefixTuning",
-        lambda n: dict(num_virtual_tokens=20, projection_hidden_size=128),
-    ),
-    "ptuning_v2": ("P-tuning v2 (20)", "PTuningV2", lambda n: dict(num_virtual_tokens=20)),
-    "houlsby": ("Houlsby (r=24)", "HoulsbyAdapter", lambda n: dict(reduction_factor=16)),
-    "pfeiffer": ("Pfeiffer (r=24)", "PfeifferAdapter", lambda n: dict(reduction_factor=16)),
-    "parallel": ("Parallel (r=24)", "ParallelAdapter", lambda n: dict(bottleneck=24)),
-    "scaled_parallel": ("Scaled parallel (r=24, s=4)", "ScaledParallelAdapter", lambda n: dict(bottleneck=24)),
-    "lora": ("LoRA (q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
-    "rslora": ("rsLoRA (q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0, use_rslora=True)),
-    "dora": ("DoRA (q,v r=8)", "DoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
-    "lora_fa": ("LoRA-FA (q,v r=8)", "LoRAFA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
-    "lora_plus": (
-        "LoRA+ (q,v r=8, ratio 16)",
-        "LoRAPlus",
-        lambda n: dict(targets=QV, rank=8, alpha=16.0, lr_ratio=16.0),
-    ),
-    "ia3": ("(IA)³", "IA3", lambda n: {}),
-    "adalora": (
-        "AdaLoRA (q,v r 12→8)",
-        "AdaLoRA",
-        lambda n: dict(targets=QV, init_r=12, target_r=8, alpha=16.0, total_step=n, tinit=n // 10, tfinal=n // 5),
-    ),
-    "qlora": ("QLoRA (NF4, q,v r=8)", "QLoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
-    # He et al.'s l = 30, s = 4 and r = d / 2 (their 512 on BART-large's d = 1024; d = 384 here).
-    "mam": ("MAM (l=30, r=192, s=4)", "MAM", lambda n: dict(prefix_tokens=30, adapter_bottleneck=192)),
-    "unipelt": ("UniPELT (LoRA 8, prefix 10, adapter r=24)", "UniPELT", lambda n: {}),
-    "diff_pruning": ("Diff pruning", "DiffPruning", lambda n: dict(targets=ALL_LINEAR)),
-}
-
-#: Peak learning rate of the encoder's trainable leaves, per method (the head uses ``--head-lr``).
-#: Full/Freeze: BERT fine-tuning's 2e-5..1e-4; BitFit 1e-3 (Ben Zaken et al. 1e-4..1e-3); the
-#: adapters 1e-3 (Houlsby 3e-4..3e-3); LoRA and its variants 1e-3 (Hu et al. 4e-4..5e-4 for
-#: RoBERTa-base, larger for this short budget), LoRA+ a lower base rate (its B factor runs 16x);
-#: (IA)³ 3e-3 (Liu et al.); prompt tuning 3e-2 and P-tuning 1e-2 (soft prompts need large rates:
-#: Lester et al. 0.3 with Adafactor); prefix tuning 1e-3 through its MLP, P-tuning v2 5e-3 (Liu et
-#: al. 5e-3..1e-2); diff pruning 1e-3.
-LEARNING_RATES: dict[str, float] = {
-    "full": 1e-4,
-    "freeze": 1e-4,
-    "bitfit": 1e-3,
-    "prompt": 3e-2,
-    "ptuning": 1e-2,
-    "prefix": 1e-3,
-    "ptuning_v2": 5e-3,
-    "houlsby": 1e-3,
-    "pfeiffer": 1e-3,
-    "parallel": 1e-3,
-    "scaled_parallel": 1e-3,
-    "lora": 1e-3,
-    "rslora": 1e-3,
-    "dora": 1e-3,
-    "lora_fa": 1e-3,
-    "lora_plus": 2.5e-4,
-    "ia3": 3e-3,
-    "adalora": 1e-3,
-    "qlora": 1e-3,
-    "mam": 1e-3,
-    "unipelt": 1e-3,
-    "diff_pruning": 1e-3,
-}
-
-#: The memory table: (method name, base dtypes). QLoRA's base is NF4 (bf16 compute) by definition.
-MEMORY_METHODS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("full", ("fp32", "bf16")),
-    ("lora", ("fp32", "bf16")),
-    ("qlora", ("nf4",)),
-    ("bitfit", ("fp32", "bf16")),
-    ("houlsby", ("fp32", "bf16")),
-    ("prefix", ("fp32", "bf16")),
-)
 
 
 # --- the task's pieces (the quickstart's, restated here so that its edits cannot change this run) ---
@@ -166,11 +93,13 @@ def schedule(lr: float, steps: int) -> optax.Schedule:
 
 
 def classify(head: Mapping[str, jax.Array], emb: jax.Array) -> jax.Array:
-    return emb @ head["kernel"] + head["bias"][None]
+    """``(..., B, d)`` embeddings -> ``(..., B, C)`` logits (leading axes: an ensemble's members)."""
+    return emb @ head["kernel"] + head["bias"].reshape((1,) * (emb.ndim - 1) + head["bias"].shape)
 
 
 def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    """The mean cross-entropy over every row; ``(k, B, C)`` logits average the ``k`` members' losses."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(y, logits.shape[:-1])).mean()
 
 
 def init_head(dim: int, n_labels: int) -> dict[str, jax.Array]:
@@ -192,21 +121,27 @@ def take(data: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, jax.Array
 
 
 def embed_all(apply_fn: Callable[..., Any], params: Any, data: Mapping[str, np.ndarray], batch: int) -> jax.Array:
-    """Embeddings of every row of ``data``, in chunks of ``batch`` rows (the last one padded by wrapping)."""
+    """Embeddings ``(..., N, d)`` of every row of ``data``, in chunks of ``batch`` rows (the last padded by wrapping)."""
     fn = jax.jit(lambda p, b: embed(apply_fn, p, b))
     n = len(data["input_ids"])
     out = []
     for i in range(0, n, batch):
-        out.append(fn(params, take(data, np.arange(i, i + batch) % n))[: min(batch, n - i)])
-    return jnp.concatenate(out).astype(jnp.float32)
+        out.append(fn(params, take(data, np.arange(i, i + batch) % n))[..., : min(batch, n - i), :])
+    return jnp.concatenate(out, axis=-2).astype(jnp.float32)
 
 
-def evaluate(head: Mapping[str, jax.Array], emb: jax.Array, y: np.ndarray) -> dict[str, float]:
-    logits = classify(head, emb)
-    return {
-        "accuracy": float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))),
-        "loss": float(xent(logits, jnp.asarray(y))),
-    }
+def evaluate(head: Mapping[str, jax.Array], emb: jax.Array, y: np.ndarray) -> dict[str, Any]:
+    """Held-out accuracy and loss. Embeddings ``(k, N, d)`` with a member axis (a prompt ensemble) are
+    combined by ``jpeft.PromptEnsemble.vote`` (majority of the members' arg-max); the loss is then the
+    members' mean and ``member_accuracy`` lists each member's accuracy."""
+    logits, labels = classify(head, emb), jnp.asarray(y)
+    out: dict[str, Any] = {"loss": float(xent(logits, labels))}
+    if logits.ndim == 2:
+        out["accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+        return out
+    out["accuracy"] = float(jnp.mean(jpeft.PromptEnsemble.vote(logits) == labels))
+    out["member_accuracy"] = [float(a) for a in jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=-1)]
+    return out
 
 
 def train_probe(
@@ -232,25 +167,32 @@ def train_probe(
 
 # --- methods -------------------------------------------------------------------------------------
 def make_method(name: str, steps: int) -> jpeft.Method | str:
-    """The method ``name`` with the head trainable, or a string saying why it is not available."""
+    """The method ``name`` with the head trainable, or a string saying why it is not available.
+
+    A :data:`QUANTIZED_BASES` row's method runs through ``jpeft.on_quantized``."""
     _, cls_name, kwargs = SPECS[name]
-    cls = getattr(jpeft, cls_name, None)
-    if not isinstance(cls, type):
-        return f"not available: jpeft {jpeft.__version__} has no {cls_name}"
-    return cls(**kwargs(steps), extra_trainable=HEAD_RE)
+    needed = [cls_name] + ([QUANTIZED_BASES[name], "on_quantized"] if name in QUANTIZED_BASES else [])
+    missing = [n for n in needed if getattr(jpeft, n, None) is None]
+    if missing:
+        return f"not available: jpeft {jpeft.__version__} has no {', '.join(missing)}"
+    method = getattr(jpeft, cls_name)(**kwargs(steps), extra_trainable=HEAD_RE)
+    return jpeft.on_quantized(method) if name in QUANTIZED_BASES else method
 
 
-def prepare(method: jpeft.Method, params: dict[str, Any], key: jax.Array) -> Any:
-    """``jpeft.apply`` on the encoder and head, after NF4 quantisation of the encoder for QLoRA."""
+def prepare(method: jpeft.Method, params: dict[str, Any], key: jax.Array, name: str = "") -> Any:
+    """``jpeft.apply`` on the encoder and head, after quantising the encoder's linear kernels for QLoRA
+    (NF4) and the :data:`QUANTIZED_BASES` rows (their format)."""
     if hasattr(jpeft, "QLoRA") and isinstance(method, jpeft.QLoRA):
         params = jpeft.quantize(params, method.quant, targets=ALL_LINEAR)
+    elif name in QUANTIZED_BASES:
+        params = jpeft.quantize(params, getattr(jpeft, QUANTIZED_BASES[name])(), targets=ALL_LINEAR)
     return jpeft.apply(method, params, key=key)
 
 
 def count(tree: Any) -> int:
-    """Elements of the float and integer leaves of a tree (an NF4 kernel counts its logical size)."""
+    """Elements of the float and integer leaves of a tree (a quantised kernel counts its logical size)."""
     total = 0
-    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, getattr(jpeft, "NF4Array", ()))):
+    for leaf in jax.tree.leaves(tree, is_leaf=jpeft.quant.is_quantized):
         total += math.prod(leaf.shape)
     return total
 
@@ -302,8 +244,10 @@ def embed(apply_fn: Callable[..., Any], params: Any, batch: Mapping[str, jax.Arr
     hidden = apply_fn(
         {"params": params}, ids, batch["attention_mask"], batch["token_type_ids"], pos, return_dict=False, **kw
     )[0]
+    # Outputs may carry leading member axes (a prompt ensemble's (k, B, T, d)): pool over T, keep them.
     mask = batch["attention_mask"][..., None].astype(hidden.dtype)
-    return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    mask = mask.reshape((1,) * (hidden.ndim - mask.ndim) + mask.shape)
+    return (hidden * mask).sum(-2) / jnp.maximum(mask.sum(-2), 1.0)
 
 
 def peak_bytes(compiled: Any) -> dict[str, int]:
@@ -334,7 +278,7 @@ def run_method(
     if isinstance(method, str):
         return {**row, "status": method}
     row["method"] = repr(method)
-    peft = prepare(method, params, jax.random.key(args.seed + 1))
+    peft = prepare(method, params, jax.random.key(args.seed + 1), name)
     trainable, frozen = jpeft.split(method, peft)
     n_head = count(trainable[HEAD])
     row["trainable"] = count(trainable) - n_head
@@ -379,8 +323,8 @@ def memory_row(
     method = make_method(name, args.steps)
     if isinstance(method, str):
         return {**row, "status": method}
-    base = params if dtype in ("fp32", "nf4") else jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    peft = prepare(method, base, jax.random.key(0))
+    base = params if dtype != "bf16" else jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    peft = prepare(method, base, jax.random.key(0), name)
     trainable, frozen = jpeft.split(method, peft)
     step = make_step(model, method, trainable, LEARNING_RATES[name], args.head_lr, args.steps)
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it
