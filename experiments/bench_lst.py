@@ -12,7 +12,12 @@ Models (random weights, float32, never downloaded):
   ``(B, T, 50257)`` logits and their gradient are paid by every method, LST included;
 * ``bert-cls``: ``FlaxBertForSequenceClassification(BertConfig())`` (BERT-base, 2 labels) with
   the cross-entropy on the pooled output, closer to the paper's GLUE setting; the classifier trains
-  in every PEFT method (``extra_trainable``).
+  in every PEFT method (``extra_trainable``);
+* ``smollm2-lm``: ``FlaxLlamaForCausalLM`` with SmolLM2-135M's shapes (``experiments.memory.SMOLLM2``:
+  30 layers, width 576, 9 query / 3 key-value heads, FFN 1536, vocab 49,152) and the causal LM
+  loss; HF's Flax Llama always holds its own ``lm_head`` kernel (SmolLM2 ties it to the embedding),
+  so full fine-tuning trains 28 M parameters more than SmolLM2 would. LST's side blocks are Llama
+  blocks (RMSNorm, rotary attention with rope base 1e5, gated SiLU MLP).
 
 Methods: ``full`` (every parameter), ``lora`` (r = 8 on every attention and FFN projection),
 ``adapters`` (Houlsby, reduction factor 16) and ``lst`` (``jpeft.LadderSideTuning``, r = 8).
@@ -42,12 +47,22 @@ PAPER = {"lst": 0.69, "adapters": 0.26, "lora": 0.26}
 GOAL = {"lst_over_full": 0.35, "lst_over_lora": 0.7}
 
 
-def _model(name: str, layers: int) -> tuple[Any, dict[str, Any], Callable[..., jax.Array], dict[str, Any], str | None]:
-    """``(model, params, loss(apply_fn, params, batch), lora targets..., extra_trainable)``."""
+def _model(
+    name: str, layers: int | None
+) -> tuple[Any, dict[str, Any], Callable[..., jax.Array], dict[str, Any], str | None]:
+    """``(model, params, loss(apply_fn, params, batch), {'lora': targets, 'lst': LST fields}, extra_trainable)``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name == "gpt2-lm":
-        model, params = bench.build_model(layers)
-        return model, params, bench.lm_loss, {"lora": ("c_attn", "c_proj", "c_fc"), "heads": 12}, None
+        model, params = bench.build_model(layers or 12)
+        return model, params, bench.lm_loss, {"lora": ("c_attn", "c_proj", "c_fc"), "lst": {"num_heads": 12}}, None
+    if name == "smollm2-lm":
+        from experiments import memory
+
+        model, params = memory.build_model(layers or memory.SMOLLM2["num_hidden_layers"])
+        lora = tuple(f"{m}_proj" for m in ("q", "k", "v", "o", "gate", "up", "down"))
+        lst = {"num_heads": memory.SMOLLM2["num_attention_heads"], "rope_theta": memory.SMOLLM2["rope_theta"]}
+        return model, params, bench.lm_loss, {"lora": lora, "lst": lst}, None
+    layers = layers or 12
     from transformers import BertConfig, FlaxBertForSequenceClassification
 
     model = FlaxBertForSequenceClassification(BertConfig(num_hidden_layers=layers), dtype=jnp.float32, _do_init=False)
@@ -64,7 +79,7 @@ def _model(name: str, layers: int) -> tuple[Any, dict[str, Any], Callable[..., j
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
     lora = ("query", "key", "value", "dense")
-    return model, params, loss, {"lora": lora, "heads": 12}, r".*classifier/.*"
+    return model, params, loss, {"lora": lora, "lst": {"num_heads": 12}}, r".*classifier/.*"
 
 
 def _step(apply_fn: Callable[..., Any], loss: Callable[..., jax.Array], tx: Any, peft: bool) -> Callable[..., Any]:
@@ -93,7 +108,7 @@ def measure(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     methods = {
         "lora": jpeft.LoRA(targets=info["lora"], rank=args.rank, alpha=2.0 * args.rank, extra_trainable=extra),
         "adapters": jpeft.HoulsbyAdapter(reduction_factor=16, extra_trainable=extra),
-        "lst": jpeft.LadderSideTuning(num_heads=info["heads"], reduction=args.reduction, extra_trainable=extra),
+        "lst": jpeft.LadderSideTuning(**info["lst"], reduction=args.reduction, extra_trainable=extra),
     }
     tx = optax.adam(1e-4)
     shape = jax.ShapeDtypeStruct
@@ -166,8 +181,10 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("lst", help="peak XLA bytes of a ladder side tuning step vs full, LoRA and adapters")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--layers", type=int, default=12, help="transformer layers (12 = GPT-2-small / BERT-base)")
+    p.add_argument("--layers", type=int, default=None, help="layers (default: the model's, 12 or SmolLM2's 30)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--reduction", type=int, default=8, help="LST reduction factor r")
-    p.add_argument("--models", nargs="+", default=["gpt2-lm", "bert-cls"], choices=["gpt2-lm", "bert-cls"])
+    p.add_argument(
+        "--models", nargs="+", default=["gpt2-lm", "bert-cls"], choices=["gpt2-lm", "bert-cls", "smollm2-lm"]
+    )
     p.add_argument("--out", default="experiments/results/bench_lst.json")

@@ -16,7 +16,7 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jpeft
-from tests.methods.test_lst import kernel_dots, np_topk
+from tests.methods.test_lst import _hf_broadcasts, kernel_dots, np_topk  # noqa: F401 (an autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 R = jpeft.RESERVED
@@ -24,12 +24,6 @@ B, T, D, HEADS, KV, FFN, THETA, VOCAB = 2, 6, 48, 6, 2, 64, 500.0, 80
 DH = D // HEADS
 # d_s = 24, side heads 6 x 4 (2 rotary pairs), 2 key-value heads, FFN 32: no side kernel has a backbone kernel's shape
 METHOD = jpeft.LadderSideTuning(num_heads=HEADS, reduction=2, rope_theta=THETA)
-
-
-@pytest.fixture(autouse=True)
-def _hf_broadcasts():
-    with jax.numpy_rank_promotion("allow"):  # HF's Flax models add (d,) biases to (B, T, d) (tests/_hf_models.py)
-        yield
 
 
 @functools.cache
@@ -70,7 +64,7 @@ def batch():
 
 def run(params, method=None, **kw):
     fn = llama().module.apply if method is None else jpeft.wrap(llama().module.apply, method)
-    return fn({"params": params}, *batch(), **kw)
+    return jax.jit(lambda p: fn({"params": p}, *batch(), **kw))(params)  # one compile, not one per op
 
 
 @functools.cache
