@@ -80,7 +80,10 @@ def locked(root: epath.Path, *, shared: bool) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network mounts): the renames still hold
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock

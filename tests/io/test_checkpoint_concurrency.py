@@ -62,7 +62,11 @@ def start(path: str) -> subprocess.Popen:
 def stop(*procs: subprocess.Popen) -> None:
     for proc in procs:
         proc.stdin.close()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 TEMPLATE = {"seed": jnp.zeros(3, jnp.float32)}
