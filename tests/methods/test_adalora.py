@@ -415,14 +415,22 @@ def test_multisteps_schedule_counts_real_updates(placement):
     else:
         micro = optax.MultiSteps(jpeft.optimizer(optax.adam(1e-1), method, micro_tree), every_k_schedule=2)
     s_plain, s_micro = plain.init(plain_tree), micro.init(micro_tree)
+
+    def stepper(tx):  # compiled once (eagerly, MultiSteps' lax.cond would trace and compile on every call)
+        @jax.jit
+        def step(g, s, p):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    plain_step, micro_step = stepper(plain), stepper(micro)
     rng = np.random.RandomState(0)
     for k in range(1, 12):
         g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), plain_tree)
-        u, s_plain = plain.update(g, s_plain, plain_tree)
-        plain_tree = optax.apply_updates(plain_tree, u)
+        plain_tree, s_plain = plain_step(g, s_plain, plain_tree)
         for _ in range(2):
-            u, s_micro = micro.update(g, s_micro, micro_tree)
-            micro_tree = optax.apply_updates(micro_tree, u)
+            micro_tree, s_micro = micro_step(g, s_micro, micro_tree)
         sched = [x for x in jax.tree.leaves(s_micro, is_leaf=lambda x: isinstance(x, AdaLoRAState))
                  if isinstance(x, AdaLoRAState)][0]
         assert int(sched.count) == k
