@@ -270,8 +270,12 @@ def test_penalty_matches_numpy():
     got = jpeft.regularizer(method, peft)
     np.testing.assert_allclose(float(got), 0.3 * np.mean(norms), rtol=1e-5)
     # Orthonormal P and Q have no penalty, and a finite (zero) gradient there.
-    tree = {"w": {"kernel": jnp.ones((5, 4)), jpeft.RESERVED: {"default": {
-        "lora_a": jnp.eye(5, 3), "lora_e": jnp.ones(3), "lora_b": jnp.eye(3, 4)}}}}
+    tree = {
+        "w": {
+            "kernel": jnp.ones((5, 4)),
+            jpeft.RESERVED: {"default": {"lora_a": jnp.eye(5, 3), "lora_e": jnp.ones(3), "lora_b": jnp.eye(3, 4)}},
+        }
+    }
     assert float(jpeft.regularizer(method, tree)) == 0.0
     grads = jax.grad(lambda t: jpeft.regularizer(method, t))(tree)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grads))
@@ -315,8 +319,9 @@ def budget(method: jpeft.AdaLoRA, n: int, t: int) -> int:
 def test_schedule_matches_numpy_step_by_step():
     """Scores, budget, masking and the E updates against a NumPy re-implementation with SGD."""
     params = {"q": {"kernel": jnp.ones((6, 5))}, "s": {"kernel": jnp.ones((2, 5, 7))}}  # s: a 2-layer stack
-    method = jpeft.AdaLoRA(targets=["q", "s"], init_r=4, target_r=2, total_step=20, tinit=2, tfinal=4, delta_t=3,
-                           beta1=0.7, beta2=0.8)
+    method = jpeft.AdaLoRA(
+        targets=["q", "s"], init_r=4, target_r=2, total_step=20, tinit=2, tfinal=4, delta_t=3, beta1=0.7, beta2=0.8
+    )
     n, lr, end = 3, 0.1, 16
     peft = jpeft.apply(method, params, key=jax.random.key(0))
     tx = jpeft.optimizer(optax.sgd(lr), method, peft)
@@ -431,13 +436,18 @@ def test_multisteps_schedule_counts_real_updates(placement):
         plain_tree, s_plain = plain_step(g, s_plain, plain_tree)
         for _ in range(2):
             micro_tree, s_micro = micro_step(g, s_micro, micro_tree)
-        sched = [x for x in jax.tree.leaves(s_micro, is_leaf=lambda x: isinstance(x, AdaLoRAState))
-                 if isinstance(x, AdaLoRAState)][0]
+        sched = [
+            x
+            for x in jax.tree.leaves(s_micro, is_leaf=lambda x: isinstance(x, AdaLoRAState))
+            if isinstance(x, AdaLoRAState)
+        ][0]
         assert int(sched.count) == k
         for a, b in zip(jax.tree.leaves(micro_tree), jax.tree.leaves(plain_tree), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"step {k}")
         ranks, want = jpeft.adalora_ranks(s_micro), jpeft.adalora_ranks(s_plain)
-        assert {m: np.asarray(r).tolist() for m, r in ranks.items()} == {m: np.asarray(r).tolist() for m, r in want.items()}
+        assert {m: np.asarray(r).tolist() for m, r in ranks.items()} == {
+            m: np.asarray(r).tolist() for m, r in want.items()
+        }
     assert int(ranks["q"]) + int(ranks["s"].sum()) == 2 * 3  # the final budget after k = total_step updates
 
 
