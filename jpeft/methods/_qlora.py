@@ -59,7 +59,7 @@ def _after(q: Any, g: jax.Array) -> Any:
 def _codes_matmul(
     matmul: Callable[[jax.Array, jax.Array], jax.Array],
     dequantize: Callable[[Any], jax.Array],
-    x_type: jax.ShapeDtypeStruct,
+    x_type: Any,
 ) -> Callable[[jax.Array, Any], jax.Array]:
     """``f(x, q) = matmul(x, dequantize(q))`` whose backward keeps the codes, not the float kernel.
 
@@ -139,7 +139,7 @@ def quantized_forward(
         return dequantize(q, cd)
 
     if remat:
-        y = _codes_matmul(matmul, dequant, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, kernel)
+        y = _codes_matmul(matmul, dequant, jax.typeof(x))(x, kernel)
     else:
         y = matmul(x, dequant(kernel))
     if module.has_variable("params", "bias"):
