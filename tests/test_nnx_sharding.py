@@ -167,7 +167,10 @@ def test_bad_base_specs_raise(base, key):
 
 # --- training on a simulated mesh (subprocess) ----------------------------------------------------
 def test_mesh_steps_equal_the_single_device_steps():
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    flags = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+        " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+    )
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
