@@ -166,7 +166,10 @@ def test_a_composition_uses_each_components_layouts(key):
     )
     params = M.params()
     specs = jpeft.partition_specs(method, jpeft.apply(method, params, key=key), fsdp_specs(params), mesh=MESH)
-    assert _at(specs, "layers", "q", R, "default", "lora") == {"lora_a": P("data", "model", None), "lora_b": P("data", None, None)}
+    assert _at(specs, "layers", "q", R, "default", "lora") == {
+        "lora_a": P("data", "model", None),
+        "lora_b": P("data", None, None),
+    }
     # dg_in (L, D, 2, 4) is 'dense_general:1,2' only by LoRAFA's own layouts: b (L, r, 2, 4) keeps 'model'.
     assert _at(specs, "layers", "dg_in", R, "default", "lorafa") == {
         "lora_a": P(None, None, None),
@@ -247,16 +250,26 @@ def small(key):
 
 def test_a_mesh_axis_that_does_not_divide_raises(small):
     method, peft = small
-    with pytest.raises(jpeft.JpeftError, match=r"'q/kernel' has shape \(6, 8\) and spec P\('model', None\): axis 0 "
-                       r"\(size 6\) is split over mesh axis 'model' of size 4"):
+    with pytest.raises(
+        jpeft.JpeftError,
+        match=r"'q/kernel' has shape \(6, 8\) and spec P\('model', None\): axis 0 "
+        r"\(size 6\) is split over mesh axis 'model' of size 4",
+    ):
         jpeft.partition_specs(method, peft, {"q": {"kernel": P("model"), "bias": None}}, mesh=MESH)
-    with pytest.raises(jpeft.JpeftError, match=r"axis 0 \(size 6\) is split over mesh axis \('data', 'model'\) of size 8"):
+    with pytest.raises(
+        jpeft.JpeftError, match=r"axis 0 \(size 6\) is split over mesh axis \('data', 'model'\) of size 8"
+    ):
         jpeft.partition_specs(method, peft, {"q": {"kernel": P(("data", "model")), "bias": None}}, mesh=MESH)
     # Delta specs are validated too (LoRA's never fail where the kernel's pass; a hook's can).
     hooked = _Scales(spec=("model", None))
-    with pytest.raises(jpeft.JpeftError, match=r"'layers/q/__jpeft__/default/gate' has shape \(2, 8\) and spec "
-                       r"P\('model', None\): axis 0 \(size 2\) is split over mesh axis 'model' of size 4"):
-        jpeft.partition_specs(hooked, jpeft.apply(hooked, M.params(), key=jax.random.key(0)), fsdp_specs(M.params()), mesh=MESH)
+    with pytest.raises(
+        jpeft.JpeftError,
+        match=r"'layers/q/__jpeft__/default/gate' has shape \(2, 8\) and spec "
+        r"P\('model', None\): axis 0 \(size 2\) is split over mesh axis 'model' of size 4",
+    ):
+        jpeft.partition_specs(
+            hooked, jpeft.apply(hooked, M.params(), key=jax.random.key(0)), fsdp_specs(M.params()), mesh=MESH
+        )
 
 
 def test_quantised_codes_that_a_mesh_axis_does_not_divide_raise(key):
@@ -265,15 +278,20 @@ def test_quantised_codes_that_a_mesh_axis_does_not_divide_raise(key):
     params = jpeft.quantize({"q": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}, config, targets=("q",))
     method = jpeft.QLoRA(targets=("q",), rank=2, quant=config)
     peft = jpeft.apply(method, params, key=key)
-    with pytest.raises(jpeft.JpeftError, match=r"'q/kernel/codes' has shape \(6,\) and spec P\('model',\): axis 0 \(size 6\) "
-                       r"is split over mesh axis 'model' of size 4.* derived from P\('model', None\), given for the "
-                       r"quantised kernel 'q/kernel' of shape \(4, 3\)"):
+    with pytest.raises(
+        jpeft.JpeftError,
+        match=r"'q/kernel/codes' has shape \(6,\) and spec P\('model',\): axis 0 \(size 6\) "
+        r"is split over mesh axis 'model' of size 4.* derived from P\('model', None\), given for the "
+        r"quantised kernel 'q/kernel' of shape \(4, 3\)",
+    ):
         jpeft.partition_specs(method, peft, {"q": {"kernel": P("model"), "bias": None}}, mesh=MESH)
 
 
 def test_an_unknown_mesh_axis_raises(small):
     method, peft = small
-    with pytest.raises(jpeft.JpeftError, match=r"names mesh axis 'tensor'; the mesh has axes \{'data': 2, 'model': 4\}"):
+    with pytest.raises(
+        jpeft.JpeftError, match=r"names mesh axis 'tensor'; the mesh has axes \{'data': 2, 'model': 4\}"
+    ):
         jpeft.partition_specs(method, peft, {"q": {"kernel": P(None, "tensor"), "bias": None}}, mesh=MESH)
 
 
@@ -296,8 +314,11 @@ def test_bad_base_specs_raise(small):
 def test_a_hook_with_the_wrong_length_raises(key):
     method = _Scales(spec=("model",))
     peft = jpeft.apply(method, M.params(), key=key)
-    with pytest.raises(jpeft.JpeftError, match=r"_Scales.partition_spec gave \('model',\) for "
-                       r"'layers/q/__jpeft__/gate' of shape \(2, 8\); expected one entry per axis"):
+    with pytest.raises(
+        jpeft.JpeftError,
+        match=r"_Scales.partition_spec gave \('model',\) for "
+        r"'layers/q/__jpeft__/gate' of shape \(2, 8\); expected one entry per axis",
+    ):
         jpeft.partition_specs(method, peft, fsdp_specs(M.params()))
 
 
@@ -341,16 +362,22 @@ STEPS = 2
 
 def test_mesh_steps_equal_the_single_device_step():
     """One test item, so that the subprocess runs once even under pytest-xdist."""
-    # Both runs compile in the same process with the same flags; LLVM optimisation is off to halve
-    # the compile time (the float results agree to 1e-5 either way).
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # Both runs compile in the same process with the same flags; LLVM optimisation and XLA:CPU's
+    # fusion emitters are off to cut the compile time by about 3/4 (the float results agree to 1e-5
+    # either way).
+    flags = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+        " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+    )
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_sharding"], env=env, cwd=root, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = {r["case"]: r for r in map(json.loads, filter(lambda line: line.startswith("{"), proc.stdout.splitlines()))}
+    results = {
+        r["case"]: r for r in map(json.loads, filter(lambda line: line.startswith("{"), proc.stdout.splitlines()))
+    }
     assert sorted(results) == sorted(CASES), proc.stderr[-4000:]
     failed = {case: r["error"] for case, r in results.items() if r["error"] is not None}
     assert not failed, failed
@@ -486,9 +513,7 @@ def _run_case(case: str) -> dict[str, Any]:
         state = jax.jit(tx.init)(t)  # moments sharded like their parameters; the step count replicated
         s_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
         state = jax.device_put(state, s_sh)
-        step_fn = jax.jit(
-            step, in_shardings=(t_sh, s_sh, f_sh, d_sh), out_shardings=(t_sh, s_sh, replicated)
-        )
+        step_fn = jax.jit(step, in_shardings=(t_sh, s_sh, f_sh, d_sh), out_shardings=(t_sh, s_sh, replicated))
         got = train(step_fn, t, state, f, d)
         sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves((got[0], f)))
         # Quantised kernels whose codes each device holds only a part of (FSDP over NF4 codes).
