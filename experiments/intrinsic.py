@@ -282,7 +282,12 @@ def source_run(model, params, task_name, task, head, seed, args) -> dict[str, An
     path = os.path.join(args.cache, f"pt-{task_name}-{seed}-{digest}.npz") if args.cache else None
     if path and os.path.exists(path):
         with np.load(path) as f:
-            return {"accuracy": float(f["accuracy"]), "snaps": f["snaps"], "curve": f["curve"].tolist(), "cached": True}
+            return {
+                "accuracy": float(f["accuracy"]),
+                "snaps": f["snaps"],
+                "curve": [[int(n), float(a)] for n, a in f["curve"]],
+                "cached": True,
+            }
     pt = jpeft.PromptTuning(num_virtual_tokens=args.tokens, init="vocab", profile=jpeft.profiles.BERT)
     desc = f"PT {task_name} s{seed}"
     acc, snaps, curve = run(model, params, pt, task, head, seed, args.lr, args.steps, args, desc, args.snapshots)
