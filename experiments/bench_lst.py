@@ -21,6 +21,18 @@ Models (random weights, float32, never downloaded):
 
 Methods: ``full`` (every parameter), ``lora`` (r = 8 on every attention and FFN projection),
 ``adapters`` (Houlsby, reduction factor 16) and ``lst`` (``jpeft.LadderSideTuning``, r = 8).
+
+Objectives of the LM models (``--objectives``; every method gets the same one):
+
+* ``lm``: the shifted causal LM cross-entropy over all positions from the model's own ``(B, T, V)``
+  logits (``experiments.bench.lm_loss``);
+* ``last-token``: classification by the next token (what ``experiments.llm`` evaluates): the model's
+  final (post-norm) hidden state at the last position times the LM head, ``(B, V)`` logits, the
+  cross-entropy against one target token per row; the model's all-position logits are unused, so
+  XLA drops them;
+* ``lm-chunked``: the same loss as ``lm``, with the head and the cross-entropy run over
+  ``--chunk``-position slices of the final hidden state in a ``lax.scan`` under ``jax.checkpoint``,
+  so at most one ``(B, chunk, V)`` slice of logits is live (recomputed in the backward pass).
 """
 
 from __future__ import annotations
@@ -82,6 +94,71 @@ def _model(
     return model, params, loss, {"lora": lora, "lst": {"num_heads": 12}}, r".*classifier/.*"
 
 
+OBJECTIVES = ("lm", "last-token", "lm-chunked")
+
+
+def _head(params: Any) -> jax.Array:
+    """The LM head's ``(d, V)`` kernel: Llama's ``lm_head``, or GPT-2's embedding (tied), transposed."""
+    if "lm_head" in params:
+        return params["lm_head"]["kernel"]
+    return params["transformer"]["wte"]["embedding"].T
+
+
+def objective_loss(objective: str, chunk: int = 16) -> Callable[..., jax.Array]:
+    """``loss(apply_fn, params, batch)`` of an HF Flax causal LM for ``objective`` (one of ``OBJECTIVES``).
+
+    ``batch`` holds ``ids``, ``mask``, ``pos`` (``(B, T)``) and ``target`` (``(B,)``, the
+    ``last-token`` label). ``lm-chunked`` needs ``T`` to be a multiple of ``chunk``.
+
+    Example:
+      >>> from experiments import memory
+      >>> model, params = memory.build_model(1, vocab=64)
+      >>> ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+      >>> b = {"ids": ids, "mask": jnp.ones_like(ids), "pos": jnp.broadcast_to(jnp.arange(8), ids.shape)}
+      >>> lm, chunked = (objective_loss(o, chunk=4)(model.module.apply, params, b) for o in ("lm", "lm-chunked"))
+      >>> bool(jnp.allclose(lm, chunked, rtol=1e-5))
+      True
+    """
+    if objective == "lm":
+        return bench.lm_loss
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
+
+    def hidden(apply_fn: Callable[..., Any], p: Any, batch: Any) -> jax.Array:
+        out = apply_fn(
+            {"params": p}, batch["ids"], batch["mask"], batch["pos"], deterministic=True,
+            output_hidden_states=True, return_dict=False,
+        )  # fmt: skip
+        return out[1][-1]  # the final hidden state, after the last norm (and LST's side output)
+
+    def last_token(apply_fn: Callable[..., Any], p: Any, batch: Any) -> jax.Array:
+        logits = hidden(apply_fn, p, batch)[:, -1] @ _head(p)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"]).mean()
+
+    @jax.checkpoint
+    def chunk_nll(w: jax.Array, h: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
+        return (optax.softmax_cross_entropy_with_integer_labels(h @ w, labels) * weight).sum()
+
+    def lm_chunked(apply_fn: Callable[..., Any], p: Any, batch: Any) -> jax.Array:
+        h, ids, w = hidden(apply_fn, p, batch), batch["ids"], _head(p)
+        (b, t, _), n = h.shape, h.shape[1] // chunk
+        if t % chunk:
+            raise ValueError(f"lm-chunked: the sequence length {t} is not a multiple of chunk={chunk}")
+        labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # the last position predicts nothing
+        weight = jnp.ones(ids.shape, h.dtype).at[:, -1].set(0.0)
+
+        def split(x: jax.Array) -> jax.Array:
+            return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+        def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+            return total + chunk_nll(w, *xs), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), h.dtype), (split(h), split(labels), split(weight)))
+        return total / (b * (t - 1))
+
+    return last_token if objective == "last-token" else lm_chunked
+
+
 def _step(apply_fn: Callable[..., Any], loss: Callable[..., jax.Array], tx: Any, peft: bool) -> Callable[..., Any]:
     if not peft:
 
@@ -100,11 +177,14 @@ def _step(apply_fn: Callable[..., Any], loss: Callable[..., jax.Array], tx: Any,
     return peft_step
 
 
-def measure(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
+def measure(args: argparse.Namespace, model_name: str, objective: str = "lm") -> dict[str, Any]:
     model, params, loss, info, extra = _model(model_name, args.layers)
+    if model_name != "bert-cls":
+        loss = objective_loss(objective, args.chunk)
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, model.config.vocab_size, dtype=jnp.int32)
     batch = {"ids": ids, "mask": jnp.ones_like(ids), "pos": jnp.broadcast_to(jnp.arange(args.seq), ids.shape)}
     batch["labels"] = jnp.zeros((args.batch,), jnp.int32)
+    batch["target"] = ids[:, 0]
     methods = {
         "lora": jpeft.LoRA(targets=info["lora"], rank=args.rank, alpha=2.0 * args.rank, extra_trainable=extra),
         "adapters": jpeft.HoulsbyAdapter(reduction_factor=16, extra_trainable=extra),
@@ -113,7 +193,7 @@ def measure(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     tx = optax.adam(1e-4)
     shape = jax.ShapeDtypeStruct
     out: dict[str, Any] = {}
-    for name in tqdm(("full", *methods), desc=f"compile {model_name}", leave=False):
+    for name in tqdm(("full", *methods), desc=f"compile {model_name} {objective}", leave=False):
         if name == "full":
             fn = _step(model.module.apply, loss, tx, peft=False)
             args_ = (params, jax.eval_shape(tx.init, params), batch)
@@ -166,14 +246,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "layers": args.layers,
         "rank": args.rank,
         "reduction": args.reduction,
+        "chunk": args.chunk,
         "paper_saving": PAPER,
         "goal": GOAL,
         "models": {},
     }
     for name in args.models:
-        res = measure(args, name)
-        report["models"][name] = res
-        print(table(name, res), flush=True)
+        objectives = ["classifier"] if name == "bert-cls" else args.objectives
+        report["models"][name] = {}
+        for objective in objectives:
+            res = measure(args, name, objective)
+            report["models"][name][objective] = res
+            print(table(f"{name} ({objective})", res), flush=True)
     return report
 
 
@@ -187,4 +271,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--models", nargs="+", default=["gpt2-lm", "bert-cls"], choices=["gpt2-lm", "bert-cls", "smollm2-lm"]
     )
+    p.add_argument(
+        "--objectives", nargs="+", default=["lm"], choices=OBJECTIVES, help="the LM models' losses (see the module doc)"
+    )
+    p.add_argument("--chunk", type=int, default=16, help="positions per slice of the lm-chunked loss")
     p.add_argument("--out", default="experiments/results/bench_lst.json")
