@@ -7,7 +7,8 @@ in/out shardings on a 2x4 ('data', 'model') mesh with FSDP-style base sharding, 
 data-parallel step (``pmean`` of the gradients) on an 8-way 'data' mesh. Each must give the loss
 and updated parameters of the same step run on one device (to 1e-5), on the synthetic scanned
 model or tiny HF GPT-2 (see CASES): LoRA and DoRA with each run type and model; QLoRA (NF4 codes
-split FSDP-style in the jit run), P-tuning v2 prefixes, each with both run types; the parallel
+split FSDP-style in the jit run), P-tuning v2 prefixes, each with both run types; ``on_quantized(LoRA)``
+on INT8 and INT4 bases (codes split) in the jit run; the parallel
 adapter (leaves on GPT-2's MLP module, which has no kernel) in the jit run and the Houlsby adapter
 (stacked leaves under ``nn.scan``) in the shard_map run. The jit runs also save the sharded result
 with ``jpeft.save`` and restore it onto the sharded base: the deltas come back with the shardings
@@ -331,6 +332,8 @@ CASES = (
     "shard_map-gpt2-lora",
     "jit-synthetic-qlora",
     "shard_map-gpt2-qlora",
+    "jit-synthetic-int8",
+    "jit-synthetic-int4",
     "jit-gpt2-prefix",
     "shard_map-gpt2-prefix",
     "jit-gpt2-parallel",
@@ -340,8 +343,10 @@ CASES = (
 # prefixes and adapter weights have no axis that follows a kernel's (on GPT-2 and the FFN modules of
 # the synthetic model, whose layer axes fsdp_specs leaves unsplit), so they are replicated; QLoRA's
 # see _check_sharded_restore.
-RESTORED_SHARDED = {"lora": 4, "dora": 4, "qlora": 0, "prefix": 0, "parallel": 0, "houlsby": 0}
+RESTORED_SHARDED = {"lora": 4, "dora": 4, "qlora": 0, "int8": 4, "int4": 4, "prefix": 0, "parallel": 0, "houlsby": 0}
 NF4 = jpeft.NF4(block_size=64, dq_block_size=8)
+#: The formats of the quantised-base cases: QLoRA's NF4, and ``jpeft.on_quantized(LoRA)`` on INT8 / INT4.
+QUANT = {"qlora": NF4, "int8": jpeft.Int8(), "int4": jpeft.Int4(block_size=4)}
 SYNTHETIC = jpeft.profiles.Profile(
     name="synthetic",
     detect=r"layers/q/kernel",
@@ -387,7 +392,9 @@ def test_mesh_steps_equal_the_single_device_step():
         assert r["sharded"] >= (8 if case.startswith("shard_map") else 10), r
         if case.startswith("jit"):  # jpeft.save + jpeft.restore onto the sharded base kept the shardings
             assert r["restored_sharded"] >= RESTORED_SHARDED[case.split("-")[2]], r
-        if case == "jit-synthetic-qlora":  # q, v and o's codes split over 'data' and/or 'model'
+        if (
+            case.startswith("jit-synthetic-") and case.split("-")[2] in QUANT
+        ):  # q, v, o's codes split over 'data'/'model'
             assert r["split_codes"] == 3, r
 
 
@@ -400,6 +407,8 @@ def _method(model: str, name: str) -> jpeft.Method:
         "lora": lambda: jpeft.LoRA(targets=M.ALL_TARGETS if synthetic else lora_targets, rank=2, layouts=layouts),
         "dora": lambda: jpeft.DoRA(targets=M.LINEAR_TARGETS if synthetic else lora_targets, rank=2, layouts=layouts),
         "qlora": lambda: jpeft.QLoRA(targets=lora_targets, rank=2, quant=NF4, compute_dtype="float32"),
+        "int8": lambda: jpeft.on_quantized(jpeft.LoRA(targets=lora_targets, rank=2), compute_dtype="float32"),
+        "int4": lambda: jpeft.on_quantized(jpeft.LoRA(targets=lora_targets, rank=2), compute_dtype="float32"),
         "prefix": lambda: jpeft.PTuningV2(num_virtual_tokens=4),
         "houlsby": lambda: jpeft.HoulsbyAdapter(reduction_factor=4, profile=profile),
         "parallel": lambda: jpeft.ParallelAdapter(bottleneck=4, profile=profile),
@@ -415,8 +424,8 @@ def _setup(model: str, name: str, batch: int):
     method = _method(model, name)
     if model == "synthetic":
         params = M.params()
-        if name == "qlora":
-            params = jpeft.quantize(params, NF4, targets=QUANTISED[model])
+        if name in QUANT:
+            params = jpeft.quantize(params, QUANT[name], targets=QUANTISED[model])
         fwd = jpeft.wrap(M.Model().apply, method)
         data = {"ids": jnp.asarray(rng.randint(0, M.VOCAB, (batch, M.SEQ)), jnp.int32)}
 
@@ -436,8 +445,8 @@ def _setup(model: str, name: str, batch: int):
         ),
         shapes,
     )
-    if name == "qlora":
-        params = jpeft.quantize(params, NF4, targets=QUANTISED[model])
+    if name in QUANT:
+        params = jpeft.quantize(params, QUANT[name], targets=QUANTISED[model])
     fwd = jpeft.wrap(module.apply, method)
     ids = rng.randint(0, H.VOCAB, (batch, H.SEQ))
     data = {
@@ -516,9 +525,9 @@ def _run_case(case: str) -> dict[str, Any]:
         step_fn = jax.jit(step, in_shardings=(t_sh, s_sh, f_sh, d_sh), out_shardings=(t_sh, s_sh, replicated))
         got = train(step_fn, t, state, f, d)
         sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves((got[0], f)))
-        # Quantised kernels whose codes each device holds only a part of (FSDP over NF4 codes).
-        nf4 = jax.tree.leaves(f, is_leaf=lambda v: isinstance(v, jpeft.NF4Array))
-        codes = [x.codes for x in nf4 if isinstance(x, jpeft.NF4Array)]
+        # Quantised kernels whose codes each device holds only a part of (FSDP over NF4 / INT codes).
+        kinds = (jpeft.NF4Array, jpeft.IntArray)
+        codes = [x.codes for x in jax.tree.leaves(f, is_leaf=lambda v: isinstance(v, kinds)) if isinstance(x, kinds)]
         extra["split_codes"] = sum(c.addressable_shards[0].data.size < c.size for c in codes)
         extra["restored_sharded"] = _check_sharded_restore(method, params, jpeft.combine(got[0], f), got[1], shardings)
     else:
@@ -551,7 +560,8 @@ def _check_sharded_restore(method, params, trained, state, shardings) -> int:
 
     Over a quantised base (QLoRA) jpeft.restore cannot yet recover the kernels' specs from their
     placement (an NF4Array has no ``.sharding``), so its deltas come back on the mesh but replicated:
-    only the values and the mesh are checked for them (RESTORED_SHARDED["qlora"] is 0)."""
+    only the values and the mesh are checked for them (RESTORED_SHARDED["qlora"] is 0). Over an
+    INT8 / INT4 base restore reads the specs from the codes' placement: the deltas come back split."""
     import tempfile
 
     def like(tree, sh):  # the shardings of the base leaves only

@@ -4,23 +4,13 @@ Oracles: specs written down from the rule (codes keep the kernel's spec, scales 
 the same training step run on one device (the mesh runs, to 1e-5), and the arrays that were saved
 (bit-equal after restore; 3 + 2 Adam steps with a save/restore in between == 5 steps, bit for bit).
 
-The mesh runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported,
-so one subprocess (this file run as a script) runs them: on the synthetic scanned model with q, v
-and o quantised (Int8 per channel, Int4 in blocks of 4 rows), ``on_quantized(LoRA)`` trains two
-Adam steps under ``jax.jit`` with ``NamedSharding`` s from ``jpeft.partition_specs`` on a 2x4
-('data', 'model') mesh (FSDP-style base specs of tests/test_sharding.py, so the codes are split),
-and the result is saved and restored onto the sharded base: the deltas come back with the
-shardings ``partition_specs`` derives from the kernels' codes.
+The mesh runs (``on_quantized(LoRA)`` on Int8 and Int4 bases of the synthetic scanned model, jit on
+a 2x4 mesh with the codes split, then save and restore onto the sharded base) are cases
+``jit-synthetic-int8`` / ``jit-synthetic-int4`` of tests/test_sharding.py's one mesh subprocess.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import jpeft
@@ -246,117 +236,3 @@ def test_nnx_merge_refuses_then_requantizes_within_half_a_step():
     np.testing.assert_allclose(report["layers/q/kernel"]["max_abs_error"], err.max(), rtol=1e-4)
     # o is quantised but not adapted: re-quantising its dequantised kernel gives the same codes
     np.testing.assert_array_equal(merged.layers.o.kernel.get_value().codes, model.layers.o.kernel.get_value().codes)
-
-
-# --- training on a simulated mesh (subprocess) ----------------------------------------------------
-CASES = ("int8", "int4")
-STEPS = 2
-
-
-def test_mesh_steps_equal_the_single_device_step():
-    """One test item, so that the subprocess runs once even under pytest-xdist."""
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.quant.test_int_features"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = {
-        r["case"]: r for r in map(json.loads, filter(lambda line: line.startswith("{"), proc.stdout.splitlines()))
-    }
-    assert sorted(results) == sorted(CASES), proc.stderr[-4000:]
-    failed = {case: r["error"] for case, r in results.items() if r["error"] is not None}
-    assert not failed, failed
-    for r in results.values():
-        assert r["devices"] == 8
-        assert r["split_codes"] == 3, r  # q, v and o's codes each split over 'data' and/or 'model'
-        assert r["restored_sharded"] == 4, r  # q and v's lora_a, lora_b: all split over 'data' (the layer axis)
-
-
-def _run_case(fmt: str) -> dict[str, Any]:
-    method, params = _method(), _quantised(fmt)
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, M.VOCAB, (8, M.SEQ)), jnp.int32)
-    fwd = jpeft.wrap(M.Model().apply, method)
-
-    def loss_fn(peft, ids):
-        logits = fwd({"params": peft}, ids)
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-    peft = S._randomize(jpeft.apply(method, params, key=jax.random.key(0)))
-    tx = jpeft.optimizer(optax.adam(1e-2), method, peft)
-    trainable, frozen = jpeft.split(method, peft)
-
-    def step(t, state, f, ids):
-        loss, grads = jax.value_and_grad(lambda t: loss_fn(jpeft.combine(t, f), ids))(t)
-        updates, state = tx.update(grads, state, t)
-        return optax.apply_updates(t, updates), state, loss
-
-    def train(step_fn, t, state, f, ids):
-        losses = []
-        for _ in range(STEPS):
-            t, state, loss = step_fn(t, state, f, ids)
-            losses.append(loss)
-        return t, state, np.asarray(losses)
-
-    want = train(jax.jit(step), trainable, tx.init(trainable), frozen, ids)
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    replicated = NamedSharding(mesh, P())
-    specs = jpeft.partition_specs(method, peft, S.fsdp_specs(params), mesh=mesh)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    t_sh, f_sh = jpeft.split(method, shardings)
-    d_sh = NamedSharding(mesh, P("data"))
-    t, f, d = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh), jax.device_put(ids, d_sh)
-    state = jax.jit(tx.init)(t)
-    s_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
-    state = jax.device_put(state, s_sh)
-    step_fn = jax.jit(step, in_shardings=(t_sh, s_sh, f_sh, d_sh), out_shardings=(t_sh, s_sh, replicated))
-    got = train(step_fn, t, state, f, d)
-    np.testing.assert_allclose(got[2], want[2], **S.TOL, err_msg="loss")
-    worst = max(S._compare(got[0], want[0]), S._compare(got[1], want[1]))
-    ints = [
-        x for x in jax.tree.leaves(f, is_leaf=lambda v: isinstance(v, jpeft.IntArray)) if isinstance(x, jpeft.IntArray)
-    ]
-    split = sum(x.codes.addressable_shards[0].data.size < x.codes.size for x in ints)
-
-    # Save the sharded result and restore it onto the sharded base: deltas come back as partition_specs derives.
-    def like(tree, sh):  # the shardings of the base leaves only
-        return {k: like(v, sh[k]) if isinstance(v, Mapping) else sh[k] for k, v in tree.items()}
-
-    base = jax.device_put(params, like(params, shardings))
-    trained = jpeft.combine(got[0], f)
-    with tempfile.TemporaryDirectory() as path:
-        jpeft.save(path, method, trained, step=STEPS, opt_state=got[1])
-        restored = jpeft.restore(path, base, opt_state=got[1])
-    restored_sharded = 0
-    for (p, x), y, sh in zip(
-        jax.tree_util.tree_flatten_with_path(restored.params)[0],
-        jax.tree.leaves(trained),
-        jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
-        assert x.sharding.is_equivalent_to(sh, x.ndim), (jax.tree_util.keystr(p), x.sharding, sh)
-        restored_sharded += R in jax.tree_util.keystr(p) and not x.sharding.is_fully_replicated
-    return {
-        "loss": got[2].tolist(),
-        "max_abs_diff": worst,
-        "split_codes": int(split),
-        "restored_sharded": restored_sharded,
-    }
-
-
-if __name__ == "__main__":
-    for fmt in CASES:
-        try:
-            out = {"devices": jax.device_count(), "error": None, **_run_case(fmt)}
-        except Exception as e:  # reported to the test, which fails on it
-            import traceback
-
-            out = {"devices": jax.device_count(), "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
-        print(json.dumps({"case": fmt, **out}), flush=True)
