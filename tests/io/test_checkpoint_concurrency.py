@@ -22,6 +22,7 @@ from tests.io.test_checkpoint import ROOT, assert_trees_equal, small
 
 WORKER = textwrap.dedent(
     """
+    import os
     import sys
     import jax.numpy as jnp
     import jpeft
@@ -41,9 +42,10 @@ WORKER = textwrap.dedent(
                 print("JpeftError", str(e).replace("\\n", " "), flush=True)
             except Exception as e:
                 print("RAW", type(e).__name__, str(e).replace("\\n", " ")[:300], flush=True)
-        elif command == "overwrite":  # overwrite <n>: n saves of step 1 with seeds 1, 2, 1, 2, ...
-            for i in range(int(args[0])):
-                seed = 1 + i % 2
+        elif command == "overwrite":  # overwrite <stop file>: saves of step 1, seeds 2, 1, 2, ..., until the file exists
+            i = 0
+            while not os.path.exists(args[0]):
+                seed, i = 2 - i % 2, i + 1
                 method, _, peft = small(seed)
                 jpeft.save(path, method, peft, step=1, overwrite=True, opt_state={"seed": jnp.full(3, seed, jnp.float32)})
             print("done", flush=True)
@@ -107,11 +109,12 @@ def test_restore_racing_overwrite_reads_one_version_or_fails_clearly(tmp_path):
     want = {1: first, 2: small(2)[2]}
     writer = start(path)
     reads, errors, seen = 0, [], set()
+    stop_file = tmp_path.parent / f"{tmp_path.name}.stop"
     try:
-        writer.stdin.write("overwrite 24\n")
+        writer.stdin.write(f"overwrite {stop_file}\n")
         writer.stdin.flush()
         deadline = time.monotonic() + 60
-        while not _done(writer) and time.monotonic() < deadline:
+        while (reads < 12 or len(seen) < 2) and time.monotonic() < deadline:  # the writer overwrites until told to stop
             try:
                 got = jpeft.restore(path, params, step=1, opt_state=TEMPLATE)
             except jpeft.JpeftError as e:  # allowed: a clear failure
@@ -120,15 +123,10 @@ def test_restore_racing_overwrite_reads_one_version_or_fails_clearly(tmp_path):
             seed = int(np.asarray(got.opt_state["seed"])[0])
             assert_trees_equal(got.params, want[seed])  # params and opt_state from the same save
             reads, seen = reads + 1, seen | {seed}
+        stop_file.touch()
+        assert writer.stdout.readline().strip() == "done"
     finally:
+        stop_file.touch()
         stop(writer)
     print(f"{reads} consistent reads (saves {sorted(seen)}), {len(errors)} clear errors")
-    assert reads >= 5 and len(errors) <= reads, (reads, errors[:3])
-
-
-def _done(proc: subprocess.Popen) -> bool:
-    """True once the writer printed 'done' (non-blocking)."""
-    import select
-
-    ready, _, _ = select.select([proc.stdout], [], [], 0)
-    return bool(ready) and proc.stdout.readline().strip() == "done"
+    assert reads >= 12 and seen == {1, 2} and len(errors) <= reads, (reads, seen, errors[:3])
