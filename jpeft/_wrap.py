@@ -6,6 +6,7 @@ It also holds wrap's checks of AdapterDrop (``drop_layers`` / ``drop_random``) a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jpeft import _errors, _intercept, _nnx, _tree
+from jpeft import _errors, _intercept, _nnx, _remat, _tree
 from jpeft._core import _check_method, _check_name, _sites
 from jpeft._errors import JpeftError
 from jpeft._method import Method
@@ -30,6 +31,7 @@ def wrap(
     drop_layers: Sequence[int] | None = None,
     drop_random: int | None = None,
     layer_pattern: str | None = None,
+    remat: bool | str | None = None,
 ) -> Callable[..., Any]:
     """Wraps a Flax apply function so that it runs with a method's deltas in effect.
 
@@ -52,6 +54,10 @@ def wrap(
         draws ``n`` uniformly from ``0..drop_random`` and drops the deltas of layers ``< n``.
       layer_pattern: a regex with one group that captures the layer index from a module path, for
         ``drop_layers`` / ``drop_random``; by default the detected profile's ``layer_pattern``.
+      remat: recompute each block in the backward pass instead of keeping its activations
+        (``True`` / ``'blocks'``: the detected profile's layers; or a regex matching the blocks'
+        module paths). Unlike ``jax.checkpoint`` per block, it also holds on XLA:CPU's default
+        scheduler (see ``jpeft._remat``). Gradients are unchanged.
 
     Returns:
       The wrapped apply function.
@@ -65,6 +71,11 @@ def wrap(
       >>> peft = jpeft.apply(method, params["params"], key=jax.random.key(1))
       >>> y = jpeft.wrap(model.apply, method)({"params": peft}, x)
       >>> bool(jnp.allclose(y, model.apply(params, x)))  # B = 0 at init
+      True
+      >>> loss = lambda f: lambda p: jnp.sum(f({"params": p}, x) ** 2)
+      >>> g0 = jax.grad(loss(jpeft.wrap(model.apply, method)))(peft)
+      >>> g1 = jax.grad(loss(jpeft.wrap(model.apply, method, remat=r"^$")))(peft)  # recompute the root module
+      >>> all(bool(jnp.allclose(a, b)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
       True
     """
     _check_method(method, "jpeft.wrap")
@@ -80,8 +91,9 @@ def wrap(
         _check_name(n)
     if not callable(apply_fn):
         raise JpeftError(f"jpeft.wrap expects a callable apply function; got {type(apply_fn).__name__}.")
+    remat = _remat.check_remat(remat)
     if not method.has_deltas:
-        return _without_deltas(apply_fn, method, drop_layers, drop_random)
+        return _without_deltas(apply_fn, method, drop_layers, drop_random, remat)
     dropping = drop_layers is not None or drop_random is not None
     if dropping:
         _check_droppable(method)
@@ -149,7 +161,10 @@ def wrap(
                 return False if n is None else i < n
 
         intercept = _intercept.method_interceptor(method, names, index, drop)
-        with nn.intercept_methods(intercept):
+        outer = contextlib.nullcontext()
+        if remat is not None:
+            outer = nn.intercept_methods(_remat.remat_interceptor(_remat.block_regex(remat, params)))
+        with outer, nn.intercept_methods(intercept):
             return method.call(apply_fn, variables, args, kwargs, active=active)
 
     return wrapped
@@ -171,7 +186,7 @@ def _check_droppable(method: Method) -> None:
 
 
 def _without_deltas(
-    apply_fn: Callable[..., Any], method: Method, drop_layers: Any, drop_random: Any
+    apply_fn: Callable[..., Any], method: Method, drop_layers: Any, drop_random: Any, remat: str | None = None
 ) -> Callable[..., Any]:
     """``wrap`` for methods that only choose which base leaves train (BitFit, Freeze, Full).
 
@@ -193,7 +208,11 @@ def _without_deltas(
                 f"jpeft.wrap({name}): adapter_index= (a mixed batch) needs named delta adapters, but {name} trains "
                 "base leaves in place, so every row runs the same weights. Run one model per weight set instead."
             )
-        return apply_fn(variables, *args, **kwargs)
+        if remat is None:
+            return apply_fn(variables, *args, **kwargs)
+        blocks = _remat.block_regex(remat, variables.get("params") if isinstance(variables, Mapping) else None)
+        with nn.intercept_methods(_remat.remat_interceptor(blocks)):
+            return apply_fn(variables, *args, **kwargs)
 
     return wrapped
 
