@@ -49,6 +49,7 @@ from jpeft.methods._bitfit import BitFit as BitFit
 from jpeft.methods._compose import Compose as Compose
 from jpeft.methods._compose import compose as compose
 from jpeft.methods._diff_pruning import DiffPruning as DiffPruning
+from jpeft.methods._dora import DoRA as DoRA
 from jpeft.methods._freeze import Freeze as Freeze
 from jpeft.methods._freeze import Full as Full
 from jpeft.methods._fusion import AdapterFusion as AdapterFusion
@@ -56,7 +57,6 @@ from jpeft.methods._ia3 import IA3 as IA3
 from jpeft.methods._intrinsic_prompt import IntrinsicProjection as IntrinsicProjection
 from jpeft.methods._intrinsic_prompt import IntrinsicPromptTuning as IntrinsicPromptTuning
 from jpeft.methods._intrinsic_prompt import fit_intrinsic_projection as fit_intrinsic_projection
-from jpeft.methods._lora import DoRA as DoRA
 from jpeft.methods._lora import LoRA as LoRA
 from jpeft.methods._lora import LoRAFA as LoRAFA
 from jpeft.methods._lora import LoRAPlus as LoRAPlus

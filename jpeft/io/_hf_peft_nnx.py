@@ -38,7 +38,8 @@ import numpy as np
 from jpeft import _nnx, _tree
 from jpeft._errors import JpeftError
 from jpeft._tree import RESERVED, Path, join
-from jpeft.methods._lora import DoRA, LoRA, LoRAFA, LoRAPlus
+from jpeft.methods._dora import DoRA
+from jpeft.methods._lora import LoRA, LoRAFA, LoRAPlus
 from jpeft.profiles import Profile
 from jpeft.profiles import detect as detect_profile
 
