@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft import _errors
 from jpeft._errors import JpeftError
 from jpeft._tree import join
 from jpeft.methods._qlora import _after
@@ -44,13 +45,7 @@ def check_remat(remat: Any, where: str = "jpeft.wrap") -> str | None:
     if remat is True or remat == "blocks":
         return "blocks"
     if isinstance(remat, str):
-        try:
-            re.compile(remat)
-        except re.error as e:
-            raise JpeftError(
-                f"{where}(remat={remat!r}): not a valid regex ({e}). Pass remat='blocks' (the profile's layers) "
-                "or a regex that matches each block's module path, e.g. r'(?:^|/)h/\\d+$'."
-            ) from None
+        _errors.regex(where, "remat", remat)
         return remat
     raise JpeftError(
         f"{where}(remat={remat!r}): expected None, True / 'blocks' (recompute each layer of the detected "
