@@ -261,6 +261,11 @@ def _run(module, next_fun, args, kwargs, store, present, forward_of, index, reen
 
         return run(len(present), *args, **kwargs)
     out = next_fun(*args, **kwargs)
+    from jpeft import _gather  # one adapter's cost where the methods allow it
+
+    gathered = _gather.mixed(module, out, args, kwargs, store, present, forward_of, index)
+    if gathered is not None:
+        return gathered
     reuse = _reuse(module, next_fun, args, kwargs, out, reenter)
     mixed = out
     for i, n in present:

@@ -224,6 +224,35 @@ class LoRA(Method):
                 base = base - _broadcast_out(bias.astype(dtype), y.ndim)
         return (y + ((factor - 1) * base + factor * delta).astype(y.dtype)).astype(y.dtype)
 
+    @classmethod
+    def gather_forward(cls, module: nn.Module, y: Any, args: tuple, kwargs: dict, adapters: list, slot: Any) -> Any:
+        """Mixed batches at one adapter's cost (the ``jpeft._gather`` hook): each row gathers its
+        adapter's factors. ``None`` (the looped path runs) for DoRA, active dropout, overridden
+        ``forward``, embeddings/convolutions, stacked kernels or mixed factor dtypes."""
+        from jpeft import _gather
+
+        if any(type(m).forward is not LoRA.forward or m.use_dora for m, _ in adapters):
+            return None
+        if any(m.dropout > 0 for m, _ in adapters) and module.has_rng("dropout"):
+            return None
+        linear = linear_of(module)
+        layout = linear.layout_of(module)
+        if layout.kind not in ("dense", "transposed", "dense_general") or linear.place is not None:
+            return None
+        shape = tuple(module.get_variable("params", layout.leaf).shape)
+        x = linear.inputs(args, kwargs)
+        rows = slot.shape[0]
+        if layout.split(shape)[0] or not isinstance(y, jax.Array) or y.shape[:1] != (rows,) or x.shape[:1] != (rows,):
+            return None
+        factors = [(d["lora_a"], d["lora_b"], m.scale) for m, d in adapters]
+        dtype = factors[0][0].dtype
+        for a, b, _ in factors:
+            if (tuple(a.shape), tuple(b.shape)) != layout.factor_shapes(shape, a.shape[-1]):
+                return None
+            if {a.dtype, b.dtype} != {dtype}:
+                return None
+        return _gather.low_rank(module, linear, y, x, factors, slot)
+
     # --- merge ---------------------------------------------------------------------------------
     def merge_module(self, path: Path, own: Mapping[str, Any], deltas: Any, ctx: Context) -> dict[str, Any]:
         layout = ctx.layout(self._name(), path, own, self.layouts)
