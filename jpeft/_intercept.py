@@ -293,6 +293,8 @@ def interceptor(
     ``-1`` for the base model) each row of the batch runs only adapter ``active[index[row]]``: the
     base output is computed once, and a ``forward`` that calls ``next_fun`` on the call's own
     arguments gets it back; one that changes the input gets the module run on the new input.
+    Where the present adapters' methods share a ``gather_forward`` hook (the LoRA family), each row
+    gathers its adapter's factors instead (``jpeft._gather``): one adapter's cost for any number.
 
     ``drop(module)`` (AdapterDrop) returns ``True`` to run the module without its deltas, ``False``
     to run them, or a traced bool to choose at run time.
