@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
 from jpeft.methods._lora import LoRA
 
 
@@ -24,3 +27,48 @@ class DoRA(LoRA):
     """
 
     use_dora: bool = True
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``x`` over the axes that ``shape`` (same rank) broadcasts."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n != 1)
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+@jax.custom_vjp
+def combine(y: jax.Array, delta: jax.Array, factor: jax.Array, bias: jax.Array) -> jax.Array:
+    """DoRA's output ``y + (f - 1) (y - bias) + f delta``, i.e. ``bias + f z`` with ``z = x (W + s A B)``.
+
+    ``y = x W + bias`` is the frozen layer's output, ``delta = s x A B`` and ``f = m / ||W + s A B||_c``
+    broadcast against ``y``. The backward pass needs ``z`` for the magnitude's gradient (``sum g z``);
+    instead of keeping ``y - bias`` and ``delta`` (two ``(tokens, out)`` buffers per layer) it keeps
+    only the output, which the next layer (attention, GELU) keeps anyway, and recovers
+    ``z = (out - bias) / f``. A magnitude entry of exactly 0 has no ``z`` to recover: its gradient is
+    NaN (loud, never a silent 0).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jpeft.methods._dora import combine
+      >>> y, d, f, b = jnp.ones((2, 3)), jnp.full((2, 3), 0.5), jnp.full((1, 3), 2.0), jnp.zeros((1, 3))
+      >>> combine(y, d, f, b)[0].tolist()
+      [3.0, 3.0, 3.0]
+    """
+    dtype = delta.dtype
+    return (y + ((factor - 1) * (y.astype(dtype) - bias) + factor * delta).astype(y.dtype)).astype(y.dtype)
+
+
+def _combine_fwd(y, delta, factor, bias):
+    out = combine(y, delta, factor, bias)
+    return out, (out, factor, bias)
+
+
+def _combine_bwd(res, g):
+    out, factor, bias = res
+    dtype = factor.dtype
+    g = g.astype(dtype)
+    z = (out.astype(dtype) - bias) / factor
+    gz = factor * g
+    return gz.astype(out.dtype), gz, _sum_to(g * z, factor.shape), _sum_to((1 - factor) * g, bias.shape)
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)

@@ -218,11 +218,11 @@ class LoRA(Method):
         bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
         if dropped:  # x W on the dropped-out input, as HF PEFT's DoRA does
             base = linear.down(module, x, layout.as_down(kernel).astype(dtype))
-        else:
-            base = y.astype(dtype)
-            if bias is not None:
-                base = base - _broadcast_out(bias.astype(dtype), y.ndim)
-        return (y + ((factor - 1) * base + factor * delta).astype(y.dtype)).astype(y.dtype)
+            return (y + ((factor - 1) * base + factor * delta).astype(y.dtype)).astype(y.dtype)
+        from jpeft.methods import _dora  # keeps the output, not y - bias and delta, for the backward
+
+        shift = _broadcast_out(bias.astype(dtype), y.ndim) if bias is not None else jnp.zeros((1,) * y.ndim, dtype)
+        return _dora.combine(y, delta, factor, shift)
 
     @classmethod
     def gather_forward(cls, module: nn.Module, y: Any, args: tuple, kwargs: dict, adapters: list, slot: Any) -> Any:
