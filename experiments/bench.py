@@ -886,11 +886,15 @@ def main(argv: list[str] | None = None) -> None:
     from experiments import bench_scaling
 
     bench_scaling.add_parser(sub)
+    from experiments import bench_dora
+
+    bench_dora.add_parser(sub)
     args = parser.parse_args(argv)
     runs = {"lora": run_lora, "qlora": run_qlora, "vs-torch": bench_torch.run, "adapterdrop": bench_adapterdrop.run, "nnx": bench_nnx.run, "vs-qwix": bench_qwix.run}
     runs["lst"] = bench_lst.run
     runs["multi-adapter"] = bench_multi_adapter.run
     runs["scaling"] = bench_scaling.run
+    runs["dora"] = bench_dora.run
     report = runs[args.bench](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
