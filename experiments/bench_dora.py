@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import statistics
 import sys
-import time
 from typing import Any
 from unittest import mock
 
@@ -27,7 +24,7 @@ import numpy as np
 import optax
 
 import jpeft
-from experiments import bench, bench_torch
+from experiments import _timing, bench, bench_torch
 
 
 def jax_programs(args: argparse.Namespace, ids: np.ndarray) -> dict[str, bench.Program]:
@@ -69,17 +66,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         th, torch_version, peft_version = torch_programs(args, ids)
         runners |= {k: v[0] for k, v in th.items()}
         counts |= {k: v[1] for k, v in th.items()}
-    for fn in runners.values():  # warm-up: compile (JAX), allocator and autograd caches (torch)
-        fn()
-    walls: dict[str, list[float]] = {k: [] for k in runners}
-    load_before = os.getloadavg()
-    for _ in range(args.steps):
-        for k, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            walls[k].append(time.perf_counter() - t)
-    load_after = os.getloadavg()
-    med = {k: statistics.median(v) for k, v in walls.items()}
+    timed = _timing.interleaved(runners, args.steps)
+    med, walls, load_before, load_after = (timed[k] for k in ("median", "walls", "load_before", "load_after"))
     flops = {k: p.flops for k, p in jx.items()}
     nbytes = {k: p.bytes for k, p in jx.items()}
     ratios = {

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Any
 
 import jax
@@ -25,7 +23,7 @@ import numpy as np
 import optax
 
 import jpeft
-from experiments import bench
+from experiments import _timing, bench
 
 
 def torch_steps(args: argparse.Namespace, ids: np.ndarray) -> dict[str, Any]:
@@ -104,17 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_lora": th["torch_lora"][0],
     }
     counts = {"jax_full": jx["jax_full"][1], "jax_lora": jx["jax_lora"][1], **{k: v[1] for k, v in th.items()}}
-    for fn in runners.values():  # warm-up: compile (JAX), allocator and autograd caches (torch)
-        fn()
-    walls: dict[str, list[float]] = {k: [] for k in runners}
-    load_before = os.getloadavg()
-    for _ in range(args.steps):
-        for k, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            walls[k].append(time.perf_counter() - t)
-    load_after = os.getloadavg()
-    med = {k: statistics.median(v) for k, v in walls.items()}
+    timed = _timing.interleaved(runners, args.steps)
+    med, walls, load_before, load_after = (timed[k] for k in ("median", "walls", "load_before", "load_after"))
     ratios = {
         "jax_lora_over_torch_lora": med["jax_lora"] / med["torch_lora"],
         "jax_full_over_torch_full": med["jax_full"] / med["torch_full"],
