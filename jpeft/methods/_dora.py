@@ -35,7 +35,6 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True)
 
 
-@jax.custom_vjp
 def combine(y: jax.Array, delta: jax.Array, factor: jax.Array, bias: jax.Array) -> jax.Array:
     """DoRA's output ``y + (f - 1) (y - bias) + f delta``, i.e. ``bias + f z`` with ``z = x (W + s A B)``.
 
@@ -53,12 +52,32 @@ def combine(y: jax.Array, delta: jax.Array, factor: jax.Array, bias: jax.Array) 
       >>> combine(y, d, f, b)[0].tolist()
       [3.0, 3.0, 3.0]
     """
+    # Under shard_map the custom_vjp's cotangents must keep each input's varying mesh axes: cast every
+    # input to y's first, so that autodiff of the cast (a psum) sums the replicated inputs' gradients.
+    vma = tuple(sorted(_varying(y)))
+    if vma:
+        delta, factor, bias = (_vary(v, vma) for v in (delta, factor, bias))
+    return _combine(y, delta, factor, bias)
+
+
+def _varying(v: jax.Array) -> frozenset:
+    """The mesh axes ``v`` varies over inside ``shard_map`` (empty outside it)."""
+    return getattr(getattr(jax.typeof(v), "manual_axis_type", None), "varying", frozenset())
+
+
+def _vary(v: jax.Array, vma: tuple[str, ...]) -> jax.Array:
+    missing = tuple(a for a in vma if a not in _varying(v))
+    return jax.lax.pcast(v, missing, to="varying") if missing else v
+
+
+@jax.custom_vjp
+def _combine(y: jax.Array, delta: jax.Array, factor: jax.Array, bias: jax.Array) -> jax.Array:
     dtype = delta.dtype
     return (y + ((factor - 1) * (y.astype(dtype) - bias) + factor * delta).astype(y.dtype)).astype(y.dtype)
 
 
 def _combine_fwd(y, delta, factor, bias):
-    out = combine(y, delta, factor, bias)
+    out = _combine(y, delta, factor, bias)
     return out, (out, factor, bias)
 
 
@@ -71,4 +90,4 @@ def _combine_bwd(res, g):
     return gz.astype(out.dtype), gz, _sum_to(g * z, factor.shape), _sum_to((1 - factor) * g, bias.shape)
 
 
-combine.defvjp(_combine_fwd, _combine_bwd)
+_combine.defvjp(_combine_fwd, _combine_bwd)
