@@ -25,11 +25,13 @@ from jpeft._tree import RESERVED, Path, PyTree, join
 from jpeft.io import _checkpoint_check as check
 from jpeft.io import _checkpoint_lock as lock
 from jpeft.io._checkpoint import (
+    _COMMIT,
     _ID,
     _LOOKS_LIKE_STEP,
     _STEP,
     Checkpoint,
     _base_leaves,
+    _committed,
     _is_step,
     _not_a_file,
     _resolve,
@@ -228,7 +230,8 @@ def _read_once(
             if got != meta["save_id"]:
                 raise JpeftError(
                     f"{where}: the item '{directory / item}' belongs to save {got}, the metadata to save "
-                    f"{meta['save_id']}: the step was replaced while it was read. Restore again."
+                    f"{meta['save_id']}: the step was replaced while it was read (restore again), or the item was "
+                    "copied from another checkpoint (the step is mixed: restore another step, or save it again)."
                 )
     for i, (p, _, _) in enumerate(meta["params"]):
         keys = tuple(p.split("/"))
@@ -244,11 +247,27 @@ def _read_once(
 
 
 def _odd_names(root: epath.Path) -> str:
-    """A note on directories that look like steps but that save does not write (``step_007``)."""
+    """A note on directories that look like steps but are never read: ``step_007`` (save does not
+    write leading zeros), and partial steps: a ``step_<n>`` without its commit marker, a temporary of
+    a killed save (``step_<n>.jpeft-tmp-...``, ``step_<n>.orbax-checkpoint-tmp-...``)."""
     if not root.is_dir():
         return ""
-    odd = sorted(e.name for e in root.iterdir() if _LOOKS_LIKE_STEP.fullmatch(e.name) and not _STEP.fullmatch(e.name))
-    return f" (ignored {odd[:3]}: jpeft.save writes step_<n> without leading zeros; rename them)" if odd else ""
+    names = sorted(e.name for e in root.iterdir())
+    odd = [n for n in names if _LOOKS_LIKE_STEP.fullmatch(n) and not _STEP.fullmatch(n)]
+    partial = [  # a temporary (step_<n>.<suffix>) is partial even once orbax has committed it
+        n
+        for n in names
+        if _STEP.fullmatch(n.partition(".")[0])
+        and not n.endswith(lock.REPLACED)
+        and ("." in n or not _committed(root / n))
+    ]
+    note = f" (ignored {odd[:3]}: jpeft.save writes step_<n> without leading zeros; rename them)" if odd else ""
+    if partial:
+        note += (
+            f" (ignored {partial[:3]}: partial steps without {_COMMIT}, left by a save that was killed or failed, "
+            "never read; delete them or save those steps again)"
+        )
+    return note
 
 
 def _add_sites(tree: dict, meta: Mapping[str, Any], name: str) -> None:

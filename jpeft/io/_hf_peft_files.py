@@ -6,7 +6,15 @@ twins) share, so that every adapter passes the same checks:
 * **Reading** (:func:`read_adapter`): the config must be UTF-8 JSON holding an object whose fields
   have PEFT's types (``use_dora: "false"`` is refused, not read as ``True``; ``lora_alpha: 1e400``,
   which JSON reads as ``inf``, and ``NaN`` are refused; a ``target_modules`` or
-  ``feedforward_modules`` string must be a valid regex); every tensor must be a finite float.
+  ``feedforward_modules`` string must be a valid regex; fields HF PEFT does not know or jpeft cannot
+  honour, see ``_hf_peft_fields.py``); every tensor must be a finite float. Float16, bfloat16,
+  float32 and float64 tensors are all read and cast to the dtype ``jpeft.apply`` gives the leaf (the
+  kernel's, at least float32), as HF PEFT's ``autocast_adapter_dtype`` and torch's ``load_state_dict``
+  do: exact for the half types, rounded for float64, whose values beyond float32's range are refused.
+  A jpeft-written file's data is checked against the SHA-256 in its metadata
+  (``jpeft._tensor_files.DIGEST``): a bit flip in it is refused. Other files have no checksum: a
+  flipped bit in their data that leaves a finite float loads as that value (in the header, it breaks
+  the JSON, offsets, dtype or a key name, all refused).
 * **Writing** (:func:`write`): the config is serialised and the tensors checked *before* anything is
   written; both files are staged in a temporary directory inside the export directory and renamed
   into place, weights first. The weights' safetensors metadata holds :data:`CONFIG_HASH`, the
@@ -24,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +39,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import _tensor_files
 from jpeft._errors import JpeftError
+from jpeft.io._hf_peft_fields import check_fields
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -120,6 +129,7 @@ def check_config(owner: str, file: str, config: Any) -> dict[str, Any]:
                 ) from None
         elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
             raise bad(field, "a regex str or a list of module names")
+    check_fields(owner, file, config)
     return config
 
 
@@ -135,12 +145,6 @@ def _read(owner: str, path: str, name: str) -> bytes:
         raise JpeftError(f"{owner}: {file!r} does not exist. Pass the directory HF PEFT's save_pretrained wrote.")
     with open(file, "rb") as f:
         return f.read()
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's bytes (already known to parse)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
 
 
 def check_tensors(owner: str, file: str, tensors: Mapping[str, Any]) -> None:
@@ -159,6 +163,13 @@ def check_tensors(owner: str, file: str, tensors: Mapping[str, Any]) -> None:
                 f"Inf), the first at index {tuple(int(i) for i in np.argwhere(bad)[0])}. Training diverged or the "
                 "file is damaged: re-train from an earlier checkpoint, or export the adapter again."
             )
+        big = np.abs(x) > np.finfo(np.float32).max if x.dtype == np.float64 else None
+        if big is not None and big.any():
+            raise JpeftError(
+                f"{owner}: {file!r}: tensor {key!r} {tuple(x.shape)} float64 holds {int(big.sum())} values beyond "
+                f"float32's range (largest |x| = {float(np.abs(x).max()):.3g}); import_hf holds adapter tensors in the "
+                "kernel's dtype, at least float32, where they would be inf. The file is damaged or not an adapter."
+            )
 
 
 def read_adapter(owner: str, path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -167,21 +178,11 @@ def read_adapter(owner: str, path: str) -> tuple[dict[str, Any], dict[str, np.nd
     A pair whose weights name another config's hash is read once more (a concurrent export may have
     been between its two renames), then refused.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     file = os.path.join(path, WEIGHTS)
     for attempt in range(2):
         config = read_config(owner, path)
-        data = _read(owner, path, WEIGHTS)
-        try:
-            tensors = load(data)
-            written_for = _metadata(data).get(CONFIG_HASH)
-        except (SafetensorError, OSError, ValueError, struct.error) as e:
-            raise JpeftError(
-                f"{owner}: {file!r} ({len(data)} bytes) is not a readable safetensors file: {e}. "
-                "The file is truncated or corrupted; write or download it again."
-            ) from None
+        tensors, metadata = _tensor_files.load(owner, file, _read(owner, path, WEIGHTS))
+        written_for = metadata.get(CONFIG_HASH)
         if written_for is None or written_for == config_hash(config):
             break
         if attempt:
@@ -192,6 +193,13 @@ def read_adapter(owner: str, path: str) -> tuple[dict[str, Any], dict[str, np.nd
                 f"edited. Export the adapter again; to keep a hand-edited config, re-save the weights without "
                 "jpeft's metadata (safetensors.numpy.save_file(load_file(f), f))."
             )
+    stamped = metadata.get(_tensor_files.DIGEST)
+    if stamped is not None and stamped != _tensor_files.digest(tensors):
+        raise JpeftError(
+            f"{owner}: {file!r} is damaged: its tensors' SHA-256 is not the {_tensor_files.DIGEST} that "
+            f"jpeft.export_hf wrote into it ({stamped[:12]}...), so a byte of the data (or of the header) changed "
+            "after the export. Export the adapter again, or copy an undamaged file."
+        )
     check_tensors(owner, file, tensors)
     return config, tensors
 
@@ -239,7 +247,14 @@ def write(
     check_tensors(owner, f"{os.fspath(path)}/{WEIGHTS}", tensors)
     text = _serialise(owner, config)
     contents = {
-        WEIGHTS: save(dict(tensors), metadata={"format": "pt", CONFIG_HASH: config_hash(config)}),
+        WEIGHTS: save(
+            dict(tensors),
+            metadata={
+                "format": "pt",
+                CONFIG_HASH: config_hash(config),
+                _tensor_files.DIGEST: _tensor_files.digest(tensors),
+            },
+        ),
         CONFIG: text.encode(),
     }
     os.makedirs(path, exist_ok=True)

@@ -145,21 +145,6 @@ def export_lora(
     write(path, tensors, config)
 
 
-def _check_lora_config(owner: str, path: str, config: Mapping[str, Any]) -> None:
-    file = os.path.join(path, CONFIG)
-    unsupported = {
-        "bias": (config.get("bias", "none"), "none"),
-        "rank_pattern": (config.get("rank_pattern") or {}, {}),
-        "alpha_pattern": (config.get("alpha_pattern") or {}, {}),
-    }
-    for field, (got, default) in unsupported.items():
-        if got != default:
-            raise JpeftError(
-                f"{owner}: {file!r} has {field}={got!r}; jpeft.LoRA has no equivalent (expected {default!r}). "
-                "Re-save the adapter without it."
-            )
-
-
 def _saved(torch_module: str, to_save: list[str]) -> bool:
     """Whether a torch module is, or sits inside, a module that ``modules_to_save`` names."""
     parts = torch_module.split(".")
@@ -173,7 +158,6 @@ def import_lora(
     """Reads a LoRA adapter into a linen tree; see ``jpeft.import_hf``."""
     owner = "jpeft.import_hf"
     file = os.path.join(path, WEIGHTS)
-    _check_lora_config(owner, path, config)
     modules = _tree.modules(params)
     to_save = config.get("modules_to_save") or []
     if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):

@@ -201,7 +201,7 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
     import jpeft
     from jpeft.io._hf_peft import PREFIX
     from jpeft.io._hf_peft_files import CONFIG
-    from jpeft.io._hf_peft_lora import _KEY, _check_lora_config
+    from jpeft.io._hf_peft_lora import _KEY
 
     owner = "jpeft.import_hf"
     file = os.path.join(path, CONFIG)
@@ -214,7 +214,6 @@ def import_nnx(path: str, config: dict, tensors: dict, model: Any, profile: Prof
         from jpeft.io._hf_peft_nnx_prompt import import_prompt_nnx
 
         return import_prompt_nnx(path, config, tensors, model, profile, name)
-    _check_lora_config(owner, path, config)
     if config.get("modules_to_save"):
         raise JpeftError(
             f"{owner}: {file!r} has modules_to_save={config['modules_to_save']!r}; on NNX models import_hf reads "

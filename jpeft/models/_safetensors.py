@@ -93,8 +93,9 @@ def convert(
         (such as ``model.params_shape_tree``).
       prefix: the model's ``base_model_prefix``; added or stripped as the two sides need.
       owner: the public function to name in errors.
-      check_finite: refuse tensors holding NaN or Inf (one pass over every weight); ``False`` skips
-        the scan, for a huge model whose weights you trust.
+      check_finite: refuse tensors holding NaN or Inf, or values beyond the range of the Flax dtype
+        they are cast to (float64 above float32's maximum: inf once cast); ``False`` skips both
+        scans, for a huge model whose weights you trust.
 
     Returns:
       A nested dict with the structure of ``shapes``, each leaf a NumPy array of its shape and
@@ -145,7 +146,12 @@ def convert(
         if check_finite and jnp.issubdtype(y.dtype, jnp.floating) and not np.isfinite(y).all():
             nonfinite.append(f"{name} ({int((~np.isfinite(y)).sum())} of {y.size})")
             continue
-        out[flax_key] = y.astype(want.dtype)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: refused below
+            y = y.astype(want.dtype)
+        if check_finite and jnp.issubdtype(want.dtype, jnp.floating) and not np.isfinite(y).all():  # overflowed
+            nonfinite.append(f"{name} ({int((~np.isfinite(y)).sum())} beyond {jnp.dtype(want.dtype).name}'s range)")
+            continue
+        out[flax_key] = y
         source[flax_key] = name
     embeddings = [v for k, v in out.items() if k[-1] == "embedding"]
     for name, x in tied:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Any
 
 import numpy as np
 
+from jpeft import _tensor_files
 from jpeft._errors import JpeftError
 
 _OWNER = "jpeft.models.load_hf_safetensors"
@@ -30,20 +32,36 @@ def read_safetensors(path: str, owner: str) -> dict[str, np.ndarray]:
       The tensors by name.
 
     Raises:
-      JpeftError: if the file is missing, truncated or not a safetensors file.
+      JpeftError: if the file is missing, truncated or not a safetensors file. ``BF16`` and float8
+        tensors come back as ``ml_dtypes`` arrays (see ``jpeft._tensor_files``).
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     if not os.path.isfile(path):
         raise JpeftError(f"{owner}: {path!r} does not exist. Expected a .safetensors file there.")
+    if _numpy_dtypes_only(path):
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise JpeftError(
+                f"{owner}: {path!r} ({os.path.getsize(path)} bytes) is not a readable safetensors file: {e}. "
+                "The file is truncated or corrupted; write or download it again."
+            ) from None
+    with open(path, "rb") as f:  # bfloat16 or float8 (safetensors.numpy has neither), or a damaged header
+        return _tensor_files.load(owner, path, f.read())[0]
+
+
+def _numpy_dtypes_only(path: str) -> bool:
+    """Whether the header parses and names only dtypes ``safetensors.numpy`` reads (no ``BF16``, ``F8_*``)."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise JpeftError(
-            f"{owner}: {path!r} ({os.path.getsize(path)} bytes) is not a readable safetensors file: {e}. "
-            "The file is truncated or corrupted; write or download it again."
-        ) from None
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 100_000_000)))
+        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+        return False
+    return dtypes <= {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
 
 
 def _json(path: str, what: str) -> Any:
