@@ -1,11 +1,11 @@
-"""The method table of ``python -m experiments.compare``: each row's method, learning rate and memory cells.
+"""The method table of ``python -m experiments.compare``: each row's method, its learning-rate grid and priority.
 
 Kept apart from the run itself (``experiments/compare.py`` re-exports every name here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 QV = ("query", "value")
@@ -52,6 +52,19 @@ SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
     "qlora": ("QLoRA (NF4, q,v r=8)", "QLoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
     # He et al.'s l = 30, s = 4 and r = d / 2 (their 512 on BART-large's d = 1024; d = 384 here).
     "mam": ("MAM (l=30, r=192, s=4)", "MAM", lambda n: dict(prefix_tokens=30, adapter_bottleneck=192)),
+    # MAM's two parts alone, as MAM builds them: plain prefixes (no MLP) and the scaled parallel FFN adapter.
+    "mam_prefix": (
+        "Prefix (l=30, no MLP; MAM's part)",
+        "PrefixTuning",
+        lambda n: dict(num_virtual_tokens=30, prefix_projection=False),
+    ),
+    "mam_adapter": (
+        "Scaled parallel (r=192, s=4; MAM's part)",
+        "ScaledParallelAdapter",
+        lambda n: dict(bottleneck=192),
+    ),
+    # LoRA on a bf16 base (BASE_DTYPES): QLoRA's reference, the same LoRA without the NF4 quantisation.
+    "lora_bf16": ("LoRA (bf16 base, q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
     "unipelt": ("UniPELT (LoRA 8, prefix 10, adapter r=24)", "UniPELT", lambda n: {}),
     "diff_pruning": ("Diff pruning", "DiffPruning", lambda n: dict(targets=ALL_LINEAR)),
     # Sung et al.'s reduction 8 (side width 48); num_heads is MiniLM's 12 (the tree does not hold it).
@@ -77,8 +90,11 @@ SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
 #: Rows whose encoder linear kernels are quantised by ``jpeft.quantize`` (format: a jpeft class name)
 #: and whose method runs on that base through ``jpeft.on_quantized`` (compute dtype bf16, as QLoRA).
 QUANTIZED_BASES: dict[str, str] = {"lora_int8": "Int8", "lora_int4": "Int4"}
+#: Rows whose encoder (not the head) is cast to this dtype before ``jpeft.apply``.
+BASE_DTYPES: dict[str, str] = {"lora_bf16": "bfloat16"}
 
-#: Peak learning rate of the encoder's trainable leaves, per method (the head uses ``--head-lr``).
+#: The centre of each method's learning-rate grid (:func:`lr_grid`), the peak learning rate of the
+#: encoder's trainable leaves (the head uses ``--head-lr``).
 #: Full/Freeze: BERT fine-tuning's 2e-5..1e-4; BitFit 1e-3 (Ben Zaken et al. 1e-4..1e-3); the
 #: adapters 1e-3 (Houlsby 3e-4..3e-3); LoRA and its variants 1e-3 (Hu et al. 4e-4..5e-4 for
 #: RoBERTa-base, larger for this short budget), LoRA+ a lower base rate (its B factor runs 16x);
@@ -108,6 +124,9 @@ LEARNING_RATES: dict[str, float] = {
     "adalora": 1e-3,
     "qlora": 1e-3,
     "mam": 1e-3,
+    "mam_prefix": 1e-3,
+    "mam_adapter": 1e-3,
+    "lora_bf16": 1e-3,
     "unipelt": 1e-3,
     "diff_pruning": 1e-3,
     "lst": 3e-3,
@@ -117,16 +136,23 @@ LEARNING_RATES: dict[str, float] = {
     "intrinsic_prompt": 3e-2,
 }
 
-#: The memory table: (method name, base dtypes). QLoRA's base is NF4 (bf16 compute) by definition,
-#: the ``QUANTIZED_BASES`` rows' INT8 / INT4.
-MEMORY_METHODS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("full", ("fp32", "bf16")),
-    ("lora", ("fp32", "bf16")),
-    ("qlora", ("nf4",)),
-    ("bitfit", ("fp32", "bf16")),
-    ("houlsby", ("fp32", "bf16")),
-    ("prefix", ("fp32", "bf16")),
-    ("lora_int8", ("int8",)),
-    ("lora_int4", ("int4",)),
-    ("lst", ("fp32",)),
-)
+#: Each method's grid: its :data:`LEARNING_RATES` entry times these factors (a half decade either side).
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+
+#: The order the grid runs in, so that issue 15's claims can be checked first: Full, LoRA, BitFit,
+#: prompt and prefix tuning, MAM and its parts, rsLoRA, LoRA+, DoRA, AdaLoRA, QLoRA against bf16
+#: LoRA, P-tuning; then every other method in SPECS order.
+PRIORITY: tuple[str, ...] = (
+    "full", "lora", "bitfit", "prompt", "prefix", "mam", "mam_prefix", "mam_adapter", "rslora", "lora_plus",
+    "dora", "adalora", "qlora", "lora_bf16", "ptuning",
+)  # fmt: skip
+ORDER: tuple[str, ...] = PRIORITY + tuple(n for n in SPECS if n not in PRIORITY)
+
+
+def lr_grid(name: str, factors: Sequence[float] = LR_FACTORS) -> tuple[float, ...]:
+    """The learning rates swept for method ``name``: its rate times ``factors``, to two significant digits.
+
+    >>> lr_grid("lora")
+    (0.00033, 0.001, 0.003)
+    """
+    return tuple(float(f"{LEARNING_RATES[name] * f:.2g}") for f in factors)
