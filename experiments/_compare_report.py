@@ -89,6 +89,8 @@ def aggregate(cells: Mapping[str, Mapping[str, Any]], args: Any, task: str, name
     sweep = [get(lr, 0) for lr in lrs]
     out: dict[str, Any] = {"task": task, "method": name, "label": label(name), "grid": list(lrs)}
     out["sweep"] = {str(lr): c["result"].get("val") for lr, c in zip(lrs, sweep, strict=True) if c}
+    any_cell = next((c for c in sweep if c and "trainable" in c), None)
+    out.update({k: any_cell[k] for k in ("trainable", "trainable_pct", "bytes") if any_cell and k in any_cell})
     lr = choose(sweep)
     errors = [c["result"]["status"] for c in sweep if c and c["result"]["status"] != "ok"]
     if lr is None:
@@ -98,8 +100,6 @@ def aggregate(cells: Mapping[str, Mapping[str, Any]], args: Any, task: str, name
     seeds = [get(lr, s) for s in range(args.seeds)]
     done = [c["result"] for c in seeds if c and c["result"]["status"] == "ok"]
     out["lr"], out["seeds_done"] = lr, len(done)
-    any_cell = next(c for c in sweep if c)
-    out.update({k: any_cell.get(k) for k in ("trainable", "trainable_pct", "bytes") if k in any_cell})
     if len(done) < args.seeds:
         out["missing"] = f"{len(done)}/{args.seeds} seeds at lr {lr:g}"
         return out
@@ -145,9 +145,10 @@ def tables(aggs: Sequence[Mapping[str, Any]], tasks: Sequence[str], names: Seque
             mib = f"{a['bytes']['total'] / 2**20:,.1f}" if a.get("bytes") else ""
             cpu = f"{a['cpu_ms']:.0f}" if "cpu_ms" in a else ""
             wall = f"{a['wall_ms']:.0f}" if "wall_ms" in a else ""
+            count = f"{a['trainable']:,}" if "trainable" in a else ""
             out.append(
                 f"| {label(n)} | {lrs} | {sweep} | {fmt(a)} | {fmt(a, 'test_loss', False)} | "
-                f"{a.get('trainable', ''):,} | {mib} | {cpu} | {wall} |".replace("| , |", "|  |")
+                f"{count} | {mib} | {cpu} | {wall} |"
             )
     return "\n".join(out)
 
