@@ -234,7 +234,7 @@ def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
         raise JpeftError(f"{where} cannot be read: {e}.") from None
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise JpeftError(
             f"{where} is not valid JSON ({e}); it was truncated or edited. Restore another step."
         ) from None

@@ -84,7 +84,7 @@ def _decode(owner: str, file: str, data: bytes) -> Any:
         ) from None
     try:
         return json.loads(text, parse_constant=refuse)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise JpeftError(f"{owner}: {file!r} is not valid JSON ({e}). Write or download it again.") from None
 
 

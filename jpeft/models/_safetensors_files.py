@@ -59,7 +59,7 @@ def _numpy_dtypes_only(path: str) -> bool:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(min(n, 100_000_000)))
         dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error):
         return False
     return dtypes <= {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
 
@@ -75,7 +75,7 @@ def _json(path: str, what: str) -> Any:
             f"{_OWNER}: {path!r} is not {what}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 4]!r}). "
             "The file is damaged: download it again."
         ) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise JpeftError(f"{_OWNER}: {path!r} is not {what}: not valid JSON ({e}). Download it again.") from None
 
 

@@ -277,6 +277,16 @@ def test_unknown_fields_of_ia3_and_prompt_configs(tmp_path, params):
         jpeft.import_hf(str(tmp_path), params)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that Python's parser refuses with a RecursionError
+
+
+def test_a_config_nested_too_deep_is_refused(tmp_path, params):
+    hand_written(tmp_path)
+    tmp_path.joinpath(CONFIG).write_text('{"peft_type": "LORA", "x": ' + DEEP + "}")
+    with pytest.raises(jpeft.JpeftError, match=r"adapter_config.json' is not valid JSON \(maximum recursion depth"):
+        jpeft.import_hf(str(tmp_path), params)
+
+
 # --- the NNX import reads the same checks ----------------------------------------------------------
 class Tiny(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
@@ -359,6 +369,10 @@ ORBAX_DAMAGE = {
     "sharding-flipped": (lambda p, t: flip_middle(p / "step_1" / "params" / "_sharding"), ITEM + "has damaged"),
     "manifest-flipped": (lambda p, t: flip_middle(p / "step_1" / "params" / "manifest.ocdbt"), ITEM + "has damaged"),
     "item-metadata-flipped": (lambda p, t: flip_middle(p / "step_1" / "params" / "_METADATA"), ITEM + "has damaged"),
+    "meta-nested-too-deep": (
+        lambda p, t: [(p / "step_1" / "meta" / "metadata").write_text(DEEP)] and None,
+        r"the checkpoint metadata '.*step_1/meta/metadata' is not valid JSON \(maximum recursion depth",
+    ),
 }
 
 

@@ -133,3 +133,11 @@ def test_bf16_file_bytes_match_the_safetensors_layout():
     tensors, _ = _tensor_files.load("test", "w.safetensors", struct.pack("<Q", len(head)) + head + raw.tobytes())
     assert tensors["w"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(tensors["w"].astype(np.float32), x)
+
+
+def test_a_config_nested_too_deep_is_refused(tmp_path, gpt2):  # noqa: F811
+    d = directory(tmp_path, gpt2)
+    open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(jpeft.JpeftError, match=r"config.json' is not a valid HF model config: not valid JSON "
+                                               r"\(maximum recursion depth"):
+        load_hf_safetensors(d)
