@@ -15,9 +15,12 @@ from typing import Any
 
 
 def interleaved(runners: Mapping[str, Callable[[], Any]], steps: int) -> dict[str, Any]:
-    """``{"median": {name: s}, "walls": {name: [s, ...]}, "load_before": (...), "load_after": (...)}``.
+    """``{"median": {name: s}, "walls": {name: [s, ...]}, "cpu_median": {name: s}, "cpus": {...}, "load_before": (...),
+    "load_after": (...)}``.
 
-    Each runner must block until its result is ready (``jax.block_until_ready``).
+    Each runner must block until its result is ready (``jax.block_until_ready``). Wall time is
+    ``perf_counter``; CPU time is the process's (``process_time``, all threads), which other jobs'
+    load inflates less than the wall time (threads that spin while they wait still count).
 
     >>> out = interleaved({"a": lambda: sum(range(10)), "b": lambda: None}, steps=3)
     >>> sorted(out["median"]), len(out["walls"]["a"]), len(out["load_before"])
@@ -26,12 +29,22 @@ def interleaved(runners: Mapping[str, Callable[[], Any]], steps: int) -> dict[st
     for fn in runners.values():
         fn()
     walls: dict[str, list[float]] = {k: [] for k in runners}
+    cpus: dict[str, list[float]] = {k: [] for k in runners}
     load_before = os.getloadavg()
     for _ in range(steps):
         for k, fn in runners.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             walls[k].append(time.perf_counter() - t)
+            cpus[k].append(time.process_time() - c)
     load_after = os.getloadavg()
     median = {k: statistics.median(v) for k, v in walls.items()}
-    return {"median": median, "walls": walls, "load_before": load_before, "load_after": load_after}
+    cpu_median = {k: statistics.median(v) for k, v in cpus.items()}
+    return {
+        "median": median,
+        "walls": walls,
+        "cpu_median": cpu_median,
+        "cpus": cpus,
+        "load_before": load_before,
+        "load_after": load_after,
+    }

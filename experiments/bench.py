@@ -286,9 +286,11 @@ def merge_gpt2(method: jpeft.LoRA, tree: Any) -> Any:
     return out
 
 
-def make_steps(model: Any, method: jpeft.LoRA, tx_full: Any, tx_lora: Any) -> dict[str, Callable[..., Any]]:
+def make_steps(
+    model: Any, method: jpeft.LoRA, tx_full: Any, tx_lora: Any, remat: bool = False
+) -> dict[str, Callable[..., Any]]:
     plain = model.module.apply
-    wrapped = jpeft.wrap(model.module.apply, method)
+    wrapped = jpeft.wrap(model.module.apply, method, remat=remat)
 
     def forward_loss(params, batch):
         return lm_loss(plain, params, batch)
@@ -890,7 +892,14 @@ def main(argv: list[str] | None = None) -> None:
 
     bench_dora.add_parser(sub)
     args = parser.parse_args(argv)
-    runs = {"lora": run_lora, "qlora": run_qlora, "vs-torch": bench_torch.run, "adapterdrop": bench_adapterdrop.run, "nnx": bench_nnx.run, "vs-qwix": bench_qwix.run}
+    runs = {
+        "lora": run_lora,
+        "qlora": run_qlora,
+        "vs-torch": bench_torch.run,
+        "adapterdrop": bench_adapterdrop.run,
+        "nnx": bench_nnx.run,
+        "vs-qwix": bench_qwix.run,
+    }
     runs["lst"] = bench_lst.run
     runs["multi-adapter"] = bench_multi_adapter.run
     runs["scaling"] = bench_scaling.run

@@ -35,11 +35,14 @@ def jax_programs(args: argparse.Namespace, ids: np.ndarray) -> dict[str, bench.P
         "pos": jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape),
     }
     out = {}
-    for name, cls in (("jax_lora", jpeft.LoRA), ("jax_dora", jpeft.DoRA)):
+    variants = [("jax_lora", jpeft.LoRA, False), ("jax_dora", jpeft.DoRA, False)]
+    if args.remat:  # the same steps under jpeft.wrap(remat=True): each block recomputed in its backward
+        variants += [("jax_lora_remat", jpeft.LoRA, True), ("jax_dora_remat", jpeft.DoRA, True)]
+    for name, cls, remat in variants:
         method = cls(targets=bench.TARGETS, rank=args.rank, alpha=16.0)
         trainable, frozen = jpeft.split(method, jpeft.apply(method, params, key=jax.random.key(2)))
         tx = jpeft.optimizer(optax.adam(1e-4), method, trainable)
-        step = bench.make_steps(model, method, optax.adam(1e-4), tx)["lora"]
+        step = bench.make_steps(model, method, optax.adam(1e-4), tx, remat=remat)["lora"]
         t = bench._copy(trainable)
         out[name] = bench.Program(name, step, [t, tx.init(t), frozen, batch], (0, 1))
     return out
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts |= {k: v[1] for k, v in th.items()}
     timed = _timing.interleaved(runners, args.steps)
     med, walls, load_before, load_after = (timed[k] for k in ("median", "walls", "load_before", "load_after"))
+    cpu = timed["cpu_median"]
     flops = {k: p.flops for k, p in jx.items()}
     nbytes = {k: p.bytes for k, p in jx.items()}
     ratios = {
@@ -75,20 +79,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dora_bytes_over_lora": nbytes["jax_dora"]["total"] / nbytes["jax_lora"]["total"],
         "dora_temp_bytes_over_lora": nbytes["jax_dora"]["temp"] / nbytes["jax_lora"]["temp"],
         "dora_wall_over_lora": med["jax_dora"] / med["jax_lora"],
+        "dora_cpu_over_lora": cpu["jax_dora"] / cpu["jax_lora"],
     }
+    if args.remat:
+        ratios |= {
+            "remat_dora_bytes_over_remat_lora": nbytes["jax_dora_remat"]["total"] / nbytes["jax_lora_remat"]["total"],
+            "remat_dora_flops_over_remat_lora": flops["jax_dora_remat"] / flops["jax_lora_remat"],
+            "remat_dora_wall_over_remat_lora": med["jax_dora_remat"] / med["jax_lora_remat"],
+        }
     if not args.no_torch:
         ratios |= {
             "torch_dora_wall_over_torch_lora": med["torch_dora"] / med["torch_lora"],
             "jax_dora_over_torch_dora": med["jax_dora"] / med["torch_dora"],
             "jax_lora_over_torch_lora": med["jax_lora"] / med["torch_lora"],
+            "cpu_jax_dora_over_torch_dora": cpu["jax_dora"] / cpu["torch_dora"],
         }
     print(f"GPT-2 ({args.layers} layers) batch {args.batch} x {args.seq}, r={args.rank} on {bench.TARGETS}")
     print(f"jax {jax.__version__}, torch {torch_version}, peft {peft_version}; load {load_before} -> {load_after}")
-    print(f"{'variant':12s} {'trainable':>10s} {'GFLOP':>8s} {'MiB':>8s} {'median ms':>10s}")
+    print(f"{'variant':14s} {'trainable':>10s} {'GFLOP':>8s} {'MiB':>8s} {'median ms':>10s} {'CPU ms':>8s}")
     for k in runners:
         fl = f"{flops[k] / 1e9:8.2f}" if k in flops else f"{'':8s}"
         mb = f"{nbytes[k]['total'] / 2**20:8.1f}" if k in nbytes else f"{'':8s}"
-        print(f"{k:12s} {counts[k]:>10,} {fl} {mb} {1000 * med[k]:>10.0f}")
+        print(f"{k:14s} {counts[k]:>10,} {fl} {mb} {1000 * med[k]:>10.0f} {1000 * cpu[k]:>8.0f}")
     for k, v in ratios.items():
         print(f"{k:32s} {v:.3f}")
     return {
@@ -100,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes": nbytes,
         "wall_s": walls,
         "wall_s_median": med,
+        "cpu_s": timed["cpus"],
+        "cpu_s_median": cpu,
         "ratios": ratios,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -114,4 +128,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--no-torch", action="store_true", help="jpeft only (no torch + peft)")
+    p.add_argument("--remat", action="store_true", help="also LoRA and DoRA under jpeft.wrap(remat=True)")
     p.add_argument("--out", default="experiments/results/bench_dora.json")

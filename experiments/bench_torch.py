@@ -104,17 +104,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = {"jax_full": jx["jax_full"][1], "jax_lora": jx["jax_lora"][1], **{k: v[1] for k, v in th.items()}}
     timed = _timing.interleaved(runners, args.steps)
     med, walls, load_before, load_after = (timed[k] for k in ("median", "walls", "load_before", "load_after"))
+    cpu = timed["cpu_median"]
     ratios = {
         "jax_lora_over_torch_lora": med["jax_lora"] / med["torch_lora"],
         "jax_full_over_torch_full": med["jax_full"] / med["torch_full"],
         "jax_lora_over_jax_full": med["jax_lora"] / med["jax_full"],
         "torch_lora_over_torch_full": med["torch_lora"] / med["torch_full"],
+        "cpu_jax_lora_over_torch_lora": cpu["jax_lora"] / cpu["torch_lora"],
+        "cpu_jax_full_over_torch_full": cpu["jax_full"] / cpu["torch_full"],
     }
     print(f"GPT-2 ({args.layers} layers) batch {args.batch} x {args.seq}, LoRA r={args.rank} on {bench.TARGETS}")
     print(f"torch {torch_version}, peft {peft_version}, jax {jax.__version__}; {os.cpu_count()} CPU threads")
-    print(f"{'variant':12s} {'trainable':>12s} {'median ms':>10s}")
+    print(f"load average {load_before} -> {load_after}")
+    print(f"{'variant':12s} {'trainable':>12s} {'median ms':>10s} {'CPU ms':>8s}")
     for k in runners:
-        print(f"{k:12s} {counts[k]:>12,} {1000 * med[k]:>10.0f}")
+        print(f"{k:12s} {counts[k]:>12,} {1000 * med[k]:>10.0f} {1000 * cpu[k]:>8.0f}")
     for k, v in ratios.items():
         print(f"{k:28s} {v:.3f}")
     verdict = "faster" if ratios["jax_lora_over_torch_lora"] < 1.0 else "NOT faster"
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable": counts,
         "wall_s": walls,
         "wall_s_median": med,
+        "cpu_s": timed["cpus"],
+        "cpu_s_median": cpu,
         "ratios": ratios,
         "loadavg_before": load_before,
         "loadavg_after": load_after,

@@ -85,9 +85,15 @@ def _combine_bwd(res, g):
     out, factor, bias = res
     dtype = factor.dtype
     g = g.astype(dtype)
-    z = (out.astype(dtype) - bias) / factor
     gz = factor * g
-    return gz.astype(out.dtype), gz, _sum_to(g * z, factor.shape), _sum_to((1 - factor) * g, bias.shape)
+    # sum(g z) = (sum(g out) - bias sum(g)) / f, summed over the axes the small shapes broadcast:
+    # neither bias nor f is broadcast to the output's shape here. (With ``(out - bias) / f`` XLA
+    # merges that broadcast of the bias with the forward pass's ``x W + bias`` and keeps it, one more
+    # (tokens, out) buffer per layer until the backward pass.)
+    small = jnp.broadcast_shapes(factor.shape, bias.shape)
+    sum_g = _sum_to(g, small)
+    sum_gz = (_sum_to(g * out.astype(dtype), small) - bias * sum_g) / factor
+    return gz.astype(out.dtype), gz, _sum_to(sum_gz, factor.shape), _sum_to((1 - factor) * sum_g, bias.shape)
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
