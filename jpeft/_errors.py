@@ -6,6 +6,7 @@ on it without reading jpeft's source.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -34,10 +35,10 @@ def positive_int(owner: str, field: str, value: Any) -> None:
 
 
 def positive_number(owner: str, field: str, value: Any) -> None:
-    """Raises unless ``value`` is a real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """Raises unless ``value`` is a finite real number > 0 (``inf`` would make every output inf or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise JpeftError(
-                f"{owner}({field}={value!r}): {field} must be a number > 0; got {value!r}."
+                f"{owner}({field}={value!r}): {field} must be a number > 0; got {value!r}. It must be finite, too."
         )
 
 

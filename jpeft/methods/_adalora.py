@@ -156,8 +156,8 @@ class AdaLoRA(Method):
             _errors.probability(name, field, getattr(self, field))
         _errors.positive_number(name, "alpha", self.alpha)
         w = self.orth_reg_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise JpeftError(f"{name}(orth_reg_weight={w!r}): orth_reg_weight must be a number >= 0; got {w!r}.")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or not math.isfinite(w):
+            raise JpeftError(f"{name}(orth_reg_weight={w!r}): orth_reg_weight must be a number >= 0 and finite; got {w!r}.")
         object.__setattr__(self, "layouts", _layout.overrides(name, self.layouts))
         object.__setattr__(self, "dtype", _errors.float_dtype(name, "dtype", self.dtype))
 

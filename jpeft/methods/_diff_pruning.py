@@ -82,9 +82,9 @@ class DiffPruning(Method):
         _errors.positive_number(name, "beta", self.beta)
         for field, ok, want in (("gamma", lambda v: v < 0, "< 0"), ("zeta", lambda v: v > 1, "> 1")):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value) or not math.isfinite(value):
                 raise JpeftError(
-                    f"{name}({field}={value!r}): {field} must be a number {want} (the stretch interval "
+                    f"{name}({field}={value!r}): {field} must be a number {want}, finite (the stretch interval "
                     "(gamma, zeta) must contain [0, 1]; the usual values are -0.1 and 1.1)."
                 )
         value = self.log_alpha_init
