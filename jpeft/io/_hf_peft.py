@@ -26,6 +26,7 @@ Only safetensors is read or written, never pickle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,7 +134,9 @@ def export_hf(
         replaced: both are written to a temporary directory inside ``path`` first, then renamed,
         weights first; the weights' safetensors metadata holds the config's SHA-256
         (``jpeft_config_sha256``), which ``import_hf`` checks, so a pair torn by a killed or
-        concurrent export is refused rather than loaded with the old config.
+        concurrent export is refused rather than loaded with the old config. In a multi-host run, call
+        export_hf on every process: deltas spanning other processes' devices are gathered (a
+        collective) and every process writes the same two files.
       method: the ``jpeft.LoRA`` (or DoRA, LoRA-FA, LoRA+), ``IA3``, ``PromptTuning``, ``PTuning``,
         ``PrefixTuning`` or ``PTuningV2`` that made the deltas.
       peft_params: the tree holding the deltas, from ``jpeft.apply`` and training.
@@ -186,6 +189,7 @@ def export_hf(
         "revision": None,
         "inference_mode": True,
     }
+    peft_params = _on_host(method, peft_params)
     if _nnx.is_model(peft_params):
         from jpeft.io._hf_peft_nnx import export_nnx
 
@@ -211,6 +215,37 @@ def export_hf(
     from jpeft.io._hf_peft_lora import export_lora
 
     return export_lora(path, method, peft_params, profile, name, extra)
+
+
+def _on_host(method: Method, peft_params: PyTree) -> PyTree:
+    """The tree with the leaves export_hf reads (deltas, ``extra_trainable`` leaves) gathered to this host
+    where they are global arrays spanning other processes' devices (a multi-host run, where every process
+    calls export_hf and each writes the same two files); base kernels stay as they are."""
+    import jax
+
+    if jax.process_count() == 1:
+        return peft_params
+    from jax.experimental import multihost_utils
+
+    def host(x: Any) -> Any:  # a collective: every process gathers the same leaves in the same order
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    if _nnx.is_model(peft_params):
+        from flax import nnx
+
+        graphdef, deltas, rest = nnx.split(peft_params, nnx.Any(_nnx.Delta, _nnx.FrozenDelta), ...)
+        return nnx.merge(graphdef, jax.tree.map(host, deltas), rest)
+    extra = getattr(method, "extra_trainable", None)
+
+    def walk(tree: Any, path: Path) -> Any:
+        if isinstance(tree, Mapping):
+            return {k: walk(v, path + (str(k),)) for k, v in tree.items()}
+        read = RESERVED in path or (isinstance(extra, str) and re.fullmatch(extra, join(path)) is not None)
+        return jax.tree.map(host, tree) if read else tree
+
+    return walk(peft_params, ())
 
 
 def _resolve(torch_path: str, modules: Mapping[Path, Any]) -> Path | None:

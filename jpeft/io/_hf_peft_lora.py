@@ -97,7 +97,8 @@ def export_lora(
     overrides = tuple(method.layouts) + _check_profile(owner, profile)
     ctx = Context(peft_params)
     modules = _tree.modules(peft_params)
-    targets = method.select(peft_params)
+    # QLoRA also selects the modules it quantised but does not target: their adapter nodes hold no factors.
+    targets = [t for t in method.select(peft_params) if adapter(owner, peft_params, t, name)]
     tensors: dict[str, np.ndarray] = {}
     transposed = False
     for target in targets:

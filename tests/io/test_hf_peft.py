@@ -620,3 +620,18 @@ def _walk(tree, path=()):
     for k, v in tree.items():
         if isinstance(v, dict) and k != jpeft.RESERVED:
             yield from _walk(v, path + (k,))
+
+
+def test_qlora_exports_its_targets_not_the_modules_it_only_quantised(tmp_path, key):
+    # QLoRA selects every quantised module; the untargeted ones hold empty adapter nodes, on which
+    # export_hf raised a bare KeyError. They are not HF PEFT targets: neither tensors nor target_modules.
+    rng = np.random.RandomState(0)
+    params = {m: {"kernel": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)} for m in ("q", "o")}
+    method = jpeft.QLoRA(targets=r"q", rank=2)
+    peft = jpeft.apply(method, jpeft.quantize(params, method.quant, targets=("q", "o")), key=key)
+    jpeft.export_hf(str(tmp_path), method, peft)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"]
+    a = peft["q"][jpeft.RESERVED]["default"]["lora_a"]
+    np.testing.assert_array_equal(tensors["base_model.model.q.lora_A.weight"], np.asarray(a).T)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q"]
