@@ -163,6 +163,12 @@ class LoRA(Method):
             b = jnp.zeros(b_shape, dtype)
         deltas = {"lora_a": a, "lora_b": b}
         if self.use_dora:
+            if isinstance(kernel, jax.ShapeDtypeStruct):  # jpeft.on_quantized shows quantised kernels abstractly
+                raise JpeftError(
+                    f"{self._name()}: {join(path)!r} holds a quantised kernel; DoRA's magnitude and column norm need the "
+                    "float kernel, so DoRA on quantised kernels is not supported. Leave this module out of "
+                    "jpeft.quantize's targets, or use jpeft.LoRA."
+                )
             w = kernel.astype(dtype)
             deltas["magnitude"] = jnp.sqrt(jnp.sum(w * w, axis=layout.reduce_axes()))
         return deltas

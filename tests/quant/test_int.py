@@ -237,6 +237,9 @@ def test_method_errors_before_tracing():
         jpeft.on_quantized(jpeft.LoRA(targets=["q_proj"]), compute_dtype="int8")
     with pytest.raises(jpeft.JpeftError, match=r"QLoRA already computes"):
         jpeft.on_quantized(jpeft.QLoRA(targets=["q_proj"]))
+    dora = jpeft.on_quantized(jpeft.DoRA(targets=["q_proj"], rank=2))  # crashed on the abstract kernel before
+    with pytest.raises(jpeft.JpeftError, match=r"q_proj' holds a quantised kernel; DoRA's magnitude"):
+        jpeft.apply(dora, jpeft.quantize(hf.params, INT8, targets=r".*_proj"), key=jax.random.key(0))
     emb = jpeft.quantize(hf.params, INT8, targets=r"model/embed_tokens/embedding")
     with pytest.raises(jpeft.JpeftError, match=r"only linear layers' 'kernel'"):
         jpeft.apply(jpeft.on_quantized(jpeft.LoRA(targets=["q_proj"])), emb, key=jax.random.key(0))
