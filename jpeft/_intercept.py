@@ -101,6 +101,11 @@ class Linear:
       place: ``place(module, d) -> y`` moves an array whose trailing axes are the layout's output
         axes (``x a b``, a per-output-feature scale) to where the module's output holds them
         (tunix Gemma 3's ``kv_einsum`` returns ``(2, B, T, K, H)``); ``None`` when they end it.
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.Linear(layout=jpeft.Layout("dense")).layout.kind  # what jpeft.register_linear(nn.Dense, ...) holds
+      'dense'
     """
 
     layout: Layout | Callable[[nn.Module], Layout]

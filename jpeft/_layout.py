@@ -47,6 +47,13 @@ class Layout:
     hold the input features, when they do not lead; the other axes are the output axes, in the
     kernel's order. tunix Gemma 3's ``q_einsum`` ``w: (N, D, H)`` is ``in_axes=(1,)``: ``a: (D, r)``,
     ``b: (r, N, H)``. ``None``: the first ``n_in`` axes.
+
+    Example:
+      >>> import jpeft
+      >>> jpeft.Layout("dense").factor_shapes((12, 64, 32), rank=4)  # an nn.scan stack of 12 (64, 32) kernels
+      ((12, 64, 4), (12, 4, 32))
+      >>> jpeft.Layout("transposed").split((96, 32))  # GPT-2's Conv1D: (out, in)
+      ((), (32,), (96,))
     """
 
     kind: str

@@ -50,6 +50,12 @@ class Method:
     Attributes:
       extra_trainable: a regex over '/'-joined *leaf* paths of base parameters that train fully
         alongside the method, such as a task head (HF PEFT's ``modules_to_save``).
+
+    Example:
+      >>> import jpeft
+      >>> method = jpeft.LoRA(targets=("query", "value"), rank=8, extra_trainable=r"classifier/.*")
+      >>> isinstance(method, jpeft.Method), method.mergeable, method.site_role
+      (True, True, 'weight')
     """
 
     extra_trainable: str | None = None
