@@ -8,11 +8,13 @@ Two subcommands, each run by every process of a group (``--num-processes N``, ``
   :func:`_base_specs`; deltas by ``jpeft.partition_specs``) and each process gives only its rows of
   the batch; with ``--mesh none`` everything runs on one device (the single-process oracle). Each case
   is saved with ``jpeft.save`` (step STEPS), merged with ``jpeft.merge`` and exported with
-  ``jpeft.export_hf``. With ``--kill-process k`` a save of step STEPS + 1 follows, in the middle of
-  which process ``k`` SIGKILLs itself (after writing its shards, before the commit).
+  ``jpeft.export_hf``. ``--kill-in-save all`` then starts a save of step STEPS + 1 in the middle of
+  which the last process SIGKILLs every process of the group (a preempted job).
 * ``restore``: restores every case's latest checkpoint (of ``--source``, the train run's ``--out``)
   onto the base laid out on ``--mesh``, then merges and exports it. With ``--oracle DIR`` the process
   then also trains as ``train --mesh none --out DIR`` would (one process start fewer in the test).
+  ``--kill-in-save one`` then saves the last case as step STEPS into ``--out`` and starts a save of
+  step STEPS + 1 in which the last process SIGKILLs itself: the others print the JpeftError they get.
 
 Process 0 writes ``<out>/<case>.npz`` (the trained or restored leaves and optimizer state, gathered
 to the host with ``multihost_utils.process_allgather``; the merged tree; the losses) and prints one
@@ -335,28 +337,43 @@ def train(args: argparse.Namespace) -> None:
         }
         _report(args, case, arrays, start, split=split)
         last = (case, method, peft, state)
-    if args.kill_process is not None:
+    if args.kill_in_save:
         _killed_save(args, *last)
 
 
 def _killed_save(args: argparse.Namespace, case: str, method: Any, peft: Any, state: Any) -> None:
-    """A save of step STEPS + 1 that process ``args.kill_process`` SIGKILLs itself in the middle of."""
+    """A save of step STEPS + 1 in the middle of which the last process, once its shards are written
+    (before the commit), SIGKILLs itself (``--kill-in-save one``: the others must get a JpeftError) or
+    every process of the group, whose pids the processes wrote to ``<out>/pid-<i>`` (``all``: the
+    whole job dies, as in a preemption; one machine only)."""
     import jax
     import orbax.checkpoint as ocp
 
     import jpeft
 
-    if jax.process_index() == args.kill_process:
+    me, last = jax.process_index(), jax.process_count() - 1
+    if me == last:
         write = ocp.CompositeCheckpointHandler.save
 
         def write_then_die(self: Any, *a: Any, **k: Any) -> Any:
             write(self, *a, **k)  # this process's shards are on disk; the commit has not happened
+            if args.kill_in_save == "all":
+                for i in range(last):
+                    with open(os.path.join(args.out, f"pid-{i}")) as f:
+                        os.kill(int(f.read()), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
         ocp.CompositeCheckpointHandler.save = write_then_die
-    print(json.dumps({"event": "killed-save", "process": jax.process_index()}), flush=True)
-    jpeft.save(os.path.join(args.out, "ckpt", case), method, peft, step=STEPS + 1, opt_state=state)
-    print(json.dumps({"event": "killed-save-returned", "process": jax.process_index()}), flush=True)
+    print(json.dumps({"event": "killed-save", "process": me}), flush=True)
+    start = time.perf_counter()
+    try:
+        jpeft.save(os.path.join(args.out, "ckpt", case), method, peft, step=STEPS + 1, opt_state=state)
+        error = None
+    except jpeft.JpeftError as e:  # a survivor: orbax's barrier fails once the dead process is noticed
+        error = str(e)
+    seconds = round(time.perf_counter() - start, 2)
+    print(json.dumps({"event": "save-failed", "process": me, "error": error, "seconds": seconds}), flush=True)
+    os._exit(0)  # the group has lost a process: jax.distributed's shutdown at exit would wait on it
 
 
 def restore(args: argparse.Namespace) -> None:
@@ -368,6 +385,7 @@ def restore(args: argparse.Namespace) -> None:
     import jpeft.io
 
     mesh = _mesh(args.mesh)
+    last: tuple[Any, ...] = ()
     for case in CASES:
         start = time.perf_counter()
         path = os.path.join(args.source, "ckpt", case)
@@ -404,6 +422,12 @@ def restore(args: argparse.Namespace) -> None:
             **_outputs(case, got.method, got.params, args.out),
         }
         _report(args, case, arrays, start, split=split, steps=listed, step=got.step)
+        last = (case, got.method, got.params, got.opt_state)
+    if args.kill_in_save:  # the last case's deltas saved again, then a save that loses a process
+        # Without the optimizer state: restored through a template, its step count is host-local (on each
+        # process's first device), which a multi-host save refuses (a JpeftError) until a step makes it global.
+        jpeft.save(os.path.join(args.out, "ckpt", last[0]), *last[1:3], step=STEPS)
+        _killed_save(args, *last[:3], None)
 
 
 def _report(args: argparse.Namespace, case: str, arrays: dict[str, Any], start: float, **extra: Any) -> None:
@@ -436,17 +460,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="the local coordinator's port; omit on a pod")
     parser.add_argument("--devices", type=int, default=0, help="simulated CPU devices per process (0: real ones)")
     parser.add_argument("--oracle", help="restore: then train as `train --mesh none` would, into this directory")
-    parser.add_argument("--kill-process", type=int, help="train: SIGKILL this process in a last save")
+    parser.add_argument(
+        "--kill-in-save", choices=("one", "all"), help="end with a save in which the last process kills itself or all"
+    )
     args = parser.parse_args(argv)
-    _start(args)
     os.makedirs(args.out, exist_ok=True)
+    if args.kill_in_save == "all":
+        with open(os.path.join(args.out, f"pid-{args.process_id}"), "w") as f:
+            f.write(str(os.getpid()))
+    _start(args)
     if args.command == "train":
         train(args)
         return
     restore(args)
     if args.oracle:  # the same training on one device of this process (saves a process start)
         os.makedirs(args.oracle, exist_ok=True)
-        train(argparse.Namespace(**{**vars(args), "mesh": "none", "out": args.oracle, "kill_process": None}))
+        train(argparse.Namespace(**{**vars(args), "mesh": "none", "out": args.oracle, "kill_in_save": None}))
 
 
 if __name__ == "__main__":

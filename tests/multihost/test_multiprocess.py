@@ -8,17 +8,18 @@ feeds only its half of the batch. Four cases: LoRA and QLoRA on a linen model (t
 and on an NNX model (the tiny NNX Llama). Two waves of processes, each compiling once:
 
 1. the pair trains every case (deltas sharded by ``jpeft.partition_specs``), saves it with
-   ``jpeft.save`` from both processes, merges and exports it, then starts another save in which
-   process 1 SIGKILLs itself after writing its shards (the test kills process 0, left waiting on it);
+   ``jpeft.save`` from both processes, merges and exports it, then starts another save in the middle
+   of which process 1 SIGKILLs both processes (a preempted job: its partial directory stays);
 2. a fresh pair restores every case onto its sharded base, and so does one process of 8 devices on a
    4x2 mesh; both merge and export what they restored; that process then trains every case on one
-   device (the oracle).
+   device (the oracle), and the pair saves again and starts a save in which process 1 SIGKILLs only
+   itself (process 0 must get a JpeftError, nothing committed).
 
 Checked: the pair's trained deltas, optimizer state and losses equal the oracle's (1e-5); both
-restores are bit-exact (NumPy bytes) and see only the committed step (the killed save's directory is
-on disk, never listed); ``jpeft.merge`` and ``jpeft.export_hf`` on the pair's global arrays give the
-values and files of the same on one process. One test item, so that pytest-xdist never runs two
-process groups at once.
+restores are bit-exact (NumPy bytes) and see only the committed step on every process (the
+preempted save's directory is on disk, never listed); ``jpeft.merge`` and ``jpeft.export_hf`` on the
+pair's global arrays give the values and files of the same on one process. One test item, so that
+pytest-xdist never runs two process groups at once.
 """
 
 from __future__ import annotations
@@ -141,22 +142,21 @@ def test_two_processes_train_save_survive_a_kill_restore_merge_and_export_like_o
     group = _Group(tmp_path)
     train, oracle, again, single = (tmp_path / n for n in ("train", "oracle", "restore-pair", "restore-one"))
     start = time.monotonic()
-    try:  # wave 1: the pair trains and saves (process 1 dies in its last save)
-        pair = _pair(group, "train", "train", train, "--kill-process", "1")
-        codes = group.wait(pair[1:], time.monotonic() + WAVE_TIMEOUT, watch=pair[:1])
-        assert codes[pair[1]] == -signal.SIGKILL, f"process 1 should have died in its last save\n{group.tail(pair[1])}"
-        # Process 0 printed its event before entering that save, which process 1 cannot enter alone.
+    try:  # wave 1: the pair trains and saves; in a last save process 1 SIGKILLs both (a preempted job)
+        pair = _pair(group, "train", "train", train, "--kill-in-save", "all")
+        codes = group.wait(pair, time.monotonic() + WAVE_TIMEOUT)
+        assert set(codes.values()) == {-signal.SIGKILL}, "\n".join(group.tail(n) for n in pair)
         assert any(r.get("event") == "killed-save" for r in group.lines(pair[0])), group.tail(pair[0])
-        group.procs[pair[0]].kill()  # it waits on the dead process in orbax's barrier
         wave1 = time.monotonic() - start
-        # wave 2: a fresh pair and one process of 8 devices (a 4x2 mesh) restore what the pair saved
-        fresh = _pair(group, "restore", "restore", again, "--source", str(train))
+        # wave 2: a fresh pair and one process of 8 devices (a 4x2 mesh) restore what the pair saved; the
+        # pair then saves again, and process 1 SIGKILLs itself in a save: process 0 must get a JpeftError.
+        fresh = _pair(group, "restore", "restore", again, "--source", str(train), "--kill-in-save", "one")
         group.start(  # and then trains every case on one device: the oracle
             "one", "restore", "--source", str(train), "--out", str(single), "--mesh", "4x2", "--devices", "8",
             "--oracle", str(oracle),
         )  # fmt: skip
         codes = group.wait((*fresh, "one"), time.monotonic() + WAVE_TIMEOUT)
-        assert set(codes.values()) == {0}, "\n".join(group.tail(n) for n in codes)
+        assert codes == {fresh[0]: 0, fresh[1]: -signal.SIGKILL, "one": 0}, "\n".join(group.tail(n) for n in codes)
     finally:
         group.kill_all()
     wall = time.monotonic() - start
@@ -179,10 +179,8 @@ def test_two_processes_train_save_survive_a_kill_restore_merge_and_export_like_o
         got, want = _arrays(train / f"{case}.npz"), _arrays(oracle / f"{case}.npz")
         trained = _max_diff(got, want, ("params", "opt", "loss"))
         assert trained <= TOL, f"{case}: the pair's training differs from one process's by {trained:.3g}\n{logs}"
-        # The killed save left a directory that steps() and restore never pick up.
         ckpt = train / "ckpt" / case
         assert jpeft.io.steps(ckpt) == [STEPS], sorted(os.listdir(ckpt))
-        partial = [n for n in os.listdir(ckpt) if n.startswith(f"step_{STEPS + 1}")] if case == CASES[-1] else []
         for where in (again, single):
             restored = _arrays(where / f"{case}.npz")
             bad = _same_bytes(restored, got, ("params", "opt"))
@@ -201,8 +199,14 @@ def test_two_processes_train_save_survive_a_kill_restore_merge_and_export_like_o
                 assert not bad, f"{case}: export_hf tensors differ from {where.name}'s: {bad[:5]}"
             files = f"{len(tensors)} tensors, bit-exact"
         report[case] = {"train_max_diff": trained, "merge_max_diff": merged, "export": files}
-        if partial:
-            report["killed_save_left"] = partial
+    # The preempted save left its directory, which steps() and both restores above never picked up.
+    partial = [n for n in os.listdir(ckpt) if n.startswith(f"step_{STEPS + 1}")]
+    assert partial, f"the killed save left no step_{STEPS + 1} directory: {sorted(os.listdir(ckpt))}"
+    # The survivor of the save that lost process 1 got a JpeftError; nothing was committed.
+    (failed,) = [r for r in group.lines(fresh[0]) if r.get("event") == "save-failed"]
+    assert failed["error"] and "Nothing was committed" in failed["error"], failed
+    assert jpeft.io.steps(again / "ckpt" / CASES[-1]) == [STEPS], sorted(os.listdir(again / "ckpt" / CASES[-1]))
+    report["preempted_save_left"] = partial
+    report["survivor_error_after_s"] = failed["seconds"]
     report["wall_s"] = {"wave1": round(wave1, 1), "total": round(wall, 1)}
-    assert "killed_save_left" in report, f"the killed save left no step_{STEPS + 1} directory: {os.listdir(ckpt)}"
     print(json.dumps(report, indent=1))
