@@ -75,6 +75,7 @@ def test_speedup_rank_and_gap():
     sp = V.speedup([slow, slow], [fast, fast])
     assert sp["verdict"] == V.HELD and sp["ratio"]["mean"] > 1.5
     assert V.speedup([fast, fast], [slow, slow])["verdict"] == V.NOT_HELD
+    assert V.speedup([slow, fast], [fast, fast])["verdict"] == V.NOT_HELD  # a tie on one seed is not "fewer steps"
     r = lambda loss, acc: {"loss": {"mean": loss, "std": 0.01, "n": 2}, "acc": {"mean": acc, "std": 1, "n": 2}}  # noqa: E731
     trend = V.rank_trend({"lora": {4: r(0.5, 70), 256: r(0.5, 70)}, "rslora": {4: r(0.5, 70), 256: r(0.3, 75)}}, 4, 256)
     assert trend["verdict"] == V.HELD and trend["rslora"]["acc_gain"] == 5
