@@ -20,18 +20,21 @@ def _plt() -> Any:
     return plt
 
 
-def _bars(ax: Any, groups: list[str], series: Mapping[str, list[Any]]) -> None:
-    """Grouped bars with error bars: ``series[label][i]`` is a summary (or None) for ``groups[i]``."""
-    w = 0.8 / max(1, len(series))
+def _points(ax: Any, groups: list[str], series: Mapping[str, list[Any]]) -> None:
+    """Means with std error bars, side by side per group: ``series[label][i]`` is a summary (or None) for
+    ``groups[i]``; a missing one is marked on the axis."""
+    w = 0.6 / max(1, len(series))
     for j, (lab, vals) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(groups))]
-        ms = [v["mean"] if v else float("nan") for v in vals]
-        ss = [v["std"] if v else 0.0 for v in vals]
-        ax.bar(xs, ms, w, yerr=ss, capsize=3, label=lab)
+        got = [(x, v) for x, v in zip(xs, vals, strict=True) if v]
+        ax.errorbar([x for x, _ in got], [v["mean"] for _, v in got], yerr=[v["std"] for _, v in got], fmt="os^Dv"[j % 5],
+                    capsize=4, label=lab, ls="none")  # fmt: skip
         for x, v in zip(xs, vals, strict=True):
-            ax.annotate("missing" if v is None else f"n {v['n']}", (x, 0), ha="center", va="bottom", fontsize=6,
+            note = "missing" if v is None else f"n {v['n']}"
+            ax.annotate(note, (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=6,
                         rotation=90, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -44,9 +47,8 @@ def plot(claim: Mapping[str, Any], rows: Mapping[tuple[str, str], Mapping[str, A
     ax = axes[0][0]
     if "tasks" in claim:  # a pair claim over compare's rows
         names = next(ns for cid, _, ns, _ in V.PAIR_CLAIMS if cid == claim["id"])
-        _bars(ax, tasks, {label(n): [rows.get((t, n), {}).get("acc") for t in tasks] for n in names})
+        _points(ax, tasks, {label(n): [rows.get((t, n), {}).get("acc") for t in tasks] for n in names})
         ax.set(ylabel="test accuracy (%, mean ± std over seeds)")
-        ax.set_ylim(bottom=0)
     elif claim["id"] == "advice":
         names = ("full", "lora", "lora_bf16", "qlora", "bitfit", "prompt", "ptuning")
         for t, a in zip(tasks, axes[0], strict=True):
@@ -87,8 +89,9 @@ def plot(claim: Mapping[str, Any], rows: Mapping[tuple[str, str], Mapping[str, A
         ax.grid(True, alpha=0.3)
     elif claim["id"] == "prompt_gap_size":
         sizes = [s for s, _ in claim["gaps"]]
-        _bars(ax, sizes, {"full − prompt tuning (points)": [g for _, g in claim["gaps"]]})
+        _points(ax, sizes, {"full − prompt tuning (points)": [g for _, g in claim["gaps"]]})
         ax.set(ylabel="test-accuracy gap (points, mean ± std over seeds)")
+        ax.axhline(0, c="gray", lw=1)
     if ax.get_legend_handles_labels()[0] and claim["id"] not in ("rslora_rank",):
         ax.legend(fontsize=7)
     fig.suptitle(f"{claim['statement'][:110]}\nverdict: {claim['verdict']}", fontsize=9)
