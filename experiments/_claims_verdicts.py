@@ -67,7 +67,8 @@ def row(agg: Mapping[str, Any]) -> dict[str, Any]:
 def check(a: Mapping[str, Any], b: Mapping[str, Any], relation: str, tol: float) -> dict[str, Any]:
     """``a`` against ``b`` (rows with ``acc``): the difference of means in points and the verdict of ``relation``.
 
-    ``within``: |d| <= tol; ``geq``: d >= -tol; ``a_little_below``: -tol <= d < 0.
+    ``within``: |d| <= tol; ``geq``: d >= -tol; ``a_little_below``: -tol <= d <= :data:`TIE` (not far below,
+    and not clearly above).
 
     >>> check({"acc": {"mean": 80.0, "std": 1, "n": 3}}, {"acc": {"mean": 80.5, "std": 1, "n": 3}}, "within", 1.0)["verdict"]
     'held'
@@ -76,7 +77,7 @@ def check(a: Mapping[str, Any], b: Mapping[str, Any], relation: str, tol: float)
         return {"verdict": PENDING}
     d = a["acc"]["mean"] - b["acc"]["mean"]
     se = (a["acc"]["std"] ** 2 / a["acc"]["n"] + b["acc"]["std"] ** 2 / b["acc"]["n"]) ** 0.5
-    ok = {"within": abs(d) <= tol, "geq": d >= -tol, "a_little_below": -tol <= d < 0}[relation]
+    ok = {"within": abs(d) <= tol, "geq": d >= -tol, "a_little_below": -tol <= d <= TIE}[relation]
     return {"diff": d, "se": se, "verdict": HELD if ok else NOT_HELD}
 
 
@@ -158,20 +159,19 @@ def steps_to(curve: Sequence[float], target: float) -> int | None:
 
 
 def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """Steps to a training loss both reach, per seed (paired by seed), and their ratio ``base / fast``.
+    """Steps to a training loss both runs of a seed reach (paired by seed), and their ratio ``base / fast``.
 
-    The target is the higher of the two runs' mean final smoothed losses, so both mean curves reach it.
+    Per seed the target is the higher of the two runs' final smoothed losses, so both curves reach it.
     Held when ``fast`` needs strictly fewer steps than ``base`` on every seed.
     """
     if not base or not fast:
         return {"verdict": PENDING}
-    final = [statistics.fmean(smooth(c)[-1] for c in runs) for runs in (base, fast)]
-    target = max(final)
-    pairs = [(steps_to(b, target), steps_to(f, target)) for b, f in zip(base, fast, strict=False)]
-    n = len(base[0])
-    ratios = [(b or n + 1) / (f or n + 1) for b, f in pairs]  # never reached: counted as n + 1 (censored)
+    targets = [max(smooth(b)[-1], smooth(f)[-1]) for b, f in zip(base, fast, strict=False)]
+    pairs = [(steps_to(b, t), steps_to(f, t)) for b, f, t in zip(base, fast, targets, strict=False)]
+    ratios = [b / f for b, f in pairs]  # type: ignore[operator] (each curve reaches its seed's target)
     s = summary(ratios, 1.0)
-    out = {"target_loss": target, "steps": pairs, "ratio": s, "final_loss": final}
+    final = [statistics.fmean(smooth(c)[-1] for c in runs) for runs in (base, fast)]
+    out = {"targets": targets, "steps": pairs, "ratio": s, "final_loss": final}
     out["verdict"] = HELD if all(r > 1.0 for r in ratios) else NOT_HELD  # fewer steps on every seed
     return out
 
