@@ -12,6 +12,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,14 +75,14 @@ trees_and_methods = S.generic_trees().flatmap(lambda t: st.tuples(st.just(t), S.
 profile_trees_and_methods = S.profile_trees().flatmap(lambda t: st.tuples(st.just(t), S.profile_methods(t)))
 
 
-@S.examples(25)
+@S.examples(12)
 @given(trees_and_methods, S.names, st.integers(0, 2**31 - 1))
 def test_apply_never_mutates_and_shares_base_leaves(tm, name, seed):
     tree, drawn = tm
     _apply_checked(drawn, tree, name, jax.random.key(seed))
 
 
-@S.examples(15)
+@S.examples(10)
 @given(profile_trees_and_methods, S.names)
 def test_apply_of_profile_methods_never_mutates_and_shares_base_leaves(tm, name):
     tree, drawn = tm
@@ -94,7 +95,7 @@ def _expected_trainable(drawn, tree, peft):
     return trainable, base - trainable
 
 
-@S.examples(20)
+@S.examples(15)
 @given(st.one_of(trees_and_methods, profile_trees_and_methods), S.names)
 def test_labels_freeze_every_base_leaf_the_method_does_not_train(tm, name):
     tree, drawn = tm
@@ -112,7 +113,7 @@ def test_labels_freeze_every_base_leaf_the_method_does_not_train(tm, name):
     assert not deltas or any(lab != "frozen" for lab in deltas), "no delta leaf trains"
 
 
-@S.examples(20)
+@S.examples(15)
 @given(st.one_of(trees_and_methods, profile_trees_and_methods), S.names)
 def test_split_then_combine_is_the_identity(tm, name):
     tree, drawn = tm
@@ -129,7 +130,7 @@ def test_split_then_combine_is_the_identity(tm, name):
 MERGEABLE = tuple(k for k in S.WEIGHT_KINDS if k != "LoRADrop")
 
 
-@S.examples(20)
+@S.examples(10)
 @given(S.generic_trees().flatmap(lambda t: st.tuples(st.just(t), S.weight_methods(t, MERGEABLE))), S.names)
 def test_merge_keeps_structure_shapes_and_dtypes(tm, name):
     tree, drawn = tm
@@ -145,7 +146,7 @@ def test_merge_keeps_structure_shapes_and_dtypes(tm, name):
             assert got[p] is x, f"merge replaced the untouched leaf {'/'.join(p)}"
 
 
-@S.examples(10)
+@S.examples(6)
 @given(profile_trees_and_methods, S.names)
 def test_merge_of_a_profile_method_keeps_the_base_or_refuses_clearly(tm, name):
     tree, drawn = tm
@@ -162,7 +163,7 @@ def test_merge_of_a_profile_method_keeps_the_base_or_refuses_clearly(tm, name):
         assert (got[p].shape, got[p].dtype) == (x.shape, x.dtype), "/".join(p)
 
 
-@S.examples(10)
+@S.examples(8)
 @given(trees_and_methods, st.lists(S.names, min_size=2, max_size=3, unique=True))
 def test_named_adapters_are_independent_and_remove_restores_the_base(tm, adapter_names):
     tree, drawn = tm
@@ -180,7 +181,7 @@ def test_named_adapters_are_independent_and_remove_restores_the_base(tm, adapter
     assert _skeleton(peft) == _skeleton(tree.params)
 
 
-@S.examples(4)
+@S.examples(3)
 @given(st.one_of(trees_and_methods, profile_trees_and_methods), S.names)
 def test_save_then_restore_is_the_identity(tm, name):
     tree, drawn = tm
@@ -198,6 +199,10 @@ def test_save_then_restore_is_the_identity(tm, name):
 
     peft = put(peft)
     root = tempfile.mkdtemp(prefix="jpeft-prop-")
+    if not trained:  # Freeze(trainable_layers=0): a clear refusal, never an empty checkpoint
+        with pytest.raises(jpeft.JpeftError, match="nothing to save"):
+            jpeft.save(root, drawn.method, peft, step=3, name=name)
+        return shutil.rmtree(root, ignore_errors=True)
     try:
         jpeft.save(root, drawn.method, peft, step=3, name=name)
         method, restored, opt_state, step = jpeft.restore(root, tree.params)
@@ -209,5 +214,5 @@ def test_save_then_restore_is_the_identity(tm, name):
     for p, x in want.items():
         assert (got[p].shape, got[p].dtype) == (x.shape, x.dtype), "/".join(p)
         np.testing.assert_array_equal(np.asarray(got[p], np.float32), np.asarray(x, np.float32), err_msg="/".join(p))
-        if p not in trained:
+        if p not in trained and RESERVED not in p:  # frozen deltas (LoRA-FA's A) are saved and restored
             assert got[p] is x, f"restore replaced the frozen base leaf {'/'.join(p)}"
