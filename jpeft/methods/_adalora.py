@@ -391,8 +391,9 @@ def _schedule(method: AdaLoRA, tx: optax.GradientTransformation) -> optax.Gradie
         mask = {k: jnp.ones(v["lora_e"].shape, bool) for k, v in trip.items()}
         inner = tx.init(params)
         acc = jax.tree.map(jnp.copy, zeros) if _multisteps(inner) is not None else {}
-        count = jnp.zeros((), jnp.int32)
-        return AdaLoRAState(count, zeros, jax.tree.map(jnp.copy, zeros), mask, inner, acc, count)
+        # Two distinct counters: one buffer in two fields cannot be donated (jit(donate_argnums) refuses it).
+        count, micro = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+        return AdaLoRAState(count, zeros, jax.tree.map(jnp.copy, zeros), mask, inner, acc, micro)
 
     def update(updates: PyTree, state: AdaLoRAState, params: PyTree = None) -> tuple[PyTree, AdaLoRAState]:
         if params is None:

@@ -406,6 +406,21 @@ def test_split_half_and_full_tree_train_identically():
     assert jax.tree.map(np.asarray, ranks).keys() == jpeft.adalora_ranks(s_full).keys()
 
 
+def test_state_can_be_donated():
+    """Regression: the initial state held one counter buffer in two fields, so a train step jitted with the
+    state donated failed ("Attempt to donate the same buffer twice"; found by experiments.claims)."""
+    params = {"q": {"kernel": jnp.ones((6, 5))}}
+    method = jpeft.AdaLoRA(targets=["q"], init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, delta_t=2)
+    peft = jpeft.apply(method, params, key=jax.random.key(0))
+    tx = jpeft.optimizer(optax.adam(1e-2), method, peft)
+    state = tx.init(peft)
+    leaves = jax.tree.leaves(state)
+    assert len({id(x) for x in leaves}) == len(leaves)
+    step = jax.jit(lambda s, p: tx.update(jax.tree.map(jnp.ones_like, p), s, p), donate_argnums=0)
+    _, state = step(state, peft)
+    assert set(jpeft.adalora_ranks(state)) == {"q"}
+
+
 @pytest.mark.parametrize("placement", ["inside", "outside"])
 def test_multisteps_schedule_counts_real_updates(placement):
     """MultiSteps(every_k_schedule=2) over 2k micro-steps (each real step's gradient fed twice) gives the
