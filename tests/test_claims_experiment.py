@@ -92,7 +92,12 @@ def test_one_real_cell_through_compares_runner(tmp_path, monkeypatch):
     monkeypatch.setitem(R.GROUPS, "tiny", [("claims_lora_plus_r8", 1)])
     path = str(tmp_path / "cells.jsonl")
     kw = dict(cells_path=path, task="rt", groups=["tiny"], seeds=1, base=["--quick", "--cache", str(tmp_path)])
-    assert R.run_groups({}, **kw) == 1
+    R.register()
+    args = R.group_args(path, "rt", 1, 1, kw["base"])
+    config = compare.cell_config(args, "rt", "claims_lora_plus_r8", R.PLUS_LR, 0)
+    failed = {"key": compare.cell_key(config), "config": config, "result": {"status": "error: RuntimeError: x"}}
+    compare.append_cell(path, failed)  # an earlier run's error: it runs again
+    assert R.run_groups(compare.read_cells(path), **kw) == 1
     (cell,) = compare.read_cells(path).values()
     assert cell["config"]["method"] == "claims_lora_plus_r8" and cell["config"]["layers"] == 1
     assert "LoRAPlus" in cell["config"]["spec"] and cell["result"]["status"] == "ok"
