@@ -119,7 +119,11 @@ def _pair_text(c: Mapping[str, Any]) -> str:
         )
         checks = "; ".join(
             f"{ch['a']} − {ch['b']} = {ch['diff']:+.1f} ± {ch['se']:.1f} (se) → {ch['verdict']}"
-            + _unequal(d["rows"].get(ch["a"], {}), d["rows"].get(ch["b"], {}))
+            + (
+                _unequal(d["rows"].get(ch["a"], {}), d["rows"].get(ch["b"], {}))
+                if "equal trainable" in c["statement"]
+                else ""
+            )
             for ch in d["checks"]
             if "diff" in ch
         )
@@ -162,6 +166,9 @@ def markdown(claims: list[Mapping[str, Any]], args: Any) -> str:
         f"compare's runner on {args.task}, at one fixed LR per row, on the first 2 MiniLM layers unless stated.",
         "",
     ]
+    out += ["| claim | verdict (compare's grid, or the extra group) | preview (2 layers, fixed lr) |", "|---|---|---|"]
+    out += [f"| {c['id']} | {c['verdict']} | {c.get('preview', {}).get('verdict', '')} |" for c in claims]
+    out += [""]
     for c in claims:
         body = ""
         if "tasks" in c:
