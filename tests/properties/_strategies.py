@@ -342,7 +342,7 @@ def weight_methods(draw: Any, tree: Tree, kinds: tuple[str, ...] = WEIGHT_KINDS)
     common = {"targets": targets, "layouts": tree.layouts, "dtype": draw(delta_dtypes), "extra_trainable": extra}
     if kind == "IA3":
         ff = draw(st.lists(st.sampled_from(chosen), max_size=len(chosen), unique=True))
-        method = jpeft.IA3(**common, feedforward=tuple(m.joined for m in ff) or None)
+        method = jpeft.IA3(**common, feedforward="|".join(re.escape(m.joined) for m in ff) or None)  # exactly ff
     elif kind == "DiffPruning":
         method = jpeft.DiffPruning(
             **common,
