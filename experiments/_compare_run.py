@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import jpeft
+from experiments import bench
 from experiments._compare_specs import ALL_LINEAR, BASE_DTYPES, DIFF_PRUNING_LAMBDA, QUANTIZED_BASES, SPECS
 from experiments.quickstart import batches, init_head, take
 
@@ -209,19 +210,6 @@ def make_step(
     return step
 
 
-def peak_bytes(compiled: Any) -> dict[str, int]:
-    """XLA's ``memory_analysis`` of a compiled step: argument + temp + output - alias."""
-    m = compiled.memory_analysis()
-    parts = {
-        "argument": int(m.argument_size_in_bytes),
-        "output": int(m.output_size_in_bytes),
-        "temp": int(m.temp_size_in_bytes),
-        "alias": int(m.alias_size_in_bytes),
-    }
-    parts["total"] = parts["argument"] + parts["temp"] + parts["output"] - parts["alias"]
-    return parts
-
-
 # --- one (task, method), compiled once; one cell per (lr, seed) -----------------------------------
 class Trainer:
     """Compiles the train step and the pooled forward of one method on one task, then runs cells.
@@ -245,7 +233,7 @@ class Trainer:
         idx = np.arange(args.batch)
         example = (take(data["train"], idx), jnp.asarray(data["train_y"][idx]), jax.random.key(0), jnp.float32(1e-3))
         self.compiled = jax.jit(self.step, donate_argnums=0).lower(state, frozen, *example).compile()
-        self.bytes = peak_bytes(self.compiled)
+        self.bytes = bench.memory_of(self.compiled)  # argument + temp + output - alias
         wrapped = jpeft.wrap(model.module.apply, method)
         self.forward = jax.jit(lambda p, b: embed(wrapped, p, b))
 
