@@ -9,7 +9,9 @@ conftest makes it raise). A block that cannot run here carries ``title="not run:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import json
 import pathlib
 import re
 
@@ -99,3 +101,13 @@ def test_every_method_has_a_page() -> None:
         assert f"jpeft.{name}" in (DOCS / page).read_text(), f"docs/{page} does not name jpeft.{name}"
         if page.startswith("methods/"):
             assert any(r is None for _, _, r in blocks(page)), f"docs/{page} has no runnable snippet"
+
+
+def test_comparison_rows_match_the_committed_results() -> None:
+    """Every ``<!-- compare: ... -->`` block equals what docs/compare_rows.py writes from the committed compare.json."""
+    spec = importlib.util.spec_from_file_location("compare_rows", DOCS / "compare_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    results = json.loads((DOCS.parent / rows.RESULTS).read_text())
+    assert rows.rewrite(results, check=True) == [], "run `python docs/compare_rows.py` and commit the pages"
+    assert "MAM" in rows.table(results, ["mam"]) and "Linear probe" in rows.table(results, ["lora"])
