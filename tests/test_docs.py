@@ -111,3 +111,19 @@ def test_comparison_rows_match_the_committed_results() -> None:
     results = json.loads((DOCS.parent / rows.RESULTS).read_text())
     assert rows.rewrite(results, check=True) == [], "run `python docs/compare_rows.py` and commit the pages"
     assert "MAM" in rows.table(results, ["mam"]) and "Linear probe" in rows.table(results, ["lora"])
+
+
+@pytest.mark.parametrize(
+    "module", ["jpeft", "jpeft.io", "jpeft.methods", "jpeft.models", "jpeft.profiles", "jpeft.quant"]
+)
+def test_every_public_callable_has_an_example(module: str) -> None:
+    """Each public class and function shows a runnable ``>>>`` example (pytest's --doctest-modules runs them)."""
+    mod = importlib.import_module(module)
+    names = getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")]
+    objs = {n: getattr(mod, n) for n in names}
+    missing = [
+        n
+        for n, o in objs.items()
+        if (inspect.isclass(o) or inspect.isfunction(o)) and ">>>" not in (inspect.getdoc(o) or "")
+    ]
+    assert not missing, f"{module}: no docstring example for {missing}"

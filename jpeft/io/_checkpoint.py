@@ -69,6 +69,16 @@ class Checkpoint(NamedTuple):
       params: the base tree with the saved delta and trainable leaves attached.
       opt_state: the optimizer state, or ``None`` when no ``opt_state`` template was passed.
       step: the restored step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jpeft, tempfile
+      >>> params = {"q": {"kernel": jnp.ones((4, 4))}}
+      >>> method = jpeft.LoRA(targets=["q"], rank=2)
+      >>> path = tempfile.mkdtemp()
+      >>> _ = jpeft.save(path, method, jpeft.apply(method, params, key=jax.random.key(0)), step=3)
+      >>> ckpt = jpeft.restore(path, params)
+      >>> type(ckpt).__name__, ckpt.step, ckpt.opt_state is None, ckpt.method == method
+      ('Checkpoint', 3, True, True)
     """
 
     method: Method

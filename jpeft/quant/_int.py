@@ -39,6 +39,12 @@ class IntFormat:
     Args:
       bits: 8 or 4.
       block_size: values per scale along axis -2, or None for one scale per output channel.
+
+    Example:
+      >>> import jpeft
+      >>> from jpeft.quant import IntFormat
+      >>> isinstance(jpeft.Int8(), IntFormat), jpeft.Int4(block_size=32).bits
+      (True, 4)
     """
 
     bits: int = 8
@@ -236,7 +242,19 @@ def codes_of(q: IntArray) -> jax.Array:
 
 
 def dequantize_array(q: IntArray, dtype: Any = None) -> jax.Array:
-    """``codes * scale`` per block, computed in float32 and cast to ``dtype`` (default: the original); traceable."""
+    """``codes * scale`` per block, computed in float32 and cast to ``dtype`` (default: the original); traceable.
+
+    Exported as ``jpeft.quant.int_dequantize_array``. Each value is within half a scale of the original.
+
+    Example:
+      >>> import numpy as np, jpeft
+      >>> from jpeft.quant import int_dequantize_array, int_quantize_array
+      >>> w = np.random.RandomState(0).normal(size=(16, 4)).astype("float32")
+      >>> q = int_quantize_array(w, jpeft.Int8())
+      >>> err = np.abs(np.asarray(int_dequantize_array(q)) - w)
+      >>> bool((err <= np.asarray(q.scales) / 2 + 1e-7).all()), int_dequantize_array(q, "bfloat16").dtype
+      (True, dtype(bfloat16))
+    """
     codes = codes_of(q).astype(jnp.float32)
     stack, out = tuple(q.codes.shape[:-2]), q.codes.shape[-1]
     bs = q.block_size or q.rows
@@ -245,7 +263,15 @@ def dequantize_array(q: IntArray, dtype: Any = None) -> jax.Array:
 
 
 def is_quantized(x: Any) -> bool:
-    """Whether ``x`` is a quantised kernel of any jpeft format (:class:`IntArray` or ``NF4Array``)."""
+    """Whether ``x`` is a quantised kernel of any jpeft format (:class:`IntArray` or ``NF4Array``).
+
+    Example:
+      >>> import numpy as np, jpeft
+      >>> from jpeft.quant import is_quantized
+      >>> q = jpeft.quantize({"d": {"kernel": np.ones((64, 8), "float32")}}, jpeft.NF4(), targets=["d"])
+      >>> is_quantized(q["d"]["kernel"]), is_quantized(np.ones(3))
+      (True, False)
+    """
     from jpeft.quant._nf4 import NF4Array
 
     return isinstance(x, (IntArray, NF4Array))

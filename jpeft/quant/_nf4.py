@@ -259,7 +259,15 @@ def dequantize_array(q: NF4Array, dtype: Any = None) -> jax.Array:
     """Restores the float array of an :class:`NF4Array`; traceable (it runs inside forward passes).
 
     ``w = NF4_LEVELS[code] * c`` per block, computed in float32 and cast to ``dtype`` (by default
-    the original dtype).
+    the original dtype). ``jpeft.quant.dequantize_array`` takes an NF4 or an integer kernel.
+
+    Example:
+      >>> import numpy as np
+      >>> from jpeft.quant import dequantize_array, quantize_array
+      >>> w = np.random.RandomState(0).standard_normal((64, 32)).astype("float32")
+      >>> back = np.asarray(dequantize_array(quantize_array(w)))
+      >>> back.shape, bool(np.abs(back - w).max() < 0.5 * np.abs(w).max())
+      ((64, 32), True)
     """
     stack = tuple(q.codes.shape[:-1])
     hi, lo = q.codes >> 4, q.codes & 15
