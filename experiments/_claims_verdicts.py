@@ -24,7 +24,7 @@ PAIR_CLAIMS: list[tuple[str, str, list[str], list[tuple[str, str, str, float]]]]
     ("bitfit_vs_full", "BitFit is a little below full fine-tuning (Ben Zaken et al., 2022)",
      ["full", "bitfit"], [("bitfit", "full", "a_little_below", LITTLE)]),
     ("prefix_vs_lora", "Prefix tuning is about as good as LoRA at equal trainable parameters (He et al., 2022)",
-     ["lora", "prefix"], [("prefix", "lora", "geq", TIE)]),
+     ["lora", "prefix", "lora_r15", "mam_prefix"], [("mam_prefix", "lora_r15", "geq", TIE)]),
     ("mam_vs_parts", "MAM is at least as good as its parts, prefixes and the scaled parallel adapter (He et al., 2022)",
      ["mam_prefix", "mam_adapter", "mam"], [("mam", "mam_prefix", "geq", TIE), ("mam", "mam_adapter", "geq", TIE)]),
     ("dora_vs_lora", "DoRA is at least as good as LoRA at low rank (r = 8) (Liu et al., 2024)",

@@ -65,6 +65,10 @@ SPECS: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
     ),
     # LoRA on a bf16 base (BASE_DTYPES): QLoRA's reference, the same LoRA without the NF4 quantisation.
     "lora_bf16": ("LoRA (bf16 base, q,v r=8)", "LoRA", lambda n: dict(targets=QV, rank=8, alpha=16.0)),
+    # LoRA at exactly the plain prefix's (mam_prefix, l = 30) trainable count: 6 layers x 2 targets x 15 x (384 + 384)
+    # = 138,240 = 6 layers x 2 (keys, values) x 30 x 384; alpha / r = 2 as the r = 8 row. For "prefix tuning vs
+    # LoRA at equal trainable parameters" (He et al.).
+    "lora_r15": ("LoRA (q,v r=15; the plain prefix's count)", "LoRA", lambda n: dict(targets=QV, rank=15, alpha=30.0)),
     "unipelt": ("UniPELT (LoRA 8, prefix 10, adapter r=24)", "UniPELT", lambda n: {}),
     "diff_pruning": ("Diff pruning", "DiffPruning", lambda n: dict(targets=ALL_LINEAR)),
     # Sung et al.'s reduction 8 (side width 48); num_heads is MiniLM's 12 (the tree does not hold it).
@@ -127,6 +131,7 @@ LEARNING_RATES: dict[str, float] = {
     "mam_prefix": 1e-3,
     "mam_adapter": 1e-3,
     "lora_bf16": 1e-3,
+    "lora_r15": 1e-3,
     "unipelt": 1e-3,
     "diff_pruning": 1e-3,
     "lst": 3e-3,
@@ -141,10 +146,10 @@ LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 #: The order the grid runs in, so that issue 15's claims can be checked first: Full, LoRA, BitFit,
 #: prompt and prefix tuning, MAM and its parts, rsLoRA, LoRA+, DoRA, AdaLoRA, QLoRA against bf16
-#: LoRA, P-tuning; then every other method in SPECS order.
+#: LoRA, P-tuning, LoRA at the plain prefix's count; then every other method in SPECS order.
 PRIORITY: tuple[str, ...] = (
     "full", "lora", "bitfit", "prompt", "prefix", "mam", "mam_prefix", "mam_adapter", "rslora", "lora_plus",
-    "dora", "adalora", "qlora", "lora_bf16", "ptuning",
+    "dora", "adalora", "qlora", "lora_bf16", "ptuning", "lora_r15",
 )  # fmt: skip
 ORDER: tuple[str, ...] = PRIORITY + tuple(n for n in SPECS if n not in PRIORITY)
 

@@ -23,7 +23,7 @@ from experiments import _claims_runs as R
 from experiments import _claims_verdicts as V
 from experiments import _compare_tasks, compare
 
-COMPARE_ROWS = ("probe", "full", "lora", "bitfit", "prefix", "mam", "mam_prefix", "mam_adapter", "dora", "adalora",
+COMPARE_ROWS = ("probe", "full", "lora", "bitfit", "prefix", "lora_r15", "mam", "mam_prefix", "mam_adapter", "dora", "adalora",
                 "qlora", "lora_bf16", "prompt", "ptuning")  # fmt: skip
 MIN_SEEDS = 2  # an extra group's row needs this many seeds for a verdict
 
