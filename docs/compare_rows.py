@@ -1,4 +1,4 @@
-"""Writes the comparison rows quoted in docs/*.md from the committed results of ``python -m experiments.compare``.
+"""Writes the comparison rows quoted in docs/*.md and experiments/README.md from the committed results of ``python -m experiments.compare``.
 
 Each page holds blocks ``<!-- compare: name name ... -->`` ... ``<!-- /compare -->`` (names are the keys of
 ``experiments/_compare_specs.SPECS``; ``all`` stands for every method of the run). This script rewrites what is
@@ -69,7 +69,7 @@ def table(results: Mapping[str, Any], names: Sequence[str]) -> str:
 def rewrite(results: Mapping[str, Any], check: bool) -> list[str]:
     """The pages whose blocks differ from ``results`` (rewritten unless ``check``)."""
     stale = []
-    for page in sorted((ROOT / "docs").rglob("*.md")):
+    for page in [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "experiments" / "README.md"]:
         text = page.read_text()
         new = BLOCK.sub(lambda m: m.group(1) + table(results, m.group("names").split()) + m.group(4), text)
         if new != text:
