@@ -214,10 +214,11 @@ def _read_once(
             )
         if leaves:
             check.stored_leaves(directory, "opt_state", meta["opt_state"], stamped)
+            opt_sharding = _opt_sharding(params)
             request["opt_state"] = ocp.args.StandardRestore(
                 {
                     **{
-                        f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_like(x))
+                        f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=opt_sharding(x))
                         for i, x in enumerate(leaves)
                     },
                     **stamp,
@@ -277,6 +278,29 @@ def _add_sites(tree: dict, meta: Mapping[str, Any], name: str) -> None:
         for k in tuple(site.split("/")) if site else ():
             node = node.setdefault(k, {})
         node.setdefault(RESERVED, {}).setdefault(name, {})
+
+
+def _opt_sharding(params: PyTree) -> Callable[[Any], jax.sharding.Sharding]:
+    """The sharding of a restored optimizer-state leaf: its template leaf's, else the default.
+
+    With several processes, a leaf whose template is not global (no sharding, as from
+    ``jax.eval_shape``, or one on this process's devices only, as an ``nnx.Optimizer``'s step count)
+    is restored replicated over the base's mesh (every device when the base has none), so the state is
+    global and the next multi-host ``jpeft.save`` can write it.
+    """
+    if jax.process_count() == 1:
+        return lambda x: _sharding_like(x)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    meshes = [s.mesh for _, x in _base_leaves(params) if isinstance(s := getattr(x, "sharding", None), NamedSharding)]
+    mesh = meshes[0] if meshes else Mesh(np.asarray(jax.devices()), ("devices",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(x: Any) -> jax.sharding.Sharding:
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, jax.sharding.Sharding) and not s.is_fully_addressable else replicated
+
+    return sharding
 
 
 def _sharding_like(x: Any) -> jax.sharding.Sharding:

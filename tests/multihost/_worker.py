@@ -378,6 +378,7 @@ def _killed_save(args: argparse.Namespace, case: str, method: Any, peft: Any, st
 
 def restore(args: argparse.Namespace) -> None:
     import jax
+    import numpy as np
     import optax
     from flax import nnx
 
@@ -385,11 +386,9 @@ def restore(args: argparse.Namespace) -> None:
     import jpeft.io
 
     mesh = _mesh(args.mesh)
-    last: tuple[Any, ...] = ()
-    for case in CASES:
-        start = time.perf_counter()
-        path = os.path.join(args.source, "ckpt", case)
-        listed = jpeft.io.steps(path)
+
+    def restore_case(case: str, path: str) -> tuple[Any, Any, Any]:
+        """``(checkpoint, trained deltas, optimizer state)`` of ``case``'s latest step under ``path``."""
         if case.startswith("linen"):
             method, params, _, _ = _linen_setup(case)
             if mesh is not None:
@@ -399,22 +398,28 @@ def restore(args: argparse.Namespace) -> None:
                 params = _to_global(params, _strip(specs), mesh)  # QLoRA's NF4 kernels: a spec per child array
             template = lambda m, p: jax.jit(jpeft.optimizer(optax.adam(LR), m, p).init)(jpeft.split(m, p)[0])  # noqa: E731
             got = jpeft.restore(path, params, opt_state=template)
-            trained, state = jpeft.split(got.method, got.params)[0], got.opt_state
-        else:
-            method = _method(case)
-            base = _nnx_base(method)
-            if mesh is not None:
-                specs = jpeft.partition_specs(
-                    method,
-                    jpeft.apply(method, base, key=jax.random.key(0)),
-                    _base_specs(_strip(nnx.state(base).to_pure_dict())),
-                    mesh=mesh,
-                )
-                nnx.update(base, _to_global(nnx.state(base), nnx.state(specs, nnx.Not(jpeft.Delta)), mesh))
-            got = jpeft.restore(
-                path, base, opt_state=lambda m, model: nnx.Optimizer(model, optax.adam(LR), wrt=jpeft.Delta)
+            return got, jpeft.split(got.method, got.params)[0], got.opt_state
+        method = _method(case)
+        base = _nnx_base(method)
+        if mesh is not None:
+            specs = jpeft.partition_specs(
+                method,
+                jpeft.apply(method, base, key=jax.random.key(0)),
+                _base_specs(_strip(nnx.state(base).to_pure_dict())),
+                mesh=mesh,
             )
-            trained, state = nnx.state(got.params, jpeft.Delta), nnx.state(got.opt_state)
+            nnx.update(base, _to_global(nnx.state(base), nnx.state(specs, nnx.Not(jpeft.Delta)), mesh))
+        got = jpeft.restore(
+            path, base, opt_state=lambda m, model: nnx.Optimizer(model, optax.adam(LR), wrt=jpeft.Delta)
+        )
+        return got, nnx.state(got.params, jpeft.Delta), nnx.state(got.opt_state)
+
+    last: tuple[Any, ...] = ()
+    for case in CASES:
+        start = time.perf_counter()
+        path = os.path.join(args.source, "ckpt", case)
+        listed = jpeft.io.steps(path)
+        got, trained, state = restore_case(case, path)
         split = _split_counts(trained)
         arrays = {
             **{f"params{k}": v for k, v in _host(trained).items()},
@@ -422,12 +427,22 @@ def restore(args: argparse.Namespace) -> None:
             **_outputs(case, got.method, got.params, args.out),
         }
         _report(args, case, arrays, start, split=split, steps=listed, step=got.step)
-        last = (case, got.method, got.params, got.opt_state)
-    if args.kill_in_save:  # the last case's deltas saved again, then a save that loses a process
-        # Without the optimizer state: restored through a template, its step count is host-local (on each
-        # process's first device), which a multi-host save refuses (a JpeftError) until a step makes it global.
-        jpeft.save(os.path.join(args.out, "ckpt", last[0]), *last[1:3], step=STEPS)
-        _killed_save(args, *last[:3], None)
+        last = (case, got.method, got.params, got.opt_state, arrays)
+    if args.kill_in_save:  # the last case saved again right after its restore, then a save that loses a process
+        # With its optimizer state, before any step: leaves the template left process-local (an nnx.Optimizer's
+        # step count) are restored replicated over the mesh, so this multi-host save can write them.
+        case, method, peft, opt, before = last
+        jpeft.save(os.path.join(args.out, "ckpt", case), method, peft, step=STEPS, opt_state=opt)
+        _, trained, state = restore_case(case, os.path.join(args.out, "ckpt", case))
+        again = {
+            **{f"params{k}": v for k, v in _host(trained).items()},
+            **{f"opt{k}": v for k, v in _host(state).items()},
+        }
+        same = sorted(again) == sorted(k for k in before if k.startswith(("params", "opt"))) and all(
+            np.array_equal(again[k], before[k]) for k in again
+        )
+        print(json.dumps({"event": "resaved", "of": case, "leaves": len(again), "bit_exact": same}), flush=True)
+        _killed_save(args, case, method, peft, opt)
 
 
 def _report(args: argparse.Namespace, case: str, arrays: dict[str, Any], start: float, **extra: Any) -> None:

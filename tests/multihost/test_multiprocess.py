@@ -206,6 +206,9 @@ def test_two_processes_train_save_survive_a_kill_restore_merge_and_export_like_o
     (failed,) = [r for r in group.lines(fresh[0]) if r.get("event") == "save-failed"]
     assert failed["error"] and "Nothing was committed" in failed["error"], failed
     assert jpeft.io.steps(again / "ckpt" / CASES[-1]) == [STEPS], sorted(os.listdir(again / "ckpt" / CASES[-1]))
+    # Saved again with its optimizer state right after the restore (no step between), then restored: bit-exact.
+    resaved = [r for n in fresh for r in group.lines(n) if r.get("event") == "resaved"]
+    assert len(resaved) == 2 and all(r["bit_exact"] and r["leaves"] > 0 for r in resaved), resaved
     report["preempted_save_left"] = partial
     report["survivor_error_after_s"] = failed["seconds"]
     report["wall_s"] = {"wave1": round(wave1, 1), "total": round(wall, 1)}
