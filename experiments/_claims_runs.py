@@ -54,7 +54,9 @@ EXTRA["claims_lora_plus_r8"] = (
 )
 
 #: compare's rows that the pair claims read, also run at the small budget (LoRA and Full come from the other groups).
-PAIR_ROWS = ("bitfit", "dora", "adalora", "qlora", "lora_bf16", "prefix", "mam", "mam_prefix", "mam_adapter", "ptuning")
+PAIR_ROWS = (
+    "bitfit", "dora", "adalora", "qlora", "lora_bf16", "prefix", "lora_r15", "mam", "mam_prefix", "mam_adapter", "ptuning",
+)  # fmt: skip
 #: compare's row name -> the extra row that stands for it at the small budget.
 ALIAS = {"lora": "claims_lora_r8"}
 
