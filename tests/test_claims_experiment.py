@@ -105,3 +105,14 @@ def test_one_real_cell_through_compares_runner(tmp_path, monkeypatch):
     assert cell["result"]["losses"][0] == pytest.approx(cell["result"]["loss_first"])
     assert R.run_groups(compare.read_cells(path), **kw) == 0  # resumed: nothing left to run
     assert compare.Trainer is not R.CurveTrainer  # compare's runner is restored
+
+
+def test_readme_quotes_the_committed_report():
+    """experiments/README.md's claims section is the committed claims.md, verbatim (no number typed by hand)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "experiments" / "README.md").read_text()
+    report = (root / "experiments" / "results" / "claims" / "claims.md").read_text().rstrip()
+    start = readme.index("## Paper claims, checked at small scale")
+    assert readme[start : readme.index("### Where a claim did not hold")].rstrip() == report
