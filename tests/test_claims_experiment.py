@@ -67,7 +67,11 @@ def test_check_rules_and_advice():
     rows[("rt", "ptuning")] = s(79)
     parts = {p["part"]: p for p in V.advice_claim(rows, simple="rt")["parts"]}
     assert parts["qlora_memory"]["verdict"] == V.HELD and parts["prompt_simple"]["verdict"] == V.HELD
-    rows[("rt", "qlora")]["bytes"] = 3  # more bytes than LoRA: the memory advice fails, whatever the accuracy
+    rows[("rt", "qlora")].update(s(83))  # QLoRA above LoRA by 2.5: still the advice (less memory, no loss)
+    assert V.advice_claim(rows, simple="rt")["verdict"] == V.HELD
+    rows[("rt", "qlora")].update(s(79))  # 1.5 below LoRA: more than the tie allows
+    assert V.advice_claim(rows, simple="rt")["verdict"] == V.NOT_HELD
+    rows[("rt", "qlora")].update({**s(80), "bytes": 3})  # more bytes than LoRA: fails, whatever the accuracy
     assert V.advice_claim(rows, simple="rt")["verdict"] == V.NOT_HELD
 
 
