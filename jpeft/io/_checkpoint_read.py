@@ -289,11 +289,10 @@ def _opt_sharding(params: PyTree) -> Callable[[Any], jax.sharding.Sharding]:
     global and the next multi-host ``jpeft.save`` can write it.
     """
     if jax.process_count() == 1:
-        return lambda x: _sharding_like(x)
+        return _sharding_like
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    meshes = [s.mesh for _, x in _base_leaves(params) if isinstance(s := getattr(x, "sharding", None), NamedSharding)]
-    mesh = meshes[0] if meshes else Mesh(np.asarray(jax.devices()), ("devices",))
+    mesh = _base_mesh(params) or Mesh(np.asarray(jax.devices()), ("devices",))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding(x: Any) -> jax.sharding.Sharding:
@@ -312,24 +311,33 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+def _leaf_sharding(x: Any) -> Any:
+    """A base leaf's sharding; an INT8/INT4 kernel's codes keep its axes, so theirs is the kernel's."""
+    from jpeft.quant._int import IntArray
+
+    return getattr(x.codes if isinstance(x, IntArray) else x, "sharding", None)
+
+
+def _base_mesh(params: PyTree) -> Any:
+    """The one mesh of the base leaves' NamedShardings, or None (no NamedSharding, or several meshes)."""
+    from jax.sharding import NamedSharding
+
+    meshes = {s.mesh for _, x in _base_leaves(params) if isinstance(s := _leaf_sharding(x), NamedSharding)}
+    return next(iter(meshes)) if len(meshes) == 1 else None
+
+
 def _delta_shardings(method: Method, abstract: PyTree, params: PyTree) -> Callable[[Path], jax.sharding.Sharding]:
     """Delta leaves follow the base's NamedSharding (via partition_specs) when it has one mesh."""
     from jax.sharding import NamedSharding
 
     from jpeft._sharding import partition_specs
-    from jpeft.quant._int import IntArray
 
-    def sharding(x: Any) -> Any:  # an INT8/INT4 kernel's codes keep its axes: their spec is the kernel's
-        return getattr(x.codes if isinstance(x, IntArray) else x, "sharding", None)
-
-    named = [sharding(x) for _, x in _base_leaves(params) if isinstance(sharding(x), NamedSharding)]
-    meshes = {s.mesh for s in named}
-    if len(meshes) != 1:
+    mesh = _base_mesh(params)
+    if mesh is None:
         return lambda _: _default_sharding()
-    (mesh,) = meshes
 
     def base_spec(_: Path, x: Any) -> Any:
-        s = sharding(x)
+        s = _leaf_sharding(x)
         return s.spec if isinstance(s, NamedSharding) and s.mesh == mesh else None
 
     specs = partition_specs(method, abstract, _map_leaves(base_spec, params))

@@ -300,6 +300,11 @@ def _outputs(case: str, method: Any, peft: Any, out: str) -> dict[str, Any]:
     return {f"merged{k}": v for k, v in merged.items()}
 
 
+def _leaves(trained: Any, state: Any) -> dict[str, Any]:
+    """The deltas and optimizer state, gathered to the host, under the names the test compares."""
+    return {**{f"params{k}": v for k, v in _host(trained).items()}, **{f"opt{k}": v for k, v in _host(state).items()}}
+
+
 def train(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
@@ -330,8 +335,7 @@ def train(args: argparse.Namespace) -> None:
         split = _split_counts(trained)
         jpeft.save(os.path.join(args.out, "ckpt", case), method, peft, step=STEPS, opt_state=state)
         arrays = {
-            **{f"params{k}": v for k, v in _host(trained).items()},
-            **{f"opt{k}": v for k, v in _host(saved_state).items()},
+            **_leaves(trained, saved_state),
             **_outputs(case, method, peft, args.out),
             "loss": np.asarray([v for v in _host(losses).values()]),
         }
@@ -421,11 +425,7 @@ def restore(args: argparse.Namespace) -> None:
         listed = jpeft.io.steps(path)
         got, trained, state = restore_case(case, path)
         split = _split_counts(trained)
-        arrays = {
-            **{f"params{k}": v for k, v in _host(trained).items()},
-            **{f"opt{k}": v for k, v in _host(state).items()},
-            **_outputs(case, got.method, got.params, args.out),
-        }
+        arrays = {**_leaves(trained, state), **_outputs(case, got.method, got.params, args.out)}
         _report(args, case, arrays, start, split=split, steps=listed, step=got.step)
         last = (case, got.method, got.params, got.opt_state, arrays)
     if args.kill_in_save:  # the last case saved again right after its restore, then a save that loses a process
@@ -434,10 +434,7 @@ def restore(args: argparse.Namespace) -> None:
         case, method, peft, opt, before = last
         jpeft.save(os.path.join(args.out, "ckpt", case), method, peft, step=STEPS, opt_state=opt)
         _, trained, state = restore_case(case, os.path.join(args.out, "ckpt", case))
-        again = {
-            **{f"params{k}": v for k, v in _host(trained).items()},
-            **{f"opt{k}": v for k, v in _host(state).items()},
-        }
+        again = _leaves(trained, state)
         same = sorted(again) == sorted(k for k in before if k.startswith(("params", "opt"))) and all(
             np.array_equal(again[k], before[k]) for k in again
         )
